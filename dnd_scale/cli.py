@@ -1,0 +1,3 @@
+"""`dnd` command line."""
+def main():
+    raise SystemExit("not yet")

@@ -1,0 +1,1 @@
+"""Weight detokenization: PyTorch reference, Triton kernel."""

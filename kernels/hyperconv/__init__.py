@@ -1,0 +1,1 @@
+"""Fused hyper-convolution stage: PyTorch reference, Triton kernels, autograd function."""
