@@ -1,0 +1,131 @@
+"""Artifact I/O: atomic writes, safetensors with clear errors, content hashes, JSONL manifests.
+
+Every artifact goes through a temporary file in the destination folder and `os.replace`, so an
+interrupted run leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+TMP_SUFFIX = ".tmp"
+
+
+class ArtifactError(ValueError):
+    """An input artifact is missing, unreadable or inconsistent; the message says what to do."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} {str(path)!r} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{what} {str(path)!r} is not valid JSON ({err})") from None
+
+
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append one line and fsync it (a manifest line is written only after its artifact exists)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (killed writer) is dropped, any other bad line raises."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ArtifactError(f"{path}: line {i + 1} is not valid JSON; the manifest is corrupt") from None
+    return records
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; anything else (a pickle .bin/.pt, a truncated file) is refused clearly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} {str(path)!r} not found")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # a safetensors file opens with the u64 length of its JSON header, then "{"
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    if not looks_safetensors:
+        kind = "it looks like a torch.save pickle/zip" if head[:2] == b"PK" or head[:1] == b"\x80" else "bad header"
+        raise ArtifactError(
+            f"{what} {str(path)!r} is not safetensors ({kind}); dnd_scale never unpickles inputs. "
+            "Convert it with safetensors.torch.save_file (after torch.load(..., weights_only=True))."
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{what} {str(path)!r} is not a readable safetensors file ({err})") from None
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_text(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
