@@ -69,8 +69,9 @@ class LoraSpec:
     """LoRA dropout used while collecting checkpoints (does not change shapes)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.target_modules, (list, tuple)):
+            modules = tuple(self.target_modules)
+            object.__setattr__(self, "target_modules", "all-linear" if modules == ("all-linear",) else modules)
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.rank < 1:

@@ -1,0 +1,142 @@
+"""`dnd generate`: prompts of a new task → a PEFT adapter folder, in one generator forward pass.
+
+`AdapterGenerator` loads an exported generator once (weights, config, layout, condition encoder) and
+serves any number of prompt sets. Each adapter folder gets a `provenance.json` with the generator's
+hash, the prompts' hash and the layout fingerprint, so an adapter can always be traced to what made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dnd_scale.config import from_dict
+from dnd_scale.encoder import ConditionEncoder, prompts_fingerprint
+from dnd_scale.export import export_tokens, parse_dtype
+from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
+from dnd_scale.io import ArtifactError, load_safetensors, read_json, sha256_file
+from dnd_scale.layout import LayoutError, LoraLayout
+from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+class AdapterGenerator:
+    """An exported generator, loaded once, turning prompt sets into adapters."""
+
+    def __init__(self, export_dir: str | Path, device: str | torch.device = "cpu", impl: str | None = None) -> None:
+        export_dir = Path(export_dir)
+        config = read_json(export_dir / EXPORT_CONFIG, "generator config")
+        self.export_dir = export_dir
+        self.device = torch.device(device)
+        self.layout = LoraLayout.from_dict(config["layout"])
+        self.tokenizer = WeightTokenizer(self.layout, TokenizerConfig(**config["tokenizer"]))
+        gen_config = from_dict(GeneratorConfig, config["generator"])
+        if impl is not None:
+            gen_config.impl = impl
+        self.generator = HyperConvGenerator(gen_config).to(self.device).eval()
+        state = load_safetensors(export_dir / EXPORT_WEIGHTS, "exported generator")
+        missing, unexpected = self.generator.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ArtifactError(
+                f"{export_dir / EXPORT_WEIGHTS} does not fit its config.json: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}; re-export the generator with `dnd train --export-only`"
+            )
+        n, length, _ = self.generator.features[0]
+        self.num_prompts = n
+        self.encoder = ConditionEncoder(config["encoder"]["name"], length=length, device=self.device)
+        if self.encoder.dim != self.generator.features[0][2]:
+            raise ArtifactError(f"encoder width {self.encoder.dim} does not match the generator's condition "
+                                f"width {self.generator.features[0][2]}")
+        self.generator_sha256 = sha256_file(export_dir / EXPORT_WEIGHTS)
+        self.base_model = config.get("base_model")
+
+    def check_base(self, base_config) -> None:
+        """Refuse a base model whose LoRA layout differs from the generator's."""
+        other = LoraLayout.from_config(base_config, self.layout.spec)
+        if other.fingerprint() != self.layout.fingerprint():
+            raise LayoutError(
+                f"the generator writes adapters for layout {self.layout.fingerprint()[:12]} "
+                f"({self.layout.geometry.model_type}, hidden {self.layout.geometry.hidden}, "
+                f"{self.layout.geometry.num_layers} layers) but the base model gives {other.fingerprint()[:12]} "
+                f"({other.geometry.model_type}, hidden {other.geometry.hidden}, {other.geometry.num_layers} layers); "
+                "use the base model the generator was trained for"
+            )
+
+    def pick_prompts(self, prompts: Sequence[str], seed: int = 0) -> list[str]:
+        """Exactly `num_prompts` prompts: a seeded sample of a larger pool; a smaller pool is an error."""
+        prompts = [p for p in prompts if isinstance(p, str)]
+        if not prompts:
+            raise ArtifactError("the prompt set is empty; give at least one prompt of the new task")
+        if len(prompts) < self.num_prompts:
+            raise ArtifactError(
+                f"the generator was trained on conditions of {self.num_prompts} prompts but only "
+                f"{len(prompts)} were given; provide at least {self.num_prompts} prompts of the task"
+            )
+        if len(prompts) == self.num_prompts:
+            return list(prompts)
+        return random.Random(seed).sample(list(prompts), self.num_prompts)
+
+    @torch.inference_mode()
+    def tokens(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Exactly num_prompts prompts → generator tokens (T, r+2, c+2), float32 on the CPU."""
+        cond = self.encoder.encode(list(prompts)).to(self.device)[None]  # (1, N, L, D)
+        return self.generator(cond)[0].float().cpu()
+
+    def generate(self, prompts: Sequence[str], out_dir: str | Path, *, dtype: str = "float32", seed: int = 0,
+                 extra: dict | None = None) -> Path:
+        chosen = self.pick_prompts(prompts, seed)
+        tokens = self.tokens(chosen)
+        return export_tokens(tokens, self.tokenizer, out_dir, dtype=parse_dtype(dtype), base_model=self.base_model,
+                             provenance={
+                                 "generator_sha256": self.generator_sha256,
+                                 "generator_dir": str(self.export_dir),
+                                 "prompts_sha256": prompts_fingerprint(chosen),
+                                 "num_prompts": len(chosen),
+                                 "seed": seed,
+                                 **(extra or {}),
+                             })
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a JSON list (strings or {prompt: ...} records), a JSONL file or a text file (one per line)."""
+    from dnd_scale.tasks import load_task
+
+    path = Path(path)
+    if path.suffix == ".txt":
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
+            return data
+    return load_task(str(path)).prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dnd generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--generator", required=True, help="exported generator folder (<run>/generator/export)")
+    parser.add_argument("--prompts", nargs="+", required=True,
+                        help="one prompt file per adapter: .txt (one prompt a line), .json/.jsonl records")
+    parser.add_argument("--out", required=True, help="folder for the adapters (one sub-folder per prompt file)")
+    parser.add_argument("--samples", type=int, default=1, help="adapters per prompt file, each from another prompt sample")
+    parser.add_argument("--dtype", default="float32", help="adapter dtype: float32, bfloat16 or float16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--impl", choices=["auto", "torch", "triton"], default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    generator = AdapterGenerator(args.generator, args.device, args.impl)
+    for path in args.prompts:
+        prompts = read_prompts(path)
+        for sample in range(args.samples):
+            start = time.perf_counter()
+            name = Path(path).stem if args.samples == 1 else f"{Path(path).stem}-{sample}"
+            out = generator.generate(prompts, Path(args.out) / name, dtype=args.dtype, seed=args.seed + sample)
+            print(f"{out}  ({time.perf_counter() - start:.2f} s)")
+    return 0

@@ -1,0 +1,126 @@
+"""`dnd pack`: tokenize every collected checkpoint once into memory-mappable packed targets.
+
+Input: the checkpoint store of `dnd collect` (``<run>/checkpoints/manifest.jsonl``, one safetensors
+file per checkpoint, the layout). Output: ``<run>/targets/`` — one ``<task>.safetensors`` of tokens
+(K, T, H, W) per task in step order, the padding mask, the criterion weights (averaged over tasks),
+``layout.json`` and an index with content hashes. Checkpoints are verified against the manifest's
+hashes and the layout's fingerprint before anything is written; a task whose checkpoints are
+unchanged since the last pack is not tokenized again.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from dnd_scale.io import ArtifactError, load_safetensors, read_jsonl, sha256_file
+from dnd_scale.layout import LoraLayout
+from dnd_scale.targets import PackedTargets, write_common, write_task_targets
+from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
+
+CHECKPOINTS = "checkpoints"
+TARGETS = "targets"
+MANIFEST = "manifest.jsonl"
+LAYOUT = "layout.json"
+
+
+def checkpoint_store(run_dir: str | Path) -> tuple[LoraLayout, dict[str, list[dict]]]:
+    """The layout and, per task, the manifest records of its checkpoints sorted by step."""
+    store = Path(run_dir) / CHECKPOINTS
+    if not (store / MANIFEST).is_file():
+        raise ArtifactError(f"no checkpoint manifest at {store / MANIFEST}; run `dnd collect` for this run first")
+    if not (store / LAYOUT).is_file():
+        raise ArtifactError(f"{store / LAYOUT} is missing; the checkpoint store is incomplete (re-run `dnd collect`)")
+    layout = LoraLayout.load(store / LAYOUT)
+    tasks: dict[str, list[dict]] = {}
+    for record in read_jsonl(store / MANIFEST):
+        if record.get("kind", "checkpoint") != "checkpoint":
+            continue
+        if record.get("layout_fingerprint") != layout.fingerprint():
+            raise ArtifactError(
+                f"checkpoint {record.get('file')} of task {record.get('task')!r} was made for another LoRA "
+                f"layout ({record.get('layout_fingerprint')}) than {store / LAYOUT} ({layout.fingerprint()}); "
+                "collect every task with the same base model and LoRA spec, or use separate runs"
+            )
+        tasks.setdefault(record["task"], []).append(record)
+    if not tasks:
+        raise ArtifactError(f"{store / MANIFEST} lists no checkpoints; run `dnd collect` first")
+    return layout, {task: sorted(records, key=lambda r: int(r["step"])) for task, records in sorted(tasks.items())}
+
+
+def pack(run_dir: str | Path, config: TokenizerConfig | None = None, tasks: Sequence[str] | None = None) -> Path:
+    """Tokenize the run's checkpoints into ``<run>/targets``; returns that folder."""
+    run_dir = Path(run_dir)
+    config = config or TokenizerConfig()
+    layout, store = checkpoint_store(run_dir)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - set(store))
+        if unknown:
+            raise ArtifactError(f"tasks {unknown} have no checkpoints; collected tasks: {sorted(store)}")
+        store = {t: store[t] for t in tasks}
+    tokenizer = WeightTokenizer(layout, config)
+    out = run_dir / TARGETS
+    previous = _previous_pack(out, layout, tokenizer)
+    mask = tokenizer.mask()
+    weights, hashes = [], {}
+    for task, records in store.items():
+        hashes[task] = [r["sha256"] for r in records]
+        if previous.get(task) == hashes[task]:
+            task_tokens = PackedTargets(out, layout.fingerprint())
+            stacked = torch.stack([task_tokens.get(task, k) for k in range(len(records))])
+        else:
+            stacked = torch.stack([
+                _tokenize_checkpoint(run_dir / CHECKPOINTS, record, tokenizer)
+                for record in tqdm(records, desc=f"pack {task}", unit="ckpt", leave=False)
+            ])  # (K, T, H, W)
+            write_task_targets(out, task, stacked)
+        weights.append(criterion_weights(stacked, mask))
+    write_common(
+        out, mask, torch.stack(weights).mean(dim=0), {**layout.to_dict(), "fingerprint": layout.fingerprint()},
+        extra={"tokenizer": tokenizer.state_dict_config(), "checkpoint_sha256": hashes},
+        fingerprint=layout.fingerprint(),
+    )
+    return out
+
+
+def _previous_pack(out: Path, layout: LoraLayout, tokenizer: WeightTokenizer) -> dict[str, list[str]]:
+    """Checkpoint hashes per task of an earlier pack with the same layout and tokenizer, else {}."""
+    if not (out / "index.json").is_file():
+        return {}
+    try:
+        packed = PackedTargets(out, layout.fingerprint())
+    except ValueError:
+        return {}
+    extra = packed.extra
+    if extra.get("tokenizer") != tokenizer.state_dict_config():
+        return {}
+    return {t: h for t, h in extra.get("checkpoint_sha256", {}).items() if t in packed.tasks}
+
+
+def _tokenize_checkpoint(store: Path, record: dict, tokenizer: WeightTokenizer) -> torch.Tensor:
+    path = store / record["file"]
+    if sha256_file(path) != record["sha256"]:
+        raise ArtifactError(
+            f"{path} does not match its manifest hash; the file changed after `dnd collect` wrote it. "
+            "Delete it and re-run `dnd collect` to recreate it"
+        )
+    state_dict = load_safetensors(path, "checkpoint")
+    tokens, _ = tokenizer.tokenize(state_dict, source=str(path))
+    return tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dnd pack", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="run folder holding checkpoints/ from `dnd collect`")
+    parser.add_argument("--chunk", type=int, default=TokenizerConfig.chunk, help="token chunk width c")
+    parser.add_argument("--tasks", nargs="*", help="pack only these tasks (default: all collected)")
+    args = parser.parse_args(argv)
+    out = pack(args.run, TokenizerConfig(chunk=args.chunk), args.tasks)
+    packed = PackedTargets(out)
+    print(f"packed {len(packed.tasks)} tasks, {sum(packed.num_checkpoints.values())} checkpoints, "
+          f"{packed.num_tokens} tokens of {packed.token_shape} -> {out}")
+    return 0
