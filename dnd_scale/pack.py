@@ -17,38 +17,27 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from dnd_scale.io import ArtifactError, load_safetensors, read_jsonl, sha256_file
+from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
+from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, write_common, write_task_targets
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
 
-CHECKPOINTS = "checkpoints"
 TARGETS = "targets"
-MANIFEST = "manifest.jsonl"
 LAYOUT = "layout.json"
 
 
 def checkpoint_store(run_dir: str | Path) -> tuple[LoraLayout, dict[str, list[dict]]]:
-    """The layout and, per task, the manifest records of its checkpoints sorted by step."""
+    """The layout and, per *finished* task, the manifest records of its checkpoints sorted by step."""
     store = Path(run_dir) / CHECKPOINTS
-    if not (store / MANIFEST).is_file():
-        raise ArtifactError(f"no checkpoint manifest at {store / MANIFEST}; run `dnd collect` for this run first")
     if not (store / LAYOUT).is_file():
-        raise ArtifactError(f"{store / LAYOUT} is missing; the checkpoint store is incomplete (re-run `dnd collect`)")
+        raise ArtifactError(f"{store / LAYOUT} is missing; run `dnd collect` for this run first")
     layout = LoraLayout.load(store / LAYOUT)
     tasks: dict[str, list[dict]] = {}
-    for record in read_jsonl(store / MANIFEST):
-        if record.get("kind", "checkpoint") != "checkpoint":
-            continue
-        if record.get("layout_fingerprint") != layout.fingerprint():
-            raise ArtifactError(
-                f"checkpoint {record.get('file')} of task {record.get('task')!r} was made for another LoRA "
-                f"layout ({record.get('layout_fingerprint')}) than {store / LAYOUT} ({layout.fingerprint()}); "
-                "collect every task with the same base model and LoRA spec, or use separate runs"
-            )
+    for record in read_manifest(run_dir):
         tasks.setdefault(record["task"], []).append(record)
     if not tasks:
-        raise ArtifactError(f"{store / MANIFEST} lists no checkpoints; run `dnd collect` first")
+        raise ArtifactError(f"{store / MANIFEST} lists no finished task; run `dnd collect` to completion first")
     return layout, {task: sorted(records, key=lambda r: int(r["step"])) for task, records in sorted(tasks.items())}
 
 
@@ -74,7 +63,7 @@ def pack(run_dir: str | Path, config: TokenizerConfig | None = None, tasks: Sequ
             stacked = torch.stack([task_tokens.get(task, k) for k in range(len(records))])
         else:
             stacked = torch.stack([
-                _tokenize_checkpoint(run_dir / CHECKPOINTS, record, tokenizer)
+                _tokenize_checkpoint(run_dir, record, tokenizer)
                 for record in tqdm(records, desc=f"pack {task}", unit="ckpt", leave=False)
             ])  # (K, T, H, W)
             write_task_targets(out, task, stacked)
@@ -101,15 +90,9 @@ def _previous_pack(out: Path, layout: LoraLayout, tokenizer: WeightTokenizer) ->
     return {t: h for t, h in extra.get("checkpoint_sha256", {}).items() if t in packed.tasks}
 
 
-def _tokenize_checkpoint(store: Path, record: dict, tokenizer: WeightTokenizer) -> torch.Tensor:
-    path = store / record["file"]
-    if sha256_file(path) != record["sha256"]:
-        raise ArtifactError(
-            f"{path} does not match its manifest hash; the file changed after `dnd collect` wrote it. "
-            "Delete it and re-run `dnd collect` to recreate it"
-        )
-    state_dict = load_safetensors(path, "checkpoint")
-    tokens, _ = tokenizer.tokenize(state_dict, source=str(path))
+def _tokenize_checkpoint(run_dir: Path, record: dict, tokenizer: WeightTokenizer) -> torch.Tensor:
+    state_dict = load_checkpoint(run_dir, record, tokenizer.layout)  # checks sha256 and layout
+    tokens, _ = tokenizer.tokenize(state_dict, source=record["file"])
     return tokens
 
 

@@ -32,7 +32,8 @@ TRUE_FALSE_OPTIONS = ["[True]", "[False]"]
 
 def _word(rng: random.Random, min_syllables: int = 2, max_syllables: int = 3) -> str:
     """A pronounceable pseudo-word: 2-3 consonant+vowel syllables, sometimes a final consonant."""
-    syllables = [rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(min_syllables, max_syllables))]
+    count = rng.randint(min_syllables, max_syllables)
+    syllables = [rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(count)]
     tail = rng.choice(_CONSONANTS) if rng.random() < 0.5 else ""
     return "".join(syllables) + tail
 

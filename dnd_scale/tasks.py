@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,7 +40,7 @@ class TaskRecord:
     """The target answer; collect trains on it. None for prompt-only sets (e.g. hidden test labels)."""
     system: str | None = None
     """Optional system message placed before the prompt by the chat template."""
-    options: list[str] | None = field(default=None)
+    options: list[str] | None = None
     """Candidate responses of a multiple-choice / True-False item, scored by log-likelihood in eval."""
     answer: str | None = None
     """The correct member of `options`; None when the item has no options or no known answer."""
@@ -140,7 +140,9 @@ def _records_from_file(path: Path) -> list[TaskRecord]:
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+                raise ValueError(
+                    f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno})"
+                ) from None
             records.append(_record_from_dict(raw, f"{path} line {number}"))
         return records
     try:

@@ -1,0 +1,186 @@
+"""The frozen base LLM and its tokenizer, from one `source` string.
+
+- a local Hugging Face folder (config.json + weights + tokenizer files);
+- a `.gguf` file, loaded by transformers with `gguf_file=` (dequantized; needs the `gguf` extra);
+- a model `config.json` file: a random-init model of that shape, seeded, for tests and the demo.
+  Its tokenizer comes from tokenizer files beside the config when there are some, otherwise it is
+  the built-in character-level tokenizer (`build_tiny_tokenizer`), which needs no hub at all.
+
+A random-init model exists only as (config, seed); `save_base_model` writes it as a plain HF folder
+so that later stages (eval, generate) load the very same weights as a local folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from dnd_scale.io import TMP_SUFFIX
+from dnd_scale.layout import load_config_dict
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+# A minimal chat format for the tiny tokenizer: one special token per role and one end-of-turn token,
+# so the response of a rendered conversation is exactly the text after `<|assistant|>`.
+TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII plus chat special tokens.
+
+    Every synthetic task and any ASCII text tokenizes without an unknown token; other characters map
+    to `<unk>`. Built in code from `tokenizers`, so tests and the demo need no download.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    # Vertical tab, form feed and carriage return never occur in prompts worth keeping apart.
+    characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {token: index for index, token in enumerate([*TINY_SPECIAL_TOKENS, *characters])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # Split every character (newlines included) into its own piece; Fuse joins them back on decode.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(TINY_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|end|>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with its tokenizer and where it came from."""
+
+    model: PreTrainedModel
+    """The causal LM, on its device, in eval mode."""
+    tokenizer: PreTrainedTokenizerBase
+    """Its tokenizer (with a chat template when the source has one)."""
+    source: str
+    """The source string it was loaded from."""
+    kind: str
+    """"pretrained" (HF folder), "gguf" or "random-init"."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → cuda when available, else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was requested but CUDA is not available; use device 'cpu' or 'auto'")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" → bfloat16 on a GPU that supports it, float32 elsewhere; or "float32"/"bfloat16"/"float16"."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of 'auto', {', '.join(map(repr, names))}")
+    return names[dtype]
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _random_init(config_path: Path, dtype: torch.dtype, device: torch.device, seed: int) -> BaseModel:
+    raw = load_config_dict(config_path)
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"model config {config_path} has no 'model_type'; expected a HF config.json (e.g. qwen2)")
+    config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if not k.startswith("_")})
+    folder = config_path.parent
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else build_tiny_tokenizer()
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"model config {config_path} has vocab_size {config.vocab_size} but its tokenizer has {len(tokenizer)} "
+            f"tokens; set vocab_size >= {len(tokenizer)} in the config"
+        )
+    # fork_rng: seeding for a reproducible init must not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return BaseModel(model.to(device).eval(), tokenizer, str(config_path), "random-init")
+
+
+def load_base_model(
+    source: str | os.PathLike, *, dtype: str = "auto", device: str = "auto", seed: int = 0
+) -> BaseModel:
+    """Load the base model and tokenizer from a HF folder, a .gguf file or a config.json (random init).
+
+    `seed` only matters for a random-init model.
+    """
+    path = Path(source)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if path.is_file() and path.suffix == ".json":
+        return _random_init(path, torch_dtype, torch_device, seed)
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            import gguf  # noqa: F401  (transformers needs it to read the file; checked here for a clear message)
+        except ImportError:
+            raise ImportError(
+                f"loading the GGUF base model {path} needs the `gguf` package: pip install 'dnd-scale[gguf]'"
+            ) from None
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return BaseModel(model.to(torch_device).eval(), tokenizer, str(path), "gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"base model folder {path} has no config.json; expected a Hugging Face model folder"
+            )
+        if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+            raise FileNotFoundError(
+                f"base model folder {path} has a config.json but no weights (*.safetensors / *.bin); "
+                f"download the weights, or pass {path / 'config.json'} itself to train on a random-init model"
+            )
+        if not _has_tokenizer(path):
+            raise FileNotFoundError(f"base model folder {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch_device))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        return BaseModel(model.eval(), tokenizer, str(path), "pretrained")
+    raise FileNotFoundError(
+        f"base model {str(source)!r} not found; expected a Hugging Face model folder, a .gguf file, "
+        "or a model config.json (random-init model)"
+    )
+
+
+def save_base_model(base: BaseModel, folder: str | os.PathLike) -> Path:
+    """Write model + tokenizer as a Hugging Face folder, atomically (temp folder, then rename)."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists; remove it or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TMP_SUFFIX, dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the folder is meant to be shared like any model
+        base.model.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder

@@ -1,0 +1,521 @@
+"""`dnd collect`: train one LoRA per task on the frozen base model and keep a trajectory of checkpoints.
+
+For each task, a fresh LoRA (peft, `layout.to_peft_config()`) is trained with AdamW on the task's
+prompt/response records, with the loss on the response tokens only, and the adapter is saved every
+`save_every` steps over the last `save_last` steps. What lands under `<run>/checkpoints`:
+
+    collect.json                the config, base model and layout fingerprint that made the checkpoints
+    layout.json                 the LoraLayout (`LoraLayout.load`)
+    manifest.jsonl              one line per checkpoint:
+                                {task, step, loss, seed, layout_fingerprint, file, sha256}
+    <task>/<step>.safetensors   the adapter: PEFT keys exactly as `get_peft_model_state_dict` (and
+                                `save_pretrained`) give them, float32
+    <task>/complete.json        written after the task's last checkpoint: the task is finished
+
+A random-init base model (source = a config.json) is also written to `<run>/base_model` so that the
+later stages load the very weights the checkpoints were trained on.
+
+Crash safety: every file is written to a temporary name and renamed into place; a manifest line is
+appended only after its checkpoint file exists; `complete.json` only after the task's last line. A
+re-run skips finished tasks and restarts an unfinished one from scratch — dropping its manifest
+lines and files first — so the result equals that of an uninterrupted run (bit for bit on CPU, where
+training is deterministic for a seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import yaml
+from peft import get_peft_model, get_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from dnd_scale.basemodel import BaseModel, load_base_model, save_base_model
+from dnd_scale.config import ConfigError, apply_overrides, from_dict
+from dnd_scale.io import (
+    TMP_SUFFIX,
+    ArtifactError,
+    append_jsonl,
+    atomic_path,
+    load_safetensors,
+    read_json,
+    read_jsonl,
+    save_safetensors,
+    sha256_file,
+    sha256_text,
+    write_json,
+)
+from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
+from dnd_scale.tasks import Task, TaskRecord, load_tasks
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.jsonl"
+COMPLETE = "complete.json"
+BASE_MODEL = "base_model"
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's causal-LM loss) skips
+
+
+@dataclass
+class CollectConfig:
+    """How to collect LoRA checkpoints for every task."""
+
+    base_model: str = ""
+    """Base model: a Hugging Face model folder, a .gguf file, or a model config.json (random-init model)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """The LoRA to train (rank, alpha, target modules, layers); it fixes the checkpoint layout."""
+    steps: int = 200
+    """Optimizer steps per task."""
+    lr: float = 1e-4
+    """AdamW learning rate, constant over the run."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA parameters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 turns clipping off."""
+    batch_size: int = 8
+    """Records per optimizer step (sampled without replacement within each pass over the task)."""
+    max_length: int = 512
+    """Tokens per example after the chat template; longer examples are cut at the end."""
+    save_every: int = 1
+    """Save a checkpoint every this many steps within the trajectory window."""
+    save_last: int = 50
+    """Trajectory window: checkpoints are taken over the last this many steps (the final step always)."""
+    seed: int = 0
+    """Seed of LoRA init, data order and dropout (per task, derived from seed and task name) and of a
+    random-init base model."""
+    device: str = "auto"
+    """"auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "auto"
+    """Base model dtype: "auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16",
+    "float16". LoRA parameters and checkpoints are float32 in every case."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSpec(**self.lora)
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if not 1 <= self.save_last <= self.steps:
+            problems.append(f"save_last must be between 1 and steps={self.steps}, got {self.save_last}")
+        if self.save_every < 1:
+            problems.append(f"save_every must be >= 1, got {self.save_every}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 2:
+            problems.append(f"max_length must be >= 2, got {self.max_length}")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if problems:
+            raise ValueError("invalid collect config: " + "; ".join(problems))
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps that get a checkpoint: every `save_every` steps back from the last, within `save_last`."""
+        first = self.steps - self.save_last + 1
+        return [step for step in range(first, self.steps + 1) if (self.steps - step) % self.save_every == 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# examples: chat template, loss on the response only
+
+
+def encode_record(tokenizer: Any, record: TaskRecord) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one record, uncut; labels are IGNORE_INDEX on every prompt token.
+
+    The prompt (system + user turn + generation prompt) and the response are tokenized separately
+    and concatenated, so the boundary is exact and the model learns to continue exactly the prompt it
+    will see at inference. Without a chat template: "system\\n\\nprompt\\n" then response + EOS.
+    """
+    if record.response is None:
+        raise ValueError("record has no response")
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": record.system}] if record.system else []
+        messages.append({"role": "user", "content": record.prompt})
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": record.response}], tokenize=False
+        )
+        if not full_text.startswith(prompt_text):
+            raise ValueError(
+                "the tokenizer's chat template renders the conversation so that it does not start with the "
+                "generation prompt; the response tokens cannot be separated from the prompt"
+            )
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    else:
+        prompt_text = (f"{record.system}\n\n" if record.system else "") + f"{record.prompt}\n"
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def encode_task(tokenizer: Any, task: Task, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Every record of a task encoded and cut to max_length; records left without a response token are
+    dropped. Both are counted in a warning."""
+    examples, cut, dropped = [], 0, 0
+    for index, record in enumerate(task.records):
+        if record.response is None:
+            raise ValueError(
+                f"task {task.name!r} ({task.source}) record {index} has no response; collect trains on "
+                "responses, so every record needs one (prompt-only sets serve generate/eval only)"
+            )
+        input_ids, labels = encode_record(tokenizer, record)
+        if len(input_ids) > max_length:
+            cut += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1
+            continue
+        examples.append((input_ids, labels))
+    if not examples:
+        raise ValueError(
+            f"task {task.name!r}: no record keeps a response token within max_length={max_length}; raise max_length"
+        )
+    if cut:
+        logger.warning(
+            "task %s: %d of %d records are longer than max_length=%d and were cut (%d lost their whole response "
+            "and are skipped)", task.name, cut, len(task.records), max_length, dropped,
+        )
+    return examples
+
+
+def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked out of attention and of the loss."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # (B, L)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)  # (B, L)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def _index_stream(count: int, generator: torch.Generator) -> Iterator[int]:
+    """Record indices: one random permutation after another, so every record is seen once per pass."""
+    while True:
+        yield from torch.randperm(count, generator=generator).tolist()
+
+
+def _task_seed(seed: int, task_name: str) -> int:
+    # Derived from the name, not the position, so a task trains the same whatever tasks surround it.
+    return int(sha256_text(str(seed), task_name)[:8], 16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# run folder bookkeeping
+
+
+@contextlib.contextmanager
+def _exclusive(checkpoints: Path) -> Iterator[None]:
+    """Refuse a second collect on the same run folder; the OS drops the lock when a process dies."""
+    with open(checkpoints / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another `dnd collect` is writing to {checkpoints}; wait for it or use another run folder"
+            ) from None
+        yield
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    """Temporary files left by a killed run; nothing refers to them (renames never happened)."""
+    for path in [*(run_dir / CHECKPOINTS).rglob(f"*{TMP_SUFFIX}"), *run_dir.glob(f".{BASE_MODEL}.*{TMP_SUFFIX}")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _comparable(config: CollectConfig) -> dict[str, Any]:
+    """The config fields that shape the checkpoints (the device does not), as plain JSON."""
+    fields = asdict(config)
+    fields.pop("device")
+    return json.loads(json.dumps(fields))
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """Hash of a model's weights: proves a re-run re-created the same random-init base."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        # Raw bytes through a uint8 view: exact for every dtype, bfloat16 included (numpy has none).
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run_dir: Path) -> None:
+    """Write collect.json and layout.json on the first run; on a re-run, refuse anything that changed."""
+    checkpoints = run_dir / CHECKPOINTS
+    meta_path = checkpoints / "collect.json"
+    base_sha = _weights_sha256(base.model) if base.kind == "random-init" else None
+    if meta_path.exists():
+        meta = read_json(meta_path, "collect metadata")
+        if meta["layout_fingerprint"] != layout.fingerprint():
+            raise LayoutError(
+                f"{checkpoints} holds checkpoints of LoRA layout {meta['layout_fingerprint'][:12]} "
+                f"(rank {meta['config']['lora']['rank']}), but the base model {config.base_model!r} with LoRA "
+                f"spec rank {layout.rank}, modules {list(layout.spec.modules)} gives layout "
+                f"{layout.fingerprint()[:12]}; collect into a new run folder, or use the base model and LoRA "
+                "spec recorded in collect.json"
+            )
+        changed = {key: (old, new) for key, new in _comparable(config).items()
+                   if (old := meta["config"].get(key)) != new}
+        if changed:
+            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            raise ValueError(
+                f"{checkpoints} was collected with another config ({details}); checkpoints of one run must "
+                "share it. Use the recorded values or a new run folder."
+            )
+        if meta.get("base_weights_sha256") != base_sha:
+            raise ValueError(
+                f"the random-init base model re-created from {config.base_model!r} differs from the one the "
+                f"checkpoints in {checkpoints} were trained on (saved in {run_dir / BASE_MODEL}); "
+                f"pass {run_dir / BASE_MODEL} as base_model"
+            )
+        return
+    if base.kind == "random-init":
+        # Without collect.json nothing refers to a base_model folder yet: it may be stale, so replace it.
+        shutil.rmtree(run_dir / BASE_MODEL, ignore_errors=True)
+        save_base_model(base, run_dir / BASE_MODEL)
+    layout.save(checkpoints / "layout.json")
+    write_json(meta_path, {
+        "config": _comparable(config),
+        "base_model": {"source": base.source, "kind": base.kind,
+                       "saved_to": BASE_MODEL if base.kind == "random-init" else None},
+        "base_weights_sha256": base_sha,
+        "layout_fingerprint": layout.fingerprint(),
+    })
+
+
+def _reconcile_manifest(checkpoints: Path, fingerprint: str) -> list[dict[str, Any]]:
+    """Keep the manifest lines of finished tasks only (an interrupted task is collected again)."""
+    path = checkpoints / MANIFEST
+    records = read_jsonl(path)
+    finished = {task for task in {r["task"] for r in records} if (checkpoints / task / COMPLETE).is_file()}
+    kept = [r for r in records if r["task"] in finished]
+    foreign = [r for r in kept if r["layout_fingerprint"] != fingerprint]
+    if foreign:
+        raise LayoutError(
+            f"{path}: {len(foreign)} checkpoints (e.g. task {foreign[0]['task']!r} step {foreign[0]['step']}) have "
+            f"layout {foreign[0]['layout_fingerprint'][:12]}, not this run's {fingerprint[:12]}; "
+            "the folder mixes runs — collect into a new run folder"
+        )
+    # Same serialization as append_jsonl, so an intact manifest is left untouched.
+    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept)
+    if path.exists() and path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return kept
+
+
+def _is_finished(task: Task, config: CollectConfig, checkpoints: Path, manifest: list[dict[str, Any]]) -> bool:
+    marker = checkpoints / task.name / COMPLETE
+    if not marker.is_file():
+        return False
+    done = read_json(marker, "task completion marker")
+    if done["task_fingerprint"] != task.fingerprint():
+        raise ValueError(
+            f"task {task.name!r} was collected from other records than {task.source!r} gives now; "
+            f"delete {checkpoints / task.name} to collect it again, or give the new data another task name"
+        )
+    steps = [r["step"] for r in manifest if r["task"] == task.name]
+    if steps != config.checkpoint_steps():
+        raise ArtifactError(
+            f"{checkpoints / MANIFEST} lists steps {steps} for finished task {task.name!r}, expected "
+            f"{config.checkpoint_steps()}; delete {checkpoints / task.name} to collect it again"
+        )
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+
+def _train_task(
+    model: torch.nn.Module, tokenizer: Any, layout: LoraLayout, task: Task, config: CollectConfig, checkpoints: Path
+) -> torch.nn.Module:
+    """Train one LoRA on `model`, save its trajectory, and return the base model with the LoRA removed."""
+    examples = encode_task(tokenizer, task, config.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    task_seed = _task_seed(config.seed, task.name)
+    task_dir = checkpoints / task.name
+    save_steps = set(config.checkpoint_steps())
+    fingerprint = layout.fingerprint()
+
+    # LoRA init (kaiming-uniform lora_A) and dropout draw from the global generator: seed it per task.
+    torch.manual_seed(task_seed)
+    peft_model = get_peft_model(model, layout.to_peft_config())
+    try:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        order = _index_stream(len(examples), torch.Generator().manual_seed(task_seed))
+        peft_model.train()
+        losses = []
+        with tqdm(total=config.steps, desc=f"collect {task.name}", unit="step") as bar:
+            for step in range(1, config.steps + 1):
+                batch = _collate([examples[next(order)] for _ in range(config.batch_size)], pad_id, device)
+                loss = peft_model(**batch, use_cache=False).loss  # mean over the batch's response tokens
+                loss.backward()
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.update()
+                if step not in save_steps:
+                    continue
+                state = get_peft_model_state_dict(peft_model)
+                layout.check_state_dict(state, f"task {task.name} step {step}")
+                path = task_dir / f"{step}.safetensors"
+                # Only PEFT's own metadata: safetensors writes metadata keys in hash-map order, so more
+                # than one key would make the bytes (and the sha256) differ between identical runs.
+                save_safetensors(state, path, {"format": "pt"})
+                # `loss` is the training loss of this step's batch, computed before its update.
+                append_jsonl(checkpoints / MANIFEST, {
+                    "task": task.name, "step": step, "loss": losses[-1], "seed": config.seed,
+                    "layout_fingerprint": fingerprint, "file": f"{task.name}/{step}.safetensors",
+                    "sha256": sha256_file(path),
+                })
+        write_json(task_dir / COMPLETE, {
+            "task": task.name, "source": task.source, "task_fingerprint": task.fingerprint(),
+            "num_records": len(task.records), "steps": config.checkpoint_steps(), "losses": losses,
+        })
+    finally:
+        # The next task starts from the untouched base whether or not this one succeeded.
+        model = peft_model.unload()
+        model.eval()
+    return model
+
+
+def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Collect the checkpoint trajectory of every task into `<run_dir>/checkpoints`; return their manifest lines.
+
+    Finished tasks are skipped; an interrupted task is collected again from scratch.
+    """
+    names = [task.name for task in tasks]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"task names must be unique within a run, found duplicates {duplicates}")
+    if not config.base_model:
+        raise ValueError("collect needs base_model: a model folder, a .gguf file or a model config.json")
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / CHECKPOINTS
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    with _exclusive(checkpoints):
+        _remove_temporaries(run_dir)
+        base = load_base_model(config.base_model, dtype=config.dtype, device=config.device, seed=config.seed)
+        layout = LoraLayout.from_config(base.model.config, config.lora)
+        _prepare_run(config, base, layout, run_dir)
+        manifest = _reconcile_manifest(checkpoints, layout.fingerprint())
+        model = base.model
+        for task in tasks:
+            if _is_finished(task, config, checkpoints, manifest):
+                logger.info("task %s: already collected, skipped", task.name)
+                continue
+            # Leftovers of an interrupted attempt: their manifest lines were dropped above.
+            shutil.rmtree(checkpoints / task.name, ignore_errors=True)
+            model = _train_task(model, base.tokenizer, layout, task, config, checkpoints)
+    return [record for record in read_manifest(run_dir) if record["task"] in names]
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading a run (pack and eval use these)
+
+
+def read_manifest(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Manifest lines of the finished tasks of a run, in collection order."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    if not (checkpoints / MANIFEST).is_file():
+        raise ArtifactError(f"{checkpoints / MANIFEST} not found; run `dnd collect` into {run_dir} first")
+    return [r for r in read_jsonl(checkpoints / MANIFEST) if (checkpoints / r["task"] / COMPLETE).is_file()]
+
+
+def load_checkpoint(
+    run_dir: str | os.PathLike, record: dict[str, Any], layout: LoraLayout | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter state dict of one manifest line, after checking its sha256 (and its layout if given)."""
+    path = Path(run_dir) / CHECKPOINTS / record["file"]
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint {path} listed in the manifest is missing; run `dnd collect` again")
+    if sha256_file(path) != record["sha256"]:
+        raise ArtifactError(f"checkpoint {path} does not match its manifest sha256; the file changed after collect")
+    state = load_safetensors(path, "checkpoint")
+    if layout is not None:
+        if record["layout_fingerprint"] != layout.fingerprint():
+            raise LayoutError(
+                f"checkpoint {path} has layout {record['layout_fingerprint'][:12]}, expected "
+                f"{layout.fingerprint()[:12]}; it was collected for another base model or LoRA spec"
+            )
+        layout.check_state_dict(state, str(path))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def load_collect_config(recipe: str | None, overrides: Sequence[str]) -> tuple[CollectConfig, list[str]]:
+    """CollectConfig from a recipe's `collect:` section and `--collect.field=value` overrides, plus the
+    recipe's `tasks:` list of task specs."""
+    data: dict[str, Any] = {}
+    specs: list[str] = []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"config recipe {str(path)!r} not found (see configs/ for the shipped ones)")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
+        data = {"collect": loaded.get("collect") or {}}
+        specs = list(loaded.get("tasks") or [])
+    foreign = [o for o in overrides if not o.lstrip("-").startswith("collect.")]
+    if foreign:
+        raise ConfigError(
+            f"dnd collect takes overrides of the collect section only (--collect.field=value), got {foreign}"
+        )
+    data = apply_overrides(data, overrides)
+    return from_dict(CollectConfig, data.get("collect", {}), "collect."), specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dnd collect",
+        description="Train a LoRA per task and keep a trajectory of checkpoints in <run>/checkpoints. "
+                    "Overrides: --collect.field=value (e.g. --collect.steps=300 --collect.lora.rank=16).",
+    )
+    parser.add_argument("--run", required=True, help="run folder; checkpoints go to <run>/checkpoints")
+    parser.add_argument("--config", help="YAML recipe; its `collect:` section and `tasks:` list are read")
+    parser.add_argument("--tasks", nargs="+", metavar="SPEC",
+                        help="task specs (default: the recipe's tasks): file.json, file.jsonl, hf:name[:split], "
+                             "synthetic:family")
+    parser.add_argument("--synthetic-records", type=int, default=256, help="records per synthetic task")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
+    if bad:
+        parser.error(f"unrecognized arguments: {bad}")
+    config, recipe_tasks = load_collect_config(args.config, overrides)
+    specs = args.tasks or recipe_tasks
+    if not specs:
+        parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")
+    tasks = load_tasks(specs, num_records=args.synthetic_records, seed=config.seed)
+    records = collect(config, tasks, args.run)
+    print(f"dnd collect: {len(tasks)} tasks, {len(records)} checkpoints -> {Path(args.run) / CHECKPOINTS}")
+    return 0
