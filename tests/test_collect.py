@@ -57,12 +57,8 @@ collect(CollectConfig(**config), [load_task(s, num_records=16) for s in specs], 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and spinning threads crawl on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test of this module runs on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,7 @@ TASKS = ["synthetic:reverse_word", "synthetic:sum_mc", "synthetic:parity_tf"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def run(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("base")
     config = tiny_config("qwen2", hidden=32, intermediate=48, vocab=len(build_tiny_tokenizer()))
     config.max_position_embeddings = 512
@@ -36,8 +34,7 @@ def run(tmp_path_factory):
     targets = pack(run_dir, TokenizerConfig(chunk=16))
     build_shards(PackedTargets(targets), {t.name: t.prompts for t in tasks}, run_dir / "shards",
                  ShardConfig(num_prompts=4, pairs_per_task=10, shard_size=7, seed=1), progress=False)
-    yield run_dir, tasks
-    torch.set_num_threads(threads)
+    return run_dir, tasks
 
 
 def test_every_manifest_checkpoint_exists_and_loads(run):
