@@ -1,0 +1,388 @@
+"""Streaming loader: pair shards in, batches of (prompts, target tokens, mask, weights) out.
+
+Each rank builds a `PairLoader`. Per epoch the shard list is shuffled with a seed shared by all
+ranks, split by rank, then by DataLoader worker; with `resampled=True` every worker instead draws
+shards with replacement forever. Every worker reads whole shards (a few MB), checks each sample,
+shuffles the shard's samples, gathers target tokens from the memory-mapped packed targets and
+batches; the training process then looks the prompt strings up in its own copy of the pools
+(sending B x N strings from a worker costs more than reading the shard). All randomness derives
+from (seed, epoch, rank, worker, shard ordinal), so the stream is a pure function of the
+configuration.
+
+Damaged data is logged, counted and skipped: an unreadable or truncated shard (read error, or
+fewer samples than index.json lists) counts in `corrupt_shards`, the samples it lost in
+`lost_samples`, and a sample with a missing or invalid field in `bad_samples`. Workers send their
+counts along with their batches, so `PairLoader.skipped` holds exactly the skips behind the batches
+handed out so far, summed over workers, and survives save/restore without double counting.
+
+Position: after each batch the loader records, per worker, the next (shard ordinal, sample) and
+which worker the DataLoader serves next. `load_state_dict` restores it; the workers then skip the
+shards before their position without opening them, skip the consumed samples of the current one,
+and worker roles are rotated so the DataLoader's round robin resumes with the worker that was
+next: the resumed stream is batch for batch the rest of the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dnd_scale.shards import ShardsError, load_prompt_pools, read_shard_index, shard_set_id
+from dnd_scale.targets import PackedTargets
+
+log = logging.getLogger(__name__)
+
+SKIP_KINDS = ("corrupt_shards", "lost_samples", "bad_samples")
+
+Pair = tuple[str, int, list[int]]  # (task, checkpoint index, N prompt indices)
+
+
+@dataclass
+class LoaderConfig:
+    """How a rank streams pairs from the shards."""
+
+    batch_size: int = 4
+    """Pairs per batch on each rank (the micro-batch). Each worker's last batch of an epoch may be smaller."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the calling process. Part of the stream's
+    definition: a saved position resumes only with the same value."""
+    seed: int = 0
+    """Base seed; shard order, order within shards and resampling derive from (seed, epoch, rank, worker)."""
+    resampled: bool = False
+    """Endless stream: each worker draws shards with replacement instead of one pass over its share
+    (no epochs; use it when ranks must never run out at different times)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from non-negative integers (seed, epoch, rank, worker, ...)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The shard permutation of an epoch; the same on every rank, so the rank split is a partition."""
+    order = list(range(num_shards))
+    random.Random(derive_seed(seed, epoch)).shuffle(order)
+    return order
+
+
+def worker_share(order: Sequence[int], rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
+    """Shards of one (rank, worker): every world_size-th from `rank`, then every num_workers-th.
+
+    Same rule as webdataset's split_by_node / split_by_worker, which read the rank from the
+    environment and the worker from torch; here both are explicit, because a resumed run maps
+    DataLoader workers to rotated roles.
+    """
+    return list(order)[rank::world_size][worker::num_workers]
+
+
+def parse_pair(sample: Mapping, limits: Mapping[str, tuple[int, int]], num_prompts: int) -> Pair:
+    """Decode and check one shard sample; raise ValueError saying what is wrong.
+
+    limits: task -> (number of checkpoints K, prompt pool size M).
+    """
+    if "json" not in sample:
+        found = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"no .json member (found {found})")
+    try:
+        obj = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ValueError(f"payload is not JSON ({exn})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"payload is {type(obj).__name__}, expected an object")
+    task = obj.get("task")
+    if not isinstance(task, str) or task not in limits:
+        raise ValueError(f"task {task!r} is not one of the shard set's tasks")
+    num_checkpoints, pool_size = limits[task]
+    checkpoint = obj.get("checkpoint")
+    if type(checkpoint) is not int or not 0 <= checkpoint < num_checkpoints:
+        raise ValueError(f"checkpoint {checkpoint!r} is not an index below {num_checkpoints}")
+    ids = obj.get("prompt_ids")
+    # Built-in loops only (map, min, max, set): this runs for every sample read.
+    if (
+        not isinstance(ids, list)
+        or len(ids) != num_prompts
+        or set(map(type, ids)) != {int}
+        or min(ids) < 0
+        or max(ids) >= pool_size
+        or len(set(ids)) != num_prompts
+    ):
+        raise ValueError(f"prompt_ids must be {num_prompts} distinct indices below {pool_size}; found {ids!r:.80}")
+    return task, checkpoint, ids
+
+
+def collate_pairs(pairs: Sequence[Pair], targets: PackedTargets) -> dict:
+    """Batch B pairs: {"prompt_ids": (B, N) long, "task": B names, "checkpoint": (B,) long,
+    "tokens": (B, T, H, W) float32}."""
+    tasks = [task for task, _, _ in pairs]
+    checkpoints = [checkpoint for _, checkpoint, _ in pairs]
+    return {
+        "prompt_ids": torch.tensor([ids for _, _, ids in pairs], dtype=torch.long),  # (B, N)
+        "task": tasks,
+        "checkpoint": torch.tensor(checkpoints, dtype=torch.long),  # (B,)
+        "tokens": targets.gather(tasks, checkpoints),  # (B, T, H, W)
+    }
+
+
+def gather_prompts(tasks: Sequence[str], prompt_ids: torch.Tensor, pools: Mapping[str, list[str]]) -> list[list[str]]:
+    """The prompt strings of a batch: B lists of N, looked up in each pair's own task pool."""
+    return [[pools[task][i] for i in ids] for task, ids in zip(tasks, prompt_ids.tolist(), strict=True)]
+
+
+@dataclass
+class _Position:
+    """Where a worker's stream continues: the next sample is `sample` of its `shard`-th shard."""
+
+    shard: int = 0
+    sample: int = 0
+    done: bool = False
+
+
+class _PairStream(IterableDataset):
+    """One rank's batches for one run of the DataLoader, produced inside its workers.
+
+    Each worker yields messages: a `collate_pairs` batch plus `_worker`, `_next` (position after the
+    batch), `_done` and `_skipped` (counts since the worker's previous message). The last message
+    of a worker has `_done` and may carry no pairs, only the counts of trailing skips.
+    """
+
+    def __init__(self, loader: PairLoader, positions: list[_Position], first_worker: int):
+        self.shards_dir = loader.shards_dir
+        self.shards = loader.index["shards"]
+        self.targets = loader.targets
+        self.config = loader.config
+        self.rank, self.world_size, self.epoch = loader.rank, loader.world_size, loader.epoch
+        self.num_prompts = loader.index["num_prompts"]
+        self.limits = {t: (e["num_checkpoints"], e["pool_size"]) for t, e in loader.index["tasks"].items()}
+        self.positions = positions
+        self.first_worker = first_worker
+
+    def _shard_stream(self, worker: int, num_workers: int, seed: int) -> Iterator[dict]:
+        if self.config.resampled:
+            urls = [s["file"] for s in self.shards]
+            by_file = {s["file"]: s for s in self.shards}
+            # Seeded per (seed, epoch, rank, worker) through worker_seed; deterministic=True keeps
+            # pid and time out of it.
+            shards = wds.ResampledShards(urls, seed=0, worker_seed=lambda: seed, deterministic=True)
+            return (by_file[item["url"]] for item in shards)
+        order = epoch_shard_order(len(self.shards), self.config.seed, self.epoch)
+        return iter([self.shards[i] for i in worker_share(order, self.rank, self.world_size, worker, num_workers)])
+
+    def _read_shard(self, shard: dict, seed: int) -> tuple[list[Pair], list[int]]:
+        """All valid pairs of a shard in a seeded order, and the skip counts found reading it."""
+        url = str(self.shards_dir / shard["file"])
+        errors: list[Exception] = []
+
+        def on_error(exn: Exception) -> bool:
+            # webdataset handler: a read error ends the shard; what was read before it is kept.
+            log.warning("shard %s is damaged, skipping the rest of it: %r", url, exn)
+            errors.append(exn)
+            return True
+
+        raw = list(wds.tarfile_samples([{"url": url}], handler=on_error))
+        # A tar cut at a header boundary reads as a shorter, valid tar: only the count shows it.
+        lost = max(shard["samples"] - len(raw), 0)
+        if lost and not errors:
+            log.warning("shard %s has %d samples, index.json lists %d: truncated", url, len(raw), shard["samples"])
+        pairs, bad = [], 0
+        for sample in raw:
+            try:
+                pairs.append(parse_pair(sample, self.limits, self.num_prompts))
+            except ValueError as exn:
+                bad += 1
+                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), url, exn)
+        random.Random(seed).shuffle(pairs)
+        return pairs, [int(bool(errors) or lost > 0), lost, bad]
+
+    def _message(self, pending: list[Pair], worker: int, position: tuple[int, int], done: bool, skipped: list[int]) -> dict:
+        message = {"_worker": worker, "_next": position, "_done": done, "_skipped": skipped}
+        if pending:
+            message.update(collate_pairs(pending, self.targets))
+        return message
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (physical + self.first_worker) % num_workers
+        start = self.positions[worker]
+        if start.done:
+            return
+        seed = derive_seed(self.config.seed, self.epoch, self.rank, worker)
+        pending: list[Pair] = []
+        skipped = [0] * len(SKIP_KINDS)
+        position = (start.shard, start.sample)
+        for ordinal, shard in enumerate(self._shard_stream(worker, num_workers, seed)):
+            if ordinal < start.shard:
+                continue  # consumed before the restore: not even opened
+            pairs, counts = self._read_shard(shard, derive_seed(seed, ordinal))
+            first = start.sample if ordinal == start.shard else 0
+            if first == 0:
+                # The skips of a partly consumed shard went out with its first batch, before the save.
+                skipped = [a + b for a, b in zip(skipped, counts)]
+            for j in range(first, len(pairs)):
+                pending.append(pairs[j])
+                position = (ordinal, j + 1)
+                if len(pending) == self.config.batch_size:
+                    yield self._message(pending, worker, position, False, skipped)
+                    pending, skipped = [], [0] * len(SKIP_KINDS)
+        yield self._message(pending, worker, position, True, skipped)
+
+
+class PairLoader:
+    """Batches of pairs for one rank, resumable; iterate it once per epoch.
+
+    Iteration yields {"prompts": B lists of N strings, "prompt_ids": (B, N) long, "task": B names,
+    "checkpoint": (B,) long, "tokens": (B, T, H, W) float32, "mask": (T, H, W) bool,
+    "weights": (T,) float32}; mask and weights are the same tensors in every batch. A full pass
+    advances `epoch`; breaking out keeps the position, and the next iteration (or a restored
+    `state_dict`) continues there. With `resampled=True` iteration never ends.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | os.PathLike,
+        targets: PackedTargets | str | os.PathLike,
+        config: LoaderConfig,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        """rank / world_size default to torch.distributed's when it is initialized, else 0 / 1."""
+        if rank is None or world_size is None:
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if dist else 0
+            world_size = torch.distributed.get_world_size() if dist else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}); found {rank}")
+        if config.batch_size < 1 or config.num_workers < 0:
+            raise ValueError(
+                f"batch_size must be >= 1 and num_workers >= 0; found {config.batch_size}, {config.num_workers}"
+            )
+        self.shards_dir = Path(shards_dir)
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.index = read_shard_index(self.shards_dir)
+        self.targets = targets if isinstance(targets, PackedTargets) else PackedTargets(targets)
+        self._check_targets()
+        num_shards = len(self.index["shards"])
+        if not config.resampled and num_shards < world_size:
+            raise ShardsError(
+                f"{num_shards} shards cannot feed {world_size} ranks (a rank would get no data); "
+                f"re-run `dnd shard` with a smaller shard_size, or use resampled=True"
+            )
+        if not config.resampled and num_shards < world_size * max(config.num_workers, 1):
+            log.warning(
+                "%d shards for %d ranks x %d workers: some workers get no shards; a smaller "
+                "shard_size spreads the work", num_shards, world_size, config.num_workers,
+            )
+        self.pools = load_prompt_pools(self.shards_dir, self.index)
+        self._num_workers = max(config.num_workers, 1)  # the number of worker roles in the stream
+        self.epoch = 0
+        self._positions = [_Position() for _ in range(self._num_workers)]
+        self._first_worker = 0
+        self._skipped = dict.fromkeys(SKIP_KINDS, 0)
+
+    def _check_targets(self) -> None:
+        fingerprint = self.index.get("targets_fingerprint")
+        if fingerprint is not None and fingerprint != self.targets.layout_fingerprint:
+            raise ShardsError(
+                f"shards at {self.shards_dir} were made for targets of layout {fingerprint[:12]}, "
+                f"the targets given are layout {self.targets.layout_fingerprint[:12]}; re-run `dnd shard`"
+            )
+        have = self.targets.num_checkpoints
+        wrong = {t: e["num_checkpoints"] for t, e in self.index["tasks"].items() if have.get(t) != e["num_checkpoints"]}
+        if wrong:
+            raise ShardsError(
+                f"shards reference checkpoints {wrong} (task: count) but the packed targets hold "
+                f"{ {t: have.get(t) for t in wrong} }; re-run `dnd shard` after `dnd pack`"
+            )
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skips behind the batches handed out so far, summed over workers and epochs."""
+        return dict(self._skipped)
+
+    def batches_per_rank(self, epoch: int) -> list[int]:
+        """Batches each rank yields in `epoch` if no shard is damaged (ranks may differ by a few:
+        a trainer that needs equal step counts stops every rank at the minimum)."""
+        if self.config.resampled:
+            raise ValueError("a resampled stream is endless: it has no batches per epoch")
+        counts = [s["samples"] for s in self.index["shards"]]
+        order = epoch_shard_order(len(counts), self.config.seed, epoch)
+
+        def batches(rank: int, worker: int) -> int:
+            share = worker_share(order, rank, self.world_size, worker, self._num_workers)
+            return math.ceil(sum(counts[i] for i in share) / self.config.batch_size)
+
+        return [sum(batches(r, w) for w in range(self._num_workers)) for r in range(self.world_size)]
+
+    def __iter__(self) -> Iterator[dict]:
+        stream = _PairStream(self, [_Position(**vars(p)) for p in self._positions], self._first_worker)
+        workers = self.config.num_workers
+        loader = DataLoader(
+            stream,
+            batch_size=None,  # the workers batch: a batch never mixes workers, so positions stay per worker
+            num_workers=workers,
+            prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
+        )  # in order (the default): the round robin over workers is part of the stream's definition
+        for message in loader:
+            worker = message.pop("_worker")
+            shard, sample = message.pop("_next")
+            self._positions[worker] = _Position(shard, sample, message.pop("_done"))
+            self._first_worker = (worker + 1) % self._num_workers
+            for kind, count in zip(SKIP_KINDS, message.pop("_skipped")):
+                self._skipped[kind] += count
+            if message:
+                message["prompts"] = gather_prompts(message["task"], message["prompt_ids"], self.pools)
+                message["mask"] = self.targets.mask  # (T, H, W)
+                message["weights"] = self.targets.weights  # (T,)
+                yield message
+        self.epoch += 1
+        self._positions = [_Position() for _ in range(self._num_workers)]
+        self._first_worker = 0
+
+    def state_dict(self) -> dict:
+        """The stream position (JSON-serializable): epoch, per-worker positions, next worker, skip counts."""
+        return {
+            "epoch": self.epoch,
+            "positions": [[p.shard, p.sample, p.done] for p in self._positions],
+            "first_worker": self._first_worker,
+            "skipped": dict(self._skipped),
+            "stream": self._stream_identity(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from a saved position; the stream must be defined the same way (shard set,
+        seed, batch size, workers, rank, world size, resampling)."""
+        if state["stream"] != self._stream_identity():
+            raise ValueError(
+                f"the saved data position belongs to stream {state['stream']}, this loader is "
+                f"{self._stream_identity()}; resume with the same shards, seed, batch_size, "
+                f"num_workers, rank and world size, or start a fresh epoch without loading the position"
+            )
+        self.epoch = int(state["epoch"])
+        self._positions = [_Position(int(s), int(j), bool(d)) for s, j, d in state["positions"]]
+        self._first_worker = int(state["first_worker"])
+        self._skipped = {kind: int(state["skipped"][kind]) for kind in SKIP_KINDS}
+
+    def _stream_identity(self) -> dict:
+        return {
+            "shard_set": shard_set_id(self.index),
+            "seed": self.config.seed,
+            "batch_size": self.config.batch_size,
+            "num_workers": self._num_workers,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "resampled": self.config.resampled,
+        }

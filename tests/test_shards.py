@@ -1,0 +1,141 @@
+"""`dnd shard`: pair sampling, shard files, index, input errors."""
+
+import collections
+import json
+import tarfile
+
+import pytest
+import torch
+
+from dnd_scale.io import write_json
+from dnd_scale.shards import ShardConfig, ShardsError, build_shards, load_prompt_pools, main, read_shard_index
+from dnd_scale.targets import write_common, write_task_targets
+from dnd_scale.tasks import load_task
+
+CHECKPOINTS = {"alpha": 3, "beta": 2, "gamma": 4}
+POOL_SIZES = {"alpha": 12, "beta": 9, "gamma": 15}
+CONFIG = ShardConfig(num_prompts=4, pairs_per_task=10, shard_size=4, seed=7)
+
+
+def records(task, size):
+    """Task records whose prompt and answer texts cannot be confused."""
+    return [{"prompt": f"[{task}] question {i}: what follows {i}?", "response": f"ANSWER<{task}:{i}>"} for i in range(size)]
+
+
+def prompt_pools():
+    return {t: [r["prompt"] for r in records(t, n)] for t, n in POOL_SIZES.items()}
+
+
+def read_pairs(shards_dir, index):
+    """Every sample of the set as (shard file, key, payload), straight from the tar files."""
+    out = []
+    for shard in index["shards"]:
+        with tarfile.open(shards_dir / shard["file"]) as tar:
+            for member in tar.getmembers():
+                out.append((shard["file"], member.name, json.loads(tar.extractfile(member).read())))
+    return out
+
+
+def test_pairs_reference_their_task_and_index_matches(tmp_path):
+    index = build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    assert index == read_shard_index(tmp_path)
+    pairs = read_pairs(tmp_path, index)
+    assert len(pairs) == index["num_samples"] == 30
+    assert [s["samples"] for s in index["shards"]] == [4] * 7 + [2]
+    per_shard = collections.Counter(f for f, _, _ in pairs)
+    assert all(per_shard[s["file"]] == s["samples"] for s in index["shards"])
+    uses = collections.Counter()
+    for _, _, pair in pairs:
+        task, ids = pair["task"], pair["prompt_ids"]
+        assert 0 <= pair["checkpoint"] < CHECKPOINTS[task]
+        assert len(ids) == len(set(ids)) == 4 and all(0 <= i < POOL_SIZES[task] for i in ids)
+        uses[task, pair["checkpoint"]] += 1
+    for task, k in CHECKPOINTS.items():  # checkpoints used equally often, +-1
+        counts = [uses[task, c] for c in range(k)]
+        assert max(counts) - min(counts) <= 1 and sum(counts) == 10
+    assert len({p["task"] for _, _, p in pairs[:8]}) > 1, "tasks are interleaved, not grouped"
+    assert load_prompt_pools(tmp_path, index) == prompt_pools()
+    assert index["tasks"]["beta"]["pool_size"] == 9 and index["num_prompts"] == 4 and index["seed"] == 7
+
+
+def test_no_answer_text_in_any_file(tmp_path):
+    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".jsonl" for p in files) and any(p.suffix == ".tar" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert b"ANSWER" not in data, f"answer text leaked into {path.name}"
+    assert b"question 3" in (tmp_path / "prompts" / "alpha.jsonl").read_bytes()
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    first = build_shards(CHECKPOINTS, prompt_pools(), tmp_path / "a", CONFIG, progress=False)
+    second = build_shards(CHECKPOINTS, prompt_pools(), tmp_path / "b", CONFIG, progress=False)
+    other = build_shards(CHECKPOINTS, prompt_pools(), tmp_path / "c", ShardConfig(**{**vars(CONFIG), "seed": 8}), progress=False)
+    assert first == second
+    assert (tmp_path / "a" / "pairs-000003.tar").read_bytes() == (tmp_path / "b" / "pairs-000003.tar").read_bytes()
+    assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in first["shards"]]
+
+
+def test_adding_a_task_keeps_the_other_tasks_pairs(tmp_path):
+    pools = prompt_pools()
+    small = build_shards({"alpha": 3}, {"alpha": pools["alpha"]}, tmp_path / "a", CONFIG, progress=False)
+    full = build_shards(CHECKPOINTS, pools, tmp_path / "b", CONFIG, progress=False)
+    alpha = lambda d, i: [p for _, _, p in read_pairs(d, i) if p["task"] == "alpha"]  # noqa: E731
+    assert alpha(tmp_path / "a", small) == alpha(tmp_path / "b", full)
+
+
+def test_rebuild_replaces_the_previous_set(tmp_path):
+    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    index = build_shards(CHECKPOINTS, prompt_pools(), tmp_path, ShardConfig(**{**vars(CONFIG), "shard_size": 16}), progress=False)
+    assert sorted(p.name for p in tmp_path.glob("pairs-*.tar")) == [s["file"] for s in index["shards"]]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "pools, checkpoints, config, match",
+    [
+        ({"alpha": ["p"] * 3}, {"alpha": 1}, CONFIG, "has 3 prompts but each pair needs num_prompts=4"),
+        ({"alpha": []}, {"alpha": 1}, CONFIG, "empty"),
+        ({}, {}, CONFIG, "no tasks"),
+        ({"alpha": ["p"] * 5}, {"beta": 1}, CONFIG, "have prompts but no packed checkpoints"),
+        ({"alpha": ["p", "", "q", "r"]}, {"alpha": 1}, CONFIG, "empty or not strings"),
+        ({"alpha": ["p"] * 5}, {"alpha": 0}, CONFIG, "no checkpoints"),
+        ({"alpha": ["p"] * 5}, {"alpha": 1}, ShardConfig(num_prompts=0), ">= 1"),
+    ],
+    ids=["N-gt-pool", "empty-pool", "no-tasks", "task-mismatch", "blank-prompt", "K0", "N0"],
+)
+def test_bad_input_is_refused(tmp_path, pools, checkpoints, config, match):
+    with pytest.raises(ShardsError, match=match):
+        build_shards(checkpoints, pools, tmp_path, config, progress=False)
+    assert not (tmp_path / "index.json").exists()
+
+
+def test_missing_index_or_shard_is_refused(tmp_path):
+    with pytest.raises(ShardsError, match="run `dnd shard`"):
+        read_shard_index(tmp_path)
+    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    (tmp_path / "pairs-000002.tar").unlink()
+    with pytest.raises(ShardsError, match="pairs-000002.tar"):
+        read_shard_index(tmp_path)
+
+
+def test_cli_shards_the_collected_tasks_only(tmp_path):
+    from dnd_scale.collect import CHECKPOINTS, COMPLETE
+
+    specs = ["synthetic:reverse_word", "synthetic:parity_tf"]
+    tasks = [load_task(spec, num_records=12, seed=5) for spec in specs]
+    write_json(tmp_path / CHECKPOINTS / "collect.json", {"config": {"seed": 5}})
+    for task in tasks:
+        write_json(tmp_path / CHECKPOINTS / task.name / COMPLETE, {"task_fingerprint": task.fingerprint()})
+        write_task_targets(tmp_path / "targets", task.name, torch.randn(2, 3, 2, 4))
+    write_task_targets(tmp_path / "targets", "packed_only", torch.randn(2, 3, 2, 4))
+    write_common(tmp_path / "targets", torch.ones(3, 2, 4, dtype=torch.bool), torch.ones(3), {"rank": 2})
+    args = ["--run", str(tmp_path), "--tasks", *specs, "--shard.num_prompts=3", "--shard.pairs_per_task=5"]
+    assert main([*args, "--synthetic-records", "12"]) == 0
+    index = read_shard_index(tmp_path / "shards")
+    assert sorted(index["tasks"]) == sorted(t.name for t in tasks) and index["num_samples"] == 10
+    assert load_prompt_pools(tmp_path / "shards", index) == {t.name: t.prompts for t in tasks}
+    assert index["targets_fingerprint"] is not None
+    with pytest.raises(ShardsError, match="other records than its checkpoints were trained on"):
+        main([*args, "--synthetic-records", "13"])
