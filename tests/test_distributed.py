@@ -1,0 +1,226 @@
+"""Multi-process trainer tests: the real `deepspeed` launcher with 2 CPU ranks (gloo), and kill/resume.
+
+One tiny run folder (real targets, shards and a tiny sentence-transformers encoder) serves every
+test. Launches are shared through module fixtures: one single-process launch runs the reference
+and the uninterrupted loader run, one 2-rank launch runs ZeRO-2 and ZeRO-3, and the resume test
+adds three short launches (killed, terminated, finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dnd_scale.trainer import deepspeed_config, load_train_config
+from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = REPO / "tests" / "dist_train_entry.py"
+BIN = Path(sys.executable).parent
+STEPS = 12  # per-step losses compared over these
+RESUME_STEPS = 30
+CHECKPOINT_EVERY = 4
+LAUNCH_TIMEOUT_S = 400
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # One intra-op thread per rank: two ranks on two cores otherwise fight over the cores.
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-4000:]}"
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(run folder, recipe) of a tiny run: 3 tasks × 4 checkpoints, 8 shards, N=4 prompts, L=8, D=16."""
+    root = tmp_path_factory.mktemp("dist")
+    encoder = make_tiny_encoder(root / "encoder")
+    run = make_tiny_run(root / "run")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"train": {
+        "generator": {"preset": None, "features": [list(s) for s in tiny_features()], "kernel_size": 3},
+        "encoder": {"name": str(encoder), "max_length": 8},
+        "micro_batch_size": 2, "grad_accum_steps": 2, "steps": STEPS, "lr": 1e-2, "warmup_steps": 2,
+        "checkpoint_every": CHECKPOINT_EVERY, "log_every": 1, "num_workers": 0, "seed": 0,
+    }}))
+    return run, recipe
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny):
+    """One process, world size 1: the reference (same global batch 8 as the 2-rank runs: micro 2 ×
+    accumulation 4) and the uninterrupted production-loader run the resume test compares with."""
+    run, recipe = tiny
+    runs = [
+        {"stream": "global", "output_dir": "single", "zero_stage": 0, "grad_accum_steps": 4},
+        {"stream": "loader", "output_dir": "uninterrupted", "zero_stage": 2, "steps": RESUME_STEPS, "num_workers": 2},
+    ]
+    _run([sys.executable, str(ENTRY), "--run", str(run), "--config", str(recipe), "--runs", json.dumps(runs)],
+         run / "single.log")
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny):
+    """`deepspeed --num_gpus 2` on CPU: ZeRO-2 then ZeRO-3, micro 2 × accumulation 2 × 2 ranks."""
+    run, recipe = tiny
+    runs = [{"stream": "global", "output_dir": f"zero{s}", "zero_stage": s} for s in (2, 3)]
+    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--no_local_rank",
+          str(ENTRY), "--run", str(run), "--config", str(recipe), "--runs", json.dumps(runs)], run / "two_ranks.log")
+    return run
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_zero_losses_match_single_process(single_process, two_ranks, stage):
+    reference = _losses(single_process / "single")
+    zero = _losses(two_ranks / f"zero{stage}")
+    assert sorted(reference) == sorted(zero) == list(range(1, STEPS + 1))
+    errors = {step: abs(zero[step] - reference[step]) for step in reference}
+    assert max(errors.values()) <= 1e-5, f"per-step |loss difference| vs the single process: {errors}"
+    assert reference[STEPS] < 0.6 * reference[1], "the tiny generator should learn in 12 steps"
+
+
+def test_zero3_parameters_are_partitioned(two_ranks):
+    info3 = json.loads((two_ranks / "zero3" / "train_info.json").read_text())
+    info2 = json.loads((two_ranks / "zero2" / "train_info.json").read_text())
+    total = info3["parameters"]
+    assert info3["world_size"] == 2 and info3["global_batch"] == 8
+    # ZeRO-3: each rank stores its ds_tensor shard (about half, padded); ZeRO-2: all of it.
+    assert all(local < total for local in info3["parameters_per_rank"]), info3
+    assert sum(info3["parameters_per_rank"]) >= total
+    tensors = 9 * (len(info3["features"]) - 1)  # a shard is ceil(numel / 2) of each tensor
+    assert all(abs(local - total / 2) <= tensors for local in info3["parameters_per_rank"]), info3
+    assert info2["parameters_per_rank"] == [total, total]
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_export_equals_consolidated_state(two_ranks, stage):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = two_ranks / f"zero{stage}"
+    exported = load_file(out / "export" / "model.safetensors")
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step{STEPS:08d}"
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+    assert sorted(exported) == sorted(consolidated)
+    for name, value in exported.items():
+        assert value.shape == consolidated[name].shape, name
+        assert (value == consolidated[name].float()).all(), name
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert config["generator"]["features"] == [list(s) for s in tiny_features()]
+    assert config["encoder"]["length"] == 8 and config["step"] == STEPS
+
+
+def test_export_serves_dnd_generate(two_ranks):
+    from dnd_scale.generate import AdapterGenerator
+    from dnd_scale.generator import HyperConvGenerator
+
+    generator = AdapterGenerator(two_ranks / "zero3" / "export")
+    prompts = ["What is 3 plus 4?", "Is 9 prime?", "Spell 'cat'.", "Name a color."]
+    tokens = generator.tokens(prompts)
+    assert tokens.shape == tiny_features()[-1]
+    # The same weights in a freshly built generator give the same tokens.
+    model = HyperConvGenerator(generator.generator.config)
+    model.load_state_dict(load_file(two_ranks / "zero3" / "export" / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(generator.encoder.encode(prompts)[None])[0], tokens)
+
+
+def test_deepspeed_json_is_generated_from_config(tiny, two_ranks):
+    _, recipe = tiny
+    saved = json.loads((two_ranks / "zero3" / "deepspeed_config.json").read_text())
+    config = load_train_config(str(recipe), ["--train.zero_stage=3"])
+    assert saved == deepspeed_config(config, world_size=2)
+    assert saved["train_batch_size"] == 2 * 2 * 2 and saved["zero_optimization"]["stage"] == 3
+
+
+def _launch(run: Path, recipe: Path, out: str, log: Path, resume: bool) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dnd_scale.cli", "train", "--run", str(run), "--config", str(recipe),
+           f"--train.output_dir={out}", f"--train.steps={RESUME_STEPS}", "--train.zero_stage=2", "--train.num_workers=2"]
+    # Own session: the signal goes to the whole group, DataLoader workers included, as SLURM and
+    # the deepspeed launcher deliver it.
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=REPO, env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _signal_at(proc: subprocess.Popen, metrics: Path, step: int, signum: int) -> int:
+    """Send `signum` to the process group once `metrics` logs `step`; returns the last logged step then."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}; it was meant to be interrupted"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        logged = [json.loads(line)["step"] for line in lines[:-1]]  # the last line may be half written
+        if lines and lines[-1].endswith("}"):
+            logged.append(json.loads(lines[-1])["step"])
+        if logged and logged[-1] >= step:
+            os.killpg(proc.pid, signum)
+            return logged[-1]
+        time.sleep(0.01)
+    raise TimeoutError(f"step {step} never logged in {metrics}")
+
+
+def test_resume_after_sigkill_and_sigterm_reproduces_the_run(tiny, single_process):
+    """SIGKILL after a checkpoint, resume; SIGTERM (checkpoint at the step boundary), resume; the
+    per-step losses equal the uninterrupted run's, which needs the data position restored too."""
+    run, recipe = tiny
+    rng = random.Random(4)
+    metrics = run / "resumed" / "metrics.jsonl"
+
+    killed = _launch(run, recipe, "resumed", run / "killed.log", resume=False)
+    kill_step = _signal_at(killed, metrics, rng.randint(CHECKPOINT_EVERY + 1, 2 * CHECKPOINT_EVERY + 1), signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    checkpoint = int((run / "resumed" / "checkpoints" / "latest").read_text().strip()[4:])
+    assert CHECKPOINT_EVERY <= checkpoint <= kill_step
+
+    terminated = _launch(run, recipe, "resumed", run / "terminated.log", resume=True)
+    term_step = _signal_at(terminated, metrics, rng.randint(checkpoint + 2, RESUME_STEPS - 16), signal.SIGTERM)
+    assert terminated.wait(timeout=120) == 0, (run / "terminated.log").read_text()[-3000:]
+    info = json.loads((run / "resumed" / "train_info.json").read_text())
+    assert info["resumed_from"] == checkpoint
+    stopped = int((run / "resumed" / "checkpoints" / "latest").read_text().strip()[4:])
+    assert term_step <= stopped < RESUME_STEPS, "SIGTERM must save a checkpoint at the step it stopped"
+    assert not (run / "resumed" / "export").exists(), "an interrupted run must not export"
+
+    finished = _launch(run, recipe, "resumed", run / "finished.log", resume=True)
+    assert finished.wait(timeout=LAUNCH_TIMEOUT_S) == 0, (run / "finished.log").read_text()[-3000:]
+    assert json.loads((run / "resumed" / "train_info.json").read_text())["resumed_from"] == stopped
+
+    expected, resumed = _losses(single_process / "uninterrupted"), _losses(run / "resumed")
+    assert sorted(resumed) == sorted(expected) == list(range(1, RESUME_STEPS + 1))
+    errors = {step: abs(resumed[step] - expected[step]) for step in expected}
+    assert max(errors.values()) <= 1e-6, f"killed at {kill_step}, terminated at {term_step}: {errors}"
+    final = load_file(run / "resumed" / "export" / "model.safetensors")
+    reference = load_file(single_process / "uninterrupted" / "export" / "model.safetensors")
+    assert final.keys() == reference.keys()
+    assert all((final[name] == reference[name]).all() for name in final), "resumed weights differ"
