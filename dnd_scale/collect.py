@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-import yaml
 from peft import get_peft_model, get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from dnd_scale.basemodel import BaseModel, load_base_model, save_base_model
-from dnd_scale.config import ConfigError, apply_overrides, from_dict
+from dnd_scale.config import load_section
 from dnd_scale.io import (
     TMP_SUFFIX,
     ArtifactError,
@@ -475,24 +474,8 @@ def load_checkpoint(
 def load_collect_config(recipe: str | None, overrides: Sequence[str]) -> tuple[CollectConfig, list[str]]:
     """CollectConfig from a recipe's `collect:` section and `--collect.field=value` overrides, plus the
     recipe's `tasks:` list of task specs."""
-    data: dict[str, Any] = {}
-    specs: list[str] = []
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"config recipe {str(path)!r} not found (see configs/ for the shipped ones)")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
-        data = {"collect": loaded.get("collect") or {}}
-        specs = list(loaded.get("tasks") or [])
-    foreign = [o for o in overrides if not o.lstrip("-").startswith("collect.")]
-    if foreign:
-        raise ConfigError(
-            f"dnd collect takes overrides of the collect section only (--collect.field=value), got {foreign}"
-        )
-    data = apply_overrides(data, overrides)
-    return from_dict(CollectConfig, data.get("collect", {}), "collect."), specs
+    config, loaded = load_section(CollectConfig, "collect", recipe, overrides)
+    return config, list(loaded.get("tasks") or [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,3 +163,33 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config (every field, defaults included) as YAML, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def read_recipe(recipe: str | os.PathLike | None) -> dict[str, Any]:
+    """A YAML recipe as a dict of sections ({} for None); a missing or malformed file is a ConfigError."""
+    if recipe is None:
+        return {}
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"config recipe {str(path)!r} not found (see configs/ for the shipped ones)")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_section(
+    cls: type, section: str, recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """(``cls`` from the recipe's ``section:`` mapping and ``--section.field=value`` overrides, the whole recipe).
+
+    A stage owns one section; an override of another section is refused, so a typo never goes unseen.
+    """
+    loaded = read_recipe(recipe)
+    foreign = [o for o in overrides if not (o.lstrip("-").startswith(f"{section}.") and "=" in o)]
+    if foreign:
+        raise ConfigError(
+            f"dnd {section} takes overrides of the {section} section only (--{section}.field=value), got {foreign}"
+        )
+    data = apply_overrides({section: loaded.get(section) or {}}, overrides)
+    return from_dict(cls, data[section], f"{section}."), loaded

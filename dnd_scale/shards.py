@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-import yaml
 from tqdm import tqdm
 
 from dnd_scale.io import ArtifactError, read_json, sha256_file, write_json
@@ -290,14 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic-records", type=int, default=256, help="records per synthetic task, as for collect")
     args, overrides = parser.parse_known_args(argv)
     # Imported here: the config machinery is for the command line only.
-    from dnd_scale.config import ConfigError, apply_overrides, from_dict
+    from dnd_scale.config import load_section
 
-    recipe = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-    foreign = [o for o in overrides if not (o.startswith("--shard.") and "=" in o)]
-    if foreign:
-        raise ConfigError(f"dnd shard takes overrides of the shard section only (--shard.field=value), got {foreign}")
-    data = apply_overrides({"shard": recipe.get("shard") or {}}, overrides)
-    config = from_dict(ShardConfig, data["shard"], "shard.")
+    config, recipe = load_section(ShardConfig, "shard", args.config, overrides)
     specs = args.tasks or list(recipe.get("tasks") or [])
     if not specs:
         parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")

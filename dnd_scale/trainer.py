@@ -48,7 +48,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from dnd_scale.config import ConfigError, apply_overrides, from_dict, save_config, to_dict
+from dnd_scale.config import load_section, save_config, to_dict
 from dnd_scale.encoder import (
     CACHE_DTYPES,
     ConditionCache,
@@ -790,20 +790,7 @@ def _fit(
 
 def load_train_config(recipe: str | None, overrides: Sequence[str]) -> TrainConfig:
     """TrainConfig from a recipe's `train:` section and `--train.field=value` overrides."""
-    data: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"config recipe {str(path)!r} not found (see configs/ for the shipped ones)")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
-        data = {"train": loaded.get("train") or {}}
-    foreign = [o for o in overrides if not o.lstrip("-").startswith("train.")]
-    if foreign:
-        raise ConfigError(f"dnd train takes overrides of the train section only (--train.field=value), got {foreign}")
-    data = apply_overrides(data, overrides)
-    return from_dict(TrainConfig, data.get("train", {}), "train.")
+    return load_section(TrainConfig, "train", recipe, overrides)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
