@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
+from dnd_scale.config import load_section
 from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, write_common, write_task_targets
@@ -97,12 +98,15 @@ def _tokenize_checkpoint(run_dir: Path, record: dict, tokenizer: WeightTokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dnd pack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dnd pack", description=__doc__.splitlines()[0] + " Overrides: --pack.field=value (e.g. --pack.chunk=256)."
+    )
     parser.add_argument("--run", required=True, help="run folder holding checkpoints/ from `dnd collect`")
-    parser.add_argument("--chunk", type=int, default=TokenizerConfig.chunk, help="token chunk width c")
+    parser.add_argument("--config", help="YAML recipe; its `pack:` section (the token scheme) is read")
     parser.add_argument("--tasks", nargs="*", help="pack only these tasks (default: all collected)")
-    args = parser.parse_args(argv)
-    out = pack(args.run, TokenizerConfig(chunk=args.chunk), args.tasks)
+    args, overrides = parser.parse_known_args(argv)
+    config, _ = load_section(TokenizerConfig, "pack", args.config, overrides)
+    out = pack(args.run, config, args.tasks)
     packed = PackedTargets(out)
     print(f"packed {len(packed.tasks)} tasks, {sum(packed.num_checkpoints.values())} checkpoints, "
           f"{packed.num_tokens} tokens of {packed.token_shape} -> {out}")

@@ -19,3 +19,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+if not torch.cuda.is_available():
+    # DeepSpeed picks its accelerator at import; on a machine without a GPU it must be the CPU one
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,0 +1,92 @@
+"""`dnd generate` from a generator trained by `dnd train` on a tiny run: peft loads the adapter, the
+adapter changes the base model's logits, and its values are exactly the generator's output detokenized."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from dnd_scale.encoder import EncoderConfig, PromptTruncationWarning
+from dnd_scale.export import ADAPTER_WEIGHTS, PROVENANCE
+from dnd_scale.generate import AdapterGenerator, main, read_prompts
+from dnd_scale.generator import GeneratorConfig
+from dnd_scale.io import ArtifactError
+from dnd_scale.layout import LayoutError
+from dnd_scale.trainer import TrainConfig, train
+from tinymodels import tiny_config, tiny_model
+from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
+
+PROMPTS = [f"new task: how many letters are in word number {i}?" for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, one_thread):
+    run = make_tiny_run(tmp_path_factory.mktemp("run"))
+    encoder = make_tiny_encoder(tmp_path_factory.mktemp("encoder"))
+    config = TrainConfig(
+        generator=GeneratorConfig(preset=None, features=tiny_features(), kernel_size=3),
+        encoder=EncoderConfig(name=str(encoder), max_length=8), micro_batch_size=2, steps=4, warmup_steps=1,
+        zero_stage=0, checkpoint_every=4, num_workers=0, lr=1e-2,
+    )
+    return train(config, run) / "export"
+
+
+def test_generated_adapter_is_the_detokenized_generator_output(export, tmp_path):
+    gen = AdapterGenerator(export)
+    chosen = gen.pick_prompts(PROMPTS, seed=3)
+    assert len(chosen) == gen.num_prompts == 4 and set(chosen) <= set(PROMPTS)
+    folder = gen.generate(PROMPTS, tmp_path / "adapter", seed=3)
+    saved = load_file(folder / ADAPTER_WEIGHTS)
+    expected = gen.tokenizer.detokenize(gen.tokens(chosen))
+    assert set(saved) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), key
+    provenance = json.loads((folder / PROVENANCE).read_text())
+    assert provenance["generator_sha256"] == gen.generator_sha256
+    assert provenance["layout_fingerprint"] == gen.layout.fingerprint()
+    assert provenance["num_prompts"] == 4 and len(provenance["prompts_sha256"]) == 64
+
+
+def test_generated_adapter_loads_in_peft_and_changes_logits(export, tmp_path):
+    gen = AdapterGenerator(export)
+    gen.check_base(tiny_config(layers=1))
+    folder = gen.generate(PROMPTS, tmp_path / "adapter", seed=0)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = tiny_model(layers=1)(ids).logits
+        peft = PeftModel.from_pretrained(tiny_model(layers=1), folder)
+        adapted = peft(ids).logits
+    assert (adapted - base).abs().max() > 1e-6
+    # and the adapter in the model is the one in the file (peft did not drop keys silently)
+    loaded = {k: v for k, v in peft.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(gen.layout.matrices)
+
+
+def test_bf16_adapter_and_cli(export, tmp_path):
+    prompts = tmp_path / "task.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    assert read_prompts(prompts) == PROMPTS
+    assert main(["--generator", str(export), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+                 "--samples", "2", "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    for i in range(2):
+        weights = load_file(tmp_path / "out" / f"task-{i}" / ADAPTER_WEIGHTS)
+        assert all(v.dtype == torch.bfloat16 for v in weights.values())
+
+
+def test_bad_inputs_get_clear_errors(export):
+    gen = AdapterGenerator(export)
+    with pytest.raises(ArtifactError, match="empty"):
+        gen.generate([], "unused")
+    with pytest.raises(ArtifactError, match="at least 4 prompts"):
+        gen.pick_prompts(PROMPTS[:3])
+    with pytest.raises(LayoutError, match="use the base model the generator was trained for"):
+        gen.check_base(tiny_config(layers=1, hidden=48))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen.tokens(["word " * 200] + PROMPTS[:3])
+    assert any(issubclass(w.category, PromptTruncationWarning) for w in caught)
+    with pytest.raises(ArtifactError, match="not found"):
+        AdapterGenerator(export.parent / "missing")
