@@ -366,6 +366,17 @@ def condition_source(
 # 3. Distributed setup and engine
 
 
+# The launcher variables of a world of one that this process made itself. DeepSpeed reads them while
+# a run lasts; afterwards they are removed, or subprocesses started later (another launch, the demo)
+# would take themselves for rank 0 of a launch on this port.
+_STANDALONE_ENV: dict[str, str] = {}
+
+
+def _drop_standalone_env() -> None:
+    for key in _STANDALONE_ENV:
+        os.environ.pop(key, None)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """(rank, local rank, world size), initializing DeepSpeed's process group.
 
@@ -374,12 +385,21 @@ def init_distributed() -> tuple[int, int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    accelerator = get_accelerator()
+    if torch.distributed.is_initialized():  # a second run in the same process (tests, notebooks)
+        import deepspeed.comm as dist
+
+        os.environ.update(_STANDALONE_ENV)
+
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    accelerator = get_accelerator()
+        _STANDALONE_ENV.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(_STANDALONE_ENV)
     if accelerator.device_name() == "cpu":
         # DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce on CPU at its first
         # init (~55 s, a C++ toolchain needed) when the op counts as compatible. Only inference
@@ -658,6 +678,21 @@ def train(
     Reads `<run>/targets` and `<run>/shards`; writes `<run>/<config.output_dir>`. Every rank of a
     launch calls it. `make_stream` builds each rank's micro-batch stream (default: the shard loader).
     """
+    try:
+        return _train(config, run_dir, resume, export_only=export_only, make_stream=make_stream)
+    finally:
+        _drop_standalone_env()
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    *,
+    export_only: bool = False,
+    make_stream: StreamFactory = pair_stream,
+) -> Path:
+    """The body of `train` (which removes a world-of-one's launcher variables afterwards)."""
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -811,10 +846,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {bad}")
     config = load_train_config(args.config, overrides)
+    launched = "RANK" in os.environ
     out = train(config, args.run, resume=args.resume, export_only=args.export_only)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"dnd train: outputs in {out}")
-    torch.distributed.destroy_process_group()  # the process ends here; NCCL wants an orderly shutdown
+    if launched:  # the process ends here; NCCL wants an orderly shutdown of a launched group
+        torch.distributed.destroy_process_group()
     return 0
 
 
