@@ -145,20 +145,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config(cls: type, recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Any:
-    """Defaults ← YAML recipe ← command-line overrides, as a typed ``cls``."""
-    data: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"config recipe {str(path)!r} not found (see configs/ for the shipped ones)")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
-    return from_dict(cls, apply_overrides(data, overrides))
-
-
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config (every field, defaults included) as YAML, atomically."""
     with atomic_path(path) as tmp:

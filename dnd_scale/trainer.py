@@ -679,18 +679,13 @@ def train(
     launch calls it. `make_stream` builds each rank's micro-batch stream (default: the shard loader).
     """
     try:
-        return _train(config, run_dir, resume, export_only=export_only, make_stream=make_stream)
+        return _train(config, run_dir, resume, export_only, make_stream)
     finally:
         _drop_standalone_env()
 
 
 def _train(
-    config: TrainConfig,
-    run_dir: str | os.PathLike,
-    resume: bool = False,
-    *,
-    export_only: bool = False,
-    make_stream: StreamFactory = pair_stream,
+    config: TrainConfig, run_dir: str | os.PathLike, resume: bool, export_only: bool, make_stream: StreamFactory
 ) -> Path:
     """The body of `train` (which removes a world-of-one's launcher variables afterwards)."""
     import deepspeed.comm as dist
