@@ -92,8 +92,8 @@ class CollectConfig:
     save_last: int = 50
     """Trajectory window: checkpoints are taken over the last this many steps (the final step always)."""
     seed: int = 0
-    """Seed of LoRA init, data order and dropout (per task, derived from seed and task name) and of a
-    random-init base model."""
+    """Seed of the LoRA initialization (the same for every task), of data order and dropout (per task,
+    derived from seed and task name) and of a random-init base model."""
     device: str = "auto"
     """"auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
     dtype: str = "auto"
@@ -358,9 +358,13 @@ def _train_task(
     save_steps = set(config.checkpoint_steps())
     fingerprint = layout.fingerprint()
 
-    # LoRA init (kaiming-uniform lora_A) and dropout draw from the global generator: seed it per task.
-    torch.manual_seed(task_seed)
+    # Every task's LoRA starts from the SAME initialization (kaiming-uniform lora_A from `seed`): the
+    # checkpoints of all tasks then share one coordinate system, which is what lets a generator learn
+    # across tasks — with per-task inits the lora_A of different tasks are unrelated random matrices
+    # and their average, the best a generator can do for an unseen task, is close to zero.
+    torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, layout.to_peft_config())
+    torch.manual_seed(task_seed)  # dropout: per task
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
