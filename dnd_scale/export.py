@@ -82,6 +82,7 @@ def export_tokens(
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Generator output tokens (T, r+2, c+2) → detokenize → PEFT adapter folder."""
-    state_dict = tokenizer.detokenize(tokens.detach().float().cpu(), dtype=parse_dtype(dtype))
+    flat = tokenizer.detokenize_flat(tokens.detach().float(), dtype=parse_dtype(dtype)).cpu()
+    state_dict = tokenizer.unflatten(flat)
     return write_adapter(state_dict, tokenizer.layout, out_dir, dtype=dtype, base_model=base_model,
                          provenance={**(provenance or {}), "tokenizer": tokenizer.state_dict_config()})

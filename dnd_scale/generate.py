@@ -86,9 +86,9 @@ class AdapterGenerator:
 
     @torch.inference_mode()
     def tokens(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Exactly num_prompts prompts → generator tokens (T, r+2, c+2), float32 on the CPU."""
+        """Exactly num_prompts prompts → generator tokens (T, r+2, c+2), float32 on the generator's device."""
         cond = self.encoder.encode(list(prompts)).to(self.device)[None]  # (1, N, L, D)
-        return self.generator(cond)[0].float().cpu()
+        return self.generator(cond)[0].float()
 
     def generate(self, prompts: Sequence[str], out_dir: str | Path, *, dtype: str = "float32", seed: int = 0,
                  extra: dict | None = None) -> Path:

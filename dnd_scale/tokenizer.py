@@ -27,7 +27,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from dnd_kernels.detokenize.reference import border_masks, detokenize_reference
+from dnd_kernels.detokenize.function import detokenize
+from dnd_kernels.detokenize.reference import border_masks
 from dnd_scale.layout import LayoutError, LoraLayout, LoraMatrix
 
 
@@ -141,10 +142,12 @@ class WeightTokenizer:
         return torch.cat(out, dim=0), self.mask().clone()
 
     def detokenize_flat(self, tokens: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Tokens (T, r+2, c+2) → the flat PEFT buffer (every tensor concatenated in layout order)."""
+        """Tokens (T, r+2, c+2) → the flat PEFT buffer (every tensor concatenated in layout order), on
+        the tokens' device."""
         self._check_tokens(tokens)
-        return detokenize_reference(
-            tokens, self.token_table().to(tokens.device), self.flat_numel, self.rank, self.chunk,
+        # On a GPU the fused kernel writes the buffer in one pass; elsewhere the PyTorch reference.
+        return detokenize(
+            tokens.contiguous(), self.token_table().to(tokens.device), self.flat_numel, self.rank, self.chunk,
             self.config.mean_scale, self.config.std_shift, dtype,
         )
 

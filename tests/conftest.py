@@ -23,3 +23,6 @@ def one_thread():
 if not torch.cuda.is_available():
     # DeepSpeed picks its accelerator at import; on a machine without a GPU it must be the CPU one
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Triton kernels run under the interpreter on CPU tensors; triton.jit reads this when a kernel is
+    # defined, so it is set before any test module imports dnd_kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -337,15 +337,12 @@ def test_triton_impl_without_kernels_says_what_to_do(no_triton):
         model(torch.randn(1, 3, 5, 7))
 
 
-def test_auto_impl_picks_triton_only_on_cuda(fake_triton):
+def test_auto_impl_picks_the_measured_faster_path(fake_triton):
+    # the fused stages are slower forward+backward on an H100 today (benchmarks/README.md)
     assert resolve_impl("auto", torch.device("cpu")) == "torch"
-    assert resolve_impl("auto", torch.device("cuda")) == "triton"
+    assert resolve_impl("auto", torch.device("cuda")) == "torch"
+    assert resolve_impl("triton", torch.device("cuda")) == "triton"
     assert resolve_impl("torch", torch.device("cuda")) == "torch"
-
-
-def test_auto_impl_falls_back_to_torch_with_a_warning(no_triton):
-    with pytest.warns(UserWarning, match="plain PyTorch"):
-        assert resolve_impl("auto", torch.device("cuda")) == "torch"
 
 
 # ------------------------------------------------------------------------------------------------- loss

@@ -1,0 +1,774 @@
+"""Triton kernels of the hyper-convolution stage, and launchers that check what they are given.
+
+Every convolution of a stage is a k×k "channel convolution": one axis of a (B, N, H, W) tensor is the
+channel axis and the two others form the convolved plane (``reference._conv_channels``). As an
+implicit GEMM it is ``out[position, c_out] = sum over (tap, c_in) of x[position + tap, c_in] ·
+w[tap, c_in, c_out]``: M = B × plane positions, N = C_out, K = k² × C_in. One kernel
+(``_conv_kernel``) runs all of them, the backward data gradients included (a data gradient is the
+same convolution with the kernel flipped and its two channel axes swapped); ``_wgrad_kernel`` runs
+the weight gradients (M = C_out, N = C_in per tap, K = B × plane positions).
+
+Layout: no activation is transposed by a copy. Each one is *written* by the kernel that produces it
+directly in the layout in which its consumer reads it: the consumer's channel axis innermost (stride
+1), zero-padded to 16 or a multiple of 32 (``channel_pad``). A GEMM tile of the input is then a block
+of rows of contiguous, 16-byte-aligned channel vectors for every tap, so the loads vectorize and
+pipeline (``cp.async``) whatever the axis; the epilogue's stores go to any strides. Tensors travel as
+``ChannelsLast``: a logical ``(B, N, H, W)`` view of the padded storage plus the channel axis. The
+one copy is the stage's upstream gradient in the backward pass, which arrives in the layout of
+whatever consumed the stage's output (``channels_last_copy``; one pass over a tensor that the
+following GEMMs read k²·C times).
+
+Fusions: the LayerNorm writes its normalized, affine-transformed output once per layout that a
+branch reads (W-major for branch A, H-major for branch B); the second convolution of branch B ends
+with ``(a + tanh(acc) + bias) / 3`` (and keeps tanh for the backward pass); the mixing convolution
+ends with its bias and the residual; the mixing convolution's data gradient ends with the split
+into the two branches' gradients, ``g / 3`` and ``g / 3 · (1 - tanh²)``, each in the layout its
+consumer reads. The LayerNorm is not fused into the convolution's inner loop: every input element is
+read k² times there (once per tap), so normalizing on load would redo the affine k² times per
+element, while writing it once costs one pass over the tensor, and the backward pass needs it
+stored anyway (the weight gradient of the branches' first convolutions reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# (p, q): the plane axes of a channel convolution, in the order in which conv2d sees them
+# (reference._conv_channels): kernel index u runs along p, v along q.
+PLANE_AXES = {1: (2, 3), 2: (1, 3), 3: (2, 1)}
+
+EPILOGUE_STORE, EPILOGUE_TANH_AVG, EPILOGUE_GATE = 0, 1, 2
+_MAX_INT32 = 2**31 - 1
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, read when kernels are defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def channel_pad(channels: int) -> int:
+    """Stored length of a channel axis: 16 up to 16 channels, else a multiple of 32, so that every
+    row of a GEMM tile is 32-byte aligned and the K loop runs unmasked blocks of 32 or 64 channels.
+    (Multiples of 16 forced 16-channel K blocks for 200 and 300 channels, measured 35% slower than
+    64-channel blocks on an H100 at the 0.5B preset's first stage; 32 costs at most 12% padding.)"""
+    return 16 if channels <= 16 else 32 * triton.cdiv(channels, 32)
+
+
+class ChannelsLast(NamedTuple):
+    """An activation stored for a channel convolution along `axis`."""
+
+    view: Tensor
+    """Logical (B, N, H, W) view; stride 1 along `axis`; every other stride a multiple of `padded`."""
+    axis: int
+    """The channel axis (1 = N, 2 = H, 3 = W)."""
+    padded: int
+    """Stored length of the channel axis (``channel_pad``); the entries past ``view.shape[axis]`` are
+    zero, because they enter the sums of the convolutions that read this tensor."""
+
+
+def empty_channels_last(
+    shape: tuple[int, int, int, int], axis: int, dtype: torch.dtype, device: torch.device, zero_pad: bool = True
+) -> ChannelsLast:
+    """Allocate a logical (B, N, H, W) tensor whose channel `axis` is innermost and padded.
+
+    The other axes keep their logical order in memory. `zero_pad=False` for a tensor that no
+    convolution reads (its padding is never looked at).
+    """
+    order = [a for a in range(4) if a != axis] + [axis]
+    padded = channel_pad(shape[axis])
+    storage = torch.empty([shape[a] for a in order[:3]] + [padded], dtype=dtype, device=device)
+    if zero_pad and padded > shape[axis]:
+        storage[..., shape[axis] :].zero_()
+    inverse = [order.index(a) for a in range(4)]
+    return ChannelsLast(storage[..., : shape[axis]].permute(inverse), axis, padded)
+
+
+def channels_last_copy(x: Tensor, axis: int, dtype: torch.dtype) -> ChannelsLast:
+    """`x` (B, N, H, W) copied into a ChannelsLast tensor (the stage boundary's upstream gradient
+    arrives in whatever layout the next op produced; this is the one copy the backward pass makes)."""
+    out = empty_channels_last(tuple(x.shape), axis, dtype, x.device)
+    out.view.copy_(x)
+    return out
+
+
+def _check_int32(*tensors: Tensor) -> None:
+    for t in tensors:
+        if t is not None and t.untyped_storage().nbytes() // max(t.element_size(), 1) > _MAX_INT32:
+            raise ValueError(
+                f"hyperconv kernels index with 32-bit offsets; a tensor of shape {tuple(t.shape)} has more "
+                "than 2**31 elements: run the stage on a smaller batch (split it into chunks)"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations and the small autotuner
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch parameters of a GEMM-like kernel."""
+
+    block_m: int
+    """Rows of the output tile (positions for the convolution, output channels for wgrad)."""
+    block_n: int
+    """Columns of the output tile (output channels; input channels for wgrad)."""
+    block_k: int
+    """Reduction step (channels of one tap; positions for wgrad)."""
+    num_warps: int
+    """Warps per program."""
+    num_stages: int
+    """Software-pipelining depth of the K loop."""
+
+
+# Candidates timed on first use of each shape (sides shrink to the problem: see _cap). At the 0.5B
+# preset's shapes on an H100 (benchmarks/results/kernels_h100_run2_tiles.json, every candidate's
+# time) the convolution picks 128x256 and 256x128 most often, 128x128 and the 4-warp 128x64 for
+# some batch-1 shapes; the weight gradient picks 128x128 at every large shape (wider tiles spill).
+# Under the interpreter one small tile is used.
+_GPU_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4))
+_INTERPRET_TILE = TileConfig(32, 32, 16, 4, 1)
+_TUNED: dict[tuple, TileConfig] = {}
+_TUNE_LOG: dict[tuple, dict[str, float]] = {}
+TUNE_FILE_ENV = "DND_KERNELS_TUNE_FILE"
+
+
+def _tuned_from_file() -> dict[str, TileConfig]:
+    """Tiles chosen by an earlier process (JSON written by `save_tuned`), when the env var names one."""
+    path = os.environ.get(TUNE_FILE_ENV)
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {k: TileConfig(**v["best"]) for k, v in json.load(f).items()}
+
+
+def save_tuned(path: str | os.PathLike) -> None:
+    """Write the tiles chosen so far (and their timings) to `path` (JSON, atomic), merged with any
+    file already there; a later process reads it through DND_KERNELS_TUNE_FILE and skips the timing."""
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(tuned_configs())
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(tmp, path)
+
+
+def autotune_enabled() -> bool:
+    """Time the candidate tiles on first use of a shape (default on GPU; DND_KERNELS_AUTOTUNE=0 off)."""
+    return not interpreted() and os.environ.get("DND_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _largest_block(extent: int, options: tuple[int, ...] = (64, 32, 16)) -> int:
+    """The largest of `options` that divides `extent` (extents are multiples of 16)."""
+    return next(b for b in options if extent % b == 0)
+
+
+def _cap(block: int, extent: int) -> int:
+    """Shrink a tile side to the smallest power of two >= extent (>= 16, the MMA minimum)."""
+    return min(block, max(16, triton.next_power_of_2(extent)))
+
+
+def _candidates(m_extent: int, n_extent: int, block_k: int) -> list[TileConfig]:
+    if interpreted():
+        return [TileConfig(_cap(32, m_extent), _cap(32, n_extent), min(16, block_k), 4, 1)]
+    seen, out = set(), []
+    for bm, bn, warps, stages in _GPU_TILES:
+        cfg = TileConfig(_cap(bm, m_extent), _cap(bn, n_extent), block_k, warps, stages)
+        if (cfg.block_m, cfg.block_n) not in seen:
+            seen.add((cfg.block_m, cfg.block_n))
+            out.append(cfg)
+    return out
+
+
+def _pick(key: tuple, candidates: list[TileConfig], launch: Callable[[TileConfig], None]) -> TileConfig:
+    """The fastest candidate for `key` (timed once with CUDA events, then cached), else the first."""
+    if len(candidates) == 1 or not autotune_enabled():
+        return candidates[0]
+    if key not in _TUNED:
+        saved = _tuned_from_file().get(repr(key))
+        if saved in candidates:
+            _TUNED[key] = saved
+    if key not in _TUNED:
+        timings = []
+        for cfg in candidates:
+            launch(cfg)  # compile and warm up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch(cfg)
+            end.record()
+            end.synchronize()
+            first = start.elapsed_time(end)
+            reps = max(1, min(10, int(20.0 / max(first, 1e-3))))  # about 20 ms per candidate
+            start.record()
+            for _ in range(reps):
+                launch(cfg)
+            end.record()
+            end.synchronize()
+            timings.append(start.elapsed_time(end) / reps)
+        _TUNED[key] = candidates[min(range(len(candidates)), key=timings.__getitem__)]
+        _TUNE_LOG[key] = {f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/s{c.num_stages}": ms
+                          for c, ms in zip(candidates, timings)}  # fmt: skip
+    return _TUNED[key]
+
+
+def tuned_configs() -> dict[str, dict]:
+    """The tiles chosen so far with every candidate's time (ms), keyed by the problem description."""
+    return {repr(k): {"best": vars(v), "candidates_ms": _TUNE_LOG.get(k, {})} for k, v in _TUNED.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Channel convolution: forward and data gradient
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp of a non-positive argument: no overflow for any x.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+# Sizes and output strides are not specialized (one binary serves every stage shape); the input
+# strides and channel counts are multiples of 16 by construction, which the vectorized loads need.
+@triton.jit(
+    do_not_specialize=["M", "R", "S", "C_OUT", "o_sb", "o_sr", "o_ss", "o_sc", "a_sb", "a_sr", "a_ss", "a_sc",
+                       "v_sb", "v_sr", "v_ss", "v_sc", "t_sb", "t_sr", "t_ss", "t_sc", "r_is_p"]
+)  # fmt: skip
+def _conv_kernel(
+    x_ptr, w_ptr, out_ptr, aux_ptr, vec_ptr, out2_ptr,
+    M, R, S, C_IN, C_OUT, W_LD,
+    x_sb, x_sr, x_ss,
+    o_sb, o_sr, o_ss, o_sc,
+    a_sb, a_sr, a_ss, a_sc,
+    v_sb, v_sr, v_ss, v_sc,
+    t_sb, t_sr, t_ss, t_sc,
+    r_is_p, scale,
+    KSIZE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr, HAS_VEC: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """out[b, r, s, co] = epilogue(sum_{tap, ci} x[b, r + dr, s + ds, ci] · w[tap, ci, co]).
+
+    Positions m = (b, r, s), s fastest; (r, s) is the plane (p, q) or (q, p) (`r_is_p`), chosen by the
+    launcher so that the output's smallest position stride runs along s. x: channel stride 1 and
+    C_IN (padded, zero past the real channels) a multiple of BLOCK_K. w: (k², C_IN, W_LD), zero past
+    the real output channels. Epilogues: STORE out = scale·acc (+ vec) (+ aux); TANH_AVG t = tanh(acc)
+    -> out2, out = scale·(aux + t + vec); GATE g = scale·acc -> out, g·(1 - aux²) -> out2.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(C_OUT, BLOCK_N)
+    # Grouped order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    s = offs_m % S
+    r = (offs_m // S) % R
+    b = offs_m // (S * R)
+    x_row = b * x_sb + r * x_sr + s * x_ss  # (BLOCK_M,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # W_LD is a multiple of 16: masking on it (not on C_OUT) keeps the weight loads vectorized.
+    w_ok = offs_n < W_LD
+    offs_k = tl.arange(0, BLOCK_K)
+    PAD: tl.constexpr = KSIZE // 2
+    n_cb = C_IN // BLOCK_K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, KSIZE * KSIZE * n_cb):
+        tap = it // n_cb
+        c0 = (it - tap * n_cb) * BLOCK_K
+        du = tap // KSIZE - PAD
+        dv = tap % KSIZE - PAD
+        dr = du * r_is_p + dv * (1 - r_is_p)
+        ds = du + dv - dr
+        rr = r + dr
+        ss = s + ds
+        ok = m_ok & (rr >= 0) & (rr < R) & (ss >= 0) & (ss < S)
+        a = tl.load(x_ptr + (x_row + dr * x_sr + ds * x_ss)[:, None] + (c0 + offs_k)[None, :], mask=ok[:, None], other=0.0)
+        wt = tl.load(w_ptr + ((tap * C_IN + c0 + offs_k) * W_LD)[:, None] + offs_n[None, :], mask=w_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, wt, acc)
+
+    # The epilogue runs on column slices of the tile: its per-element offsets and pointers (the
+    # strides are run-time values) would otherwise hold ~2x the accumulator in registers and spill.
+    if EPI_SPLIT == 1:
+        _conv_epilogue_cols(acc, pid_n * BLOCK_N, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr, C_OUT,
+                            o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc,
+                            t_sb, t_sr, t_ss, t_sc, scale, EPILOGUE, HAS_AUX, HAS_VEC)
+    else:
+        HALF: tl.constexpr = BLOCK_N // 2
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        _conv_epilogue_half(acc0, pid_n * BLOCK_N, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr, C_OUT,
+                            o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc,
+                            t_sb, t_sr, t_ss, t_sc, scale, EPILOGUE, HAS_AUX, HAS_VEC, EPI_SPLIT // 2)
+        _conv_epilogue_half(acc1, pid_n * BLOCK_N + HALF, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr,
+                            C_OUT, o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc,
+                            t_sb, t_sr, t_ss, t_sc, scale, EPILOGUE, HAS_AUX, HAS_VEC, EPI_SPLIT // 2)
+
+
+@triton.jit
+def _conv_epilogue_half(
+    acc, n_start, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr, C_OUT,
+    o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc, t_sb, t_sr, t_ss, t_sc,
+    scale, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr, HAS_VEC: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of columns [n_start, n_start + acc.shape[1]), in SPLIT (1 or 2) slices."""
+    if SPLIT == 1:
+        _conv_epilogue_cols(acc, n_start, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr, C_OUT,
+                            o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc,
+                            t_sb, t_sr, t_ss, t_sc, scale, EPILOGUE, HAS_AUX, HAS_VEC)
+    else:
+        BM: tl.constexpr = acc.shape[0]
+        HALF: tl.constexpr = acc.shape[1] // 2
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, HALF)), (0, 2, 1)))
+        _conv_epilogue_cols(acc0, n_start, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr, C_OUT,
+                            o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc,
+                            t_sb, t_sr, t_ss, t_sc, scale, EPILOGUE, HAS_AUX, HAS_VEC)
+        _conv_epilogue_cols(acc1, n_start + HALF, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr, C_OUT,
+                            o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc,
+                            t_sb, t_sr, t_ss, t_sc, scale, EPILOGUE, HAS_AUX, HAS_VEC)
+
+
+@triton.jit
+def _conv_epilogue_cols(
+    acc, n_start, b, r, s, m_ok, out_ptr, aux_ptr, vec_ptr, out2_ptr, C_OUT,
+    o_sb, o_sr, o_ss, o_sc, a_sb, a_sr, a_ss, a_sc, v_sb, v_sr, v_ss, v_sc, t_sb, t_sr, t_ss, t_sc,
+    scale, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr, HAS_VEC: tl.constexpr,
+):  # fmt: skip
+    """Epilogue (see _conv_kernel) of output columns [n_start, n_start + acc.shape[1])."""
+    offs_n = n_start + tl.arange(0, acc.shape[1])
+    mask = m_ok[:, None] & (offs_n < C_OUT)[None, :]
+    o_off = (b * o_sb + r * o_sr + s * o_ss)[:, None] + (offs_n * o_sc)[None, :]
+    if EPILOGUE == 0:
+        val = acc * scale
+        if HAS_VEC:
+            v_off = (b * v_sb + r * v_sr + s * v_ss)[:, None] + (offs_n * v_sc)[None, :]
+            val += tl.load(vec_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_AUX:
+            a_off = (b * a_sb + r * a_sr + s * a_ss)[:, None] + (offs_n * a_sc)[None, :]
+            val += tl.load(aux_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + o_off, val.to(out_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 1:
+        t = _tanh(acc)
+        t_off = (b * t_sb + r * t_sr + s * t_ss)[:, None] + (offs_n * t_sc)[None, :]
+        tl.store(out2_ptr + t_off, t.to(out2_ptr.dtype.element_ty), mask=mask)
+        a_off = (b * a_sb + r * a_sr + s * a_ss)[:, None] + (offs_n * a_sc)[None, :]
+        v_off = (b * v_sb + r * v_sr + s * v_ss)[:, None] + (offs_n * v_sc)[None, :]
+        val = t + tl.load(aux_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+        val += tl.load(vec_ptr + v_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + o_off, (val * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        g = acc * scale
+        tl.store(out_ptr + o_off, g.to(out_ptr.dtype.element_ty), mask=mask)
+        a_off = (b * a_sb + r * a_sr + s * a_ss)[:, None] + (offs_n * a_sc)[None, :]
+        th = tl.load(aux_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+        t_off = (b * t_sb + r * t_sr + s * t_ss)[:, None] + (offs_n * t_sc)[None, :]
+        tl.store(out2_ptr + t_off, (g * (1.0 - th * th)).to(out2_ptr.dtype.element_ty), mask=mask)
+
+
+def _position_strides(t: Tensor, axis: int, r_axis: int, s_axis: int) -> tuple[int, int, int, int]:
+    """(b, r, s, channel) strides of a logical (B, N, H, W) view (0 where broadcast)."""
+    st = t.stride()
+    return st[0], st[r_axis], st[s_axis], st[axis]
+
+
+def conv_weight(weight: Tensor, in_padded: int, dtype: torch.dtype, data_grad: bool = False) -> Tensor:
+    """A (C_out, C_in, k, k) conv2d weight as the kernel reads it: a (k², in_padded, C_out) view of a
+    zero-padded (k², in_padded, ld) buffer, ld = C_out rounded up to 16 (the kernel reads whole
+    16-column groups; the extra columns are zero).
+
+    With `data_grad`, the weight of the data-gradient convolution: flipped taps, channels swapped
+    (its input channels are the forward's output channels).
+    """
+    c_out, c_in, k, _ = weight.shape
+    w = weight.flip(2, 3).permute(2, 3, 0, 1) if data_grad else weight.permute(2, 3, 1, 0)
+    cin, cout = (c_out, c_in) if data_grad else (c_in, c_out)
+    if in_padded < cin:
+        raise ValueError(f"conv_weight: input channels padded to {in_padded} < {cin} channels")
+    out = torch.zeros(k * k, in_padded, channel_pad(cout), dtype=dtype, device=weight.device)
+    out[:, :cin, :cout] = w.reshape(k * k, cin, cout)
+    return out[:, :, :cout]
+
+
+def channel_conv(
+    x: ChannelsLast,
+    weight: Tensor,  # (k², x.padded, C_out) from conv_weight
+    out: Tensor,  # logical (B, N, H, W), channel axis = x.axis
+    *,
+    epilogue: int = EPILOGUE_STORE,
+    aux: Tensor | None = None,  # logical like `out` (any strides)
+    vec: Tensor | None = None,  # logical like `out`, broadcast (expand) allowed
+    out2: Tensor | None = None,  # logical like `out`
+    scale: float = 1.0,
+) -> None:
+    """Run one channel convolution (or data gradient) of `x` into `out` with a fused epilogue."""
+    axis = x.axis
+    kk, c_in, c_out = weight.shape
+    k = int(round(kk**0.5))
+    if k * k != kk or k % 2 != 1:
+        raise ValueError(f"channel_conv: weight must be (k*k, C_in, C_out) with odd k, got {tuple(weight.shape)}")
+    w_ld = weight.stride(1)
+    if c_in != x.padded or x.view.stride(axis) != 1:
+        raise ValueError(
+            f"channel_conv: input must be channels-last along axis {axis} with {c_in} stored channels, "
+            f"got {x.padded} stored channels and stride {x.view.stride(axis)}; build it with empty_channels_last"
+        )
+    shape = list(x.view.shape)
+    shape[axis] = c_out
+    if list(out.shape) != shape:
+        raise ValueError(f"channel_conv: output must be {tuple(shape)} for this weight, got {tuple(out.shape)}")
+    for name, t in (("aux", aux), ("vec", vec), ("out2", out2)):
+        if t is not None and list(t.shape) != shape:
+            raise ValueError(f"channel_conv: {name} must have the output's shape {tuple(shape)}, got {tuple(t.shape)}")
+    if epilogue == EPILOGUE_TANH_AVG and (aux is None or vec is None or out2 is None):
+        raise ValueError("channel_conv: the tanh-average epilogue needs aux (branch A), vec (bias) and out2 (tanh)")
+    if epilogue == EPILOGUE_GATE and (aux is None or out2 is None):
+        raise ValueError("channel_conv: the gate epilogue needs aux (tanh of branch B) and out2")
+    dtypes = {x.view.dtype, weight.dtype}
+    if len(dtypes) != 1 or x.view.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"channel_conv: x and weight must share one of fp32/fp16/bf16, got {dtypes}")
+    if weight.stride(2) != 1 or w_ld % 16 or w_ld < c_out or weight.stride(0) != c_in * w_ld:
+        raise ValueError(f"channel_conv: weight strides {weight.stride()} are not conv_weight's; build it with conv_weight")
+    _check_int32(x.view, out, aux, out2)
+
+    p_axis, q_axis = PLANE_AXES[axis]
+    # Positions run fastest along the plane axis where the output is densest (coalesced epilogue).
+    r_is_p = int(abs(out.stride(p_axis)) > abs(out.stride(q_axis)))
+    r_axis, s_axis = (p_axis, q_axis) if r_is_p else (q_axis, p_axis)
+    B, R, S = shape[0], shape[r_axis], shape[s_axis]
+    M = B * R * S
+    xs = _position_strides(x.view, axis, r_axis, s_axis)[:3]
+    os_ = _position_strides(out, axis, r_axis, s_axis)
+    dummy = out
+    as_ = _position_strides(aux, axis, r_axis, s_axis) if aux is not None else (0, 0, 0, 0)
+    vs = _position_strides(vec, axis, r_axis, s_axis) if vec is not None else (0, 0, 0, 0)
+    ts = _position_strides(out2, axis, r_axis, s_axis) if out2 is not None else (0, 0, 0, 0)
+    ieee = x.view.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+
+    def launch(cfg: TileConfig) -> None:
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(c_out, cfg.block_n),)
+        _conv_kernel[grid](
+            x.view, weight, out,
+            aux if aux is not None else dummy, vec if vec is not None else dummy,
+            out2 if out2 is not None else dummy,
+            M, R, S, c_in, c_out, w_ld, *xs, *os_, *as_, *vs, *ts, r_is_p, float(scale),
+            KSIZE=k, EPILOGUE=epilogue, HAS_AUX=aux is not None, HAS_VEC=vec is not None, IEEE=ieee,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
+            EPI_SPLIT=min(4, cfg.block_n // 16),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    candidates = _candidates(M, c_out, _largest_block(c_in))
+    key = ("conv", axis, B, R, S, c_in, c_out, k, epilogue, x.view.dtype)
+    launch(_pick(key, candidates, launch))
+
+
+# --------------------------------------------------------------------------------------------------
+# Channel convolution: weight gradient
+
+
+@triton.jit(do_not_specialize=["M", "R", "S", "C_OUT", "C_IN", "K_SPLIT", "r_is_p"])
+def _wgrad_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    M, R, S, C_OUT, C_IN, CO_LD, CI_LD, K_SPLIT,
+    d_sb, d_sr, d_ss, x_sb, x_sr, x_ss, r_is_p,
+    KSIZE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dw[tap, ci, co] (+)= sum over positions m of dy[m, co] · x[m + tap, ci] (fp32).
+
+    Program (tap, co-tile, ci-tile) along axis 0, a K_SPLIT-long slice of the positions along axis 1;
+    with several slices they add atomically into a zeroed dw. dy and x are channels-last (stride 1)
+    with CO_LD / CI_LD stored channels (multiples of 16).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_co = tl.cdiv(C_OUT, BLOCK_M)
+    num_ci = tl.cdiv(C_IN, BLOCK_N)
+    tap = pid // (num_co * num_ci)
+    rest = pid % (num_co * num_ci)
+    pid_co = rest // num_ci
+    pid_ci = rest % num_ci
+    PAD: tl.constexpr = KSIZE // 2
+    du = tap // KSIZE - PAD
+    dv = tap % KSIZE - PAD
+    dr = du * r_is_p + dv * (1 - r_is_p)
+    ds = du + dv - dr
+
+    co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows/columns past the real channels read the padding (masks on the stored lengths, multiples
+    # of 16, keep the loads vectorized) and are never stored: an output element depends only on
+    # its own row and column.
+    co_ok = co < CO_LD
+    ci_ok = ci < CI_LD
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        m = k0 + offs_k
+        m_ok = m < k_hi
+        s = m % S
+        r = (m // S) % R
+        b = m // (S * R)
+        a = tl.load(dy_ptr + co[:, None] + (b * d_sb + r * d_sr + s * d_ss)[None, :], mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+        rr = r + dr
+        ss = s + ds
+        ok = m_ok & (rr >= 0) & (rr < R) & (ss >= 0) & (ss < S)
+        xt = tl.load(x_ptr + (b * x_sb + rr * x_sr + ss * x_ss)[:, None] + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, xt, acc)
+
+    # Stored in column halves: a full tile of per-element 64-bit pointers would spill registers.
+    HALF: tl.constexpr = BLOCK_N // 2
+    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+    ci0 = pid_ci * BLOCK_N + tl.arange(0, HALF)
+    _wgrad_store(dw_ptr, acc0, co, ci0, tap, C_OUT, C_IN, ATOMIC)
+    _wgrad_store(dw_ptr, acc1, co, ci0 + HALF, tap, C_OUT, C_IN, ATOMIC)
+
+
+@triton.jit
+def _wgrad_store(dw_ptr, acc, co, ci, tap, C_OUT, C_IN, ATOMIC: tl.constexpr):
+    dst = dw_ptr + ((tap * C_IN + ci) * C_OUT)[None, :] + co[:, None]
+    mask = (co < C_OUT)[:, None] & (ci < C_IN)[None, :]
+    if ATOMIC:
+        tl.atomic_add(dst, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(dst, acc, mask=mask)
+
+
+def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
+    """Weight gradient (C_out, C_in, k, k) in fp32 of the channel convolution x -> y, from dy = dL/dy."""
+    axis = dy.axis
+    if x.axis != axis or dy.view.stride(axis) != 1 or x.view.stride(axis) != 1:
+        raise ValueError(
+            f"conv_wgrad: dy and x must be channels-last along the same axis, got axes {dy.axis} and {x.axis}"
+        )
+    if dy.view.dtype != x.view.dtype:
+        raise ValueError(f"conv_wgrad: dy and x must share a dtype, got {dy.view.dtype} and {x.view.dtype}")
+    shape_dy, shape_x = list(dy.view.shape), list(x.view.shape)
+    c_out, c_in = shape_dy[axis], shape_x[axis]
+    shape_dy[axis] = shape_x[axis] = 0
+    if shape_dy != shape_x:
+        raise ValueError(f"conv_wgrad: dy {tuple(dy.view.shape)} and x {tuple(x.view.shape)} differ off the channel axis")
+    _check_int32(dy.view, x.view)
+    k = kernel_size
+    p_axis, q_axis = PLANE_AXES[axis]
+    r_is_p = int(abs(dy.view.stride(p_axis)) > abs(dy.view.stride(q_axis)))
+    r_axis, s_axis = (p_axis, q_axis) if r_is_p else (q_axis, p_axis)
+    B, R, S = dy.view.shape[0], dy.view.shape[r_axis], dy.view.shape[s_axis]
+    M = B * R * S
+    ds_ = _position_strides(dy.view, axis, r_axis, s_axis)[:3]
+    xs = _position_strides(x.view, axis, r_axis, s_axis)[:3]
+    ieee = x.view.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+    dw = torch.empty(k * k, c_in, c_out, dtype=torch.float32, device=x.view.device)
+    sms = torch.cuda.get_device_properties(dw.device).multi_processor_count if dw.is_cuda else 1
+
+    def launch(cfg: TileConfig) -> None:
+        tiles = k * k * triton.cdiv(c_out, cfg.block_m) * triton.cdiv(c_in, cfg.block_n)
+        # Split the positions until there are ~4 programs per SM, keeping >= 32 K steps per program.
+        max_split = max(1, M // (32 * cfg.block_k))
+        split = max(1, min(max_split, triton.cdiv(4 * sms, tiles)))
+        k_split = cfg.block_k * triton.cdiv(triton.cdiv(M, split), cfg.block_k)
+        split = triton.cdiv(M, k_split)
+        if split > 1:
+            dw.zero_()
+        _wgrad_kernel[(tiles, split)](
+            dy.view, x.view, dw, M, R, S, c_out, c_in, dy.padded, x.padded, k_split, *ds_, *xs, r_is_p,
+            KSIZE=k, ATOMIC=split > 1, IEEE=ieee,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    candidates = _candidates(c_out, c_in, 64 if not interpreted() else 16)
+    key = ("wgrad", axis, B, R, S, c_in, c_out, k, x.view.dtype)
+    launch(_pick(key, candidates, launch))
+    return dw.view(k, k, c_in, c_out).permute(3, 2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm over (H, W): forward into the two channels-last layouts, backward
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    x_ptr, g_ptr, beta_ptr, yw_ptr, yh_ptr, mean_ptr, rstd_ptr,
+    H, W, HP, WP, eps,
+    BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """One (b, n) row: statistics in fp32, then y = (x - mean)·rstd·g + beta written W-major
+    (B, N, H, WP) and H-major (B, N, W, HP), zeros in the padding of each."""
+    row = tl.program_id(0)
+    HW = H * W
+    x_row = x_ptr + row * HW
+    # Shift by the row's first element: the sums of (x - x0) keep the variance accurate when
+    # |mean| >> std.
+    x0 = tl.load(x_row).to(tl.float32)
+    acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, HW, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        v = tl.where(offs < HW, tl.load(x_row + offs, mask=offs < HW, other=0.0).to(tl.float32) - x0, 0.0)
+        acc1 += v
+        acc2 += v * v
+    shifted_mean = tl.sum(acc1, axis=0) / HW
+    var = tl.maximum(tl.sum(acc2, axis=0) / HW - shifted_mean * shifted_mean, 0.0)
+    mean = shifted_mean + x0
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+    yw_row = yw_ptr + row * H * WP
+    yh_row = yh_ptr + row * W * HP
+    for h0 in range(0, HP, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        for w0 in range(0, WP, BLOCK_W):
+            w = w0 + tl.arange(0, BLOCK_W)
+            valid = (h < H)[:, None] & (w < W)[None, :]
+            hw = h[:, None] * W + w[None, :]
+            xv = tl.load(x_row + hw, mask=valid, other=0.0).to(tl.float32)
+            gv = tl.load(g_ptr + hw, mask=valid, other=0.0)
+            bv = tl.load(beta_ptr + hw, mask=valid, other=0.0)
+            y = tl.where(valid, (xv - mean) * rstd * gv + bv, 0.0)
+            tl.store(yw_row + h[:, None] * WP + w[None, :], y.to(yw_ptr.dtype.element_ty), mask=(h < H)[:, None] & (w < WP)[None, :])
+            tl.store(yh_row + w[None, :] * HP + h[:, None], y.to(yh_ptr.dtype.element_ty), mask=(h < HP)[:, None] & (w < W)[None, :])
+
+
+def layer_norm_channels_last(
+    x: Tensor,  # (B, N, H, W) contiguous
+    weight: Tensor,  # (H, W)
+    bias: Tensor,  # (H, W)
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[ChannelsLast, ChannelsLast, Tensor, Tensor]:
+    """LayerNorm over (H, W) -> (y W-major, y H-major, mean (B·N,), rstd (B·N,)); stats in fp32."""
+    if x.dim() != 4 or not x.is_contiguous():
+        raise ValueError(f"layer_norm_channels_last: x must be a contiguous (B, N, H, W) tensor, got {tuple(x.shape)}")
+    B, N, H, W = x.shape
+    if tuple(weight.shape) != (H, W) or tuple(bias.shape) != (H, W):
+        raise ValueError(
+            f"layer_norm_channels_last: weight and bias must be ({H}, {W}), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    _check_int32(x)
+    y_w = empty_channels_last((B, N, H, W), 3, dtype, x.device, zero_pad=False)
+    y_h = empty_channels_last((B, N, H, W), 2, dtype, x.device, zero_pad=False)
+    mean = torch.empty(B * N, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    _ln_fwd_kernel[(B * N,)](
+        x, weight.float().contiguous(), bias.float().contiguous(), y_w.view, y_h.view, mean, rstd,
+        H, W, y_h.padded, y_w.padded, float(eps),
+        BLOCK=1024 if not interpreted() else 64, BLOCK_H=32, BLOCK_W=32 if not interpreted() else 16,
+        num_warps=4,
+    )  # fmt: skip
+    return y_w, y_h, mean, rstd
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    dy_ptr, x_ptr, g_ptr, mean_ptr, rstd_ptr, res_ptr, dx_ptr, HW,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One (b, n) row: dx = rstd·(g·dy - mean(g·dy) - xhat·mean(g·dy·xhat)) (+ residual grad)."""
+    row = tl.program_id(0)
+    base = row * HW
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    c1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, HW, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        ok = offs < HW
+        gdy = tl.load(dy_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(g_ptr + offs, mask=ok, other=0.0)
+        xhat = (tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) - mean) * rstd
+        c1 += gdy * xhat
+        c2 += gdy
+    m1 = tl.sum(c1, axis=0) / HW
+    m2 = tl.sum(c2, axis=0) / HW
+    for i in range(0, HW, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        ok = offs < HW
+        gdy = tl.load(dy_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(g_ptr + offs, mask=ok, other=0.0)
+        xhat = (tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) - mean) * rstd
+        dx = rstd * (gdy - m2 - xhat * m1)
+        if HAS_RES:
+            dx += tl.load(res_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _ln_param_grad_kernel(
+    dy_ptr, x_ptr, mean_ptr, rstd_ptr, dg_ptr, db_ptr, ROWS, HW, ROWS_PER_PROG,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Partial sums over a group of rows of dy·xhat and dy, per (h, w) column -> (groups, HW)."""
+    pid_c = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    cols = pid_c * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < HW
+    acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_hi = tl.minimum((pid_g + 1) * ROWS_PER_PROG, ROWS)
+    for row in range(pid_g * ROWS_PER_PROG, row_hi):
+        base = row * HW
+        dy = tl.load(dy_ptr + base + cols, mask=ok, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_ptr + base + cols, mask=ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+        acc_g += dy * xhat
+        acc_b += dy
+    tl.store(dg_ptr + pid_g * HW + cols, acc_g, mask=ok)
+    tl.store(db_ptr + pid_g * HW + cols, acc_b, mask=ok)
+
+
+def layer_norm_backward(
+    dy: Tensor,  # (B, N, H, W) contiguous, dL/d(LayerNorm output)
+    x: Tensor,  # (B, N, H, W) contiguous, the LayerNorm input
+    weight: Tensor,  # (H, W)
+    mean: Tensor,  # (B·N,) fp32
+    rstd: Tensor,  # (B·N,) fp32
+    residual_grad: Tensor | None = None,  # (B, N, H, W) contiguous, added to dx
+    need_dx: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(dx in x.dtype or None when not `need_dx`, d weight (H, W) fp32, d bias (H, W) fp32)."""
+    for name, t in (("dy", dy), ("residual_grad", residual_grad)):
+        if t is not None and (t.shape != x.shape or not t.is_contiguous()):
+            raise ValueError(f"layer_norm_backward: {name} must be contiguous {tuple(x.shape)}, got {tuple(t.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("layer_norm_backward: x must be contiguous")
+    B, N, H, W = x.shape
+    rows, hw = B * N, H * W
+    _check_int32(x)
+    block = 1024 if not interpreted() else 64
+    dx = None
+    if need_dx:
+        dx = torch.empty_like(x)
+        _ln_bwd_kernel[(rows,)](
+            dy, x, weight.float().contiguous(), mean, rstd, residual_grad if residual_grad is not None else dy, dx, hw,
+            HAS_RES=residual_grad is not None, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    col_blocks = triton.cdiv(hw, block)
+    groups = min(rows, max(1, triton.cdiv(1024, col_blocks)))  # ~1k programs in flight
+    per = triton.cdiv(rows, groups)
+    groups = triton.cdiv(rows, per)
+    dg = torch.empty(groups, hw, dtype=torch.float32, device=x.device)
+    db = torch.empty_like(dg)
+    _ln_param_grad_kernel[(col_blocks, groups)](dy, x, mean, rstd, dg, db, rows, hw, per, BLOCK=block, num_warps=4)
+    return dx, dg.sum(0).view(H, W), db.sum(0).view(H, W)

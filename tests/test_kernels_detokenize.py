@@ -1,0 +1,81 @@
+"""Triton detokenization vs the PyTorch reference (interpreter on CPU, compiled on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dnd_kernels.detokenize.kernel as DK
+from dnd_kernels.detokenize.function import detokenize
+from dnd_kernels.detokenize.reference import detokenize_reference
+from dnd_kernels.hyperconv.testing import assert_close
+
+HAS_CUDA = torch.cuda.is_available()  # without CUDA, conftest runs the kernel under TRITON_INTERPRET=1
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# (RMS ratio, max error / max|ref|): fp32 statistics vs the reference's fp64, then at most one
+# rounding step of the output dtype. The interpreter truncates fp32 -> bf16 instead of rounding
+# (half of all values land one ulp low, measured), hence the bf16 RMS bound of ~1 ulp.
+TOLERANCE = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (8e-3, 2**-7), torch.float16: (5e-4, 2**-10)}
+
+
+def _table(widths_a: list[int], widths_b: list[int], rank: int, chunk: int) -> tuple[torch.Tensor, int]:
+    """A token table like WeightTokenizer's: lora_A matrices (r × n) then lora_B (n × r) matrices."""
+    rows, offset = [], 0
+    for n in widths_a:
+        rows += [(offset + j, n, 1, min(chunk, n - j)) for j in range(0, n, chunk)]
+        offset += rank * n
+    for n in widths_b:
+        rows += [(offset + j * rank, 1, rank, min(chunk, n - j)) for j in range(0, n, chunk)]
+        offset += rank * n
+    return torch.tensor(rows, dtype=torch.int64), offset
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "rank,chunk,widths_a,widths_b",
+    [
+        pytest.param(4, 6, [9, 6], [7, 1], id="r4-c6-odd"),
+        pytest.param(8, 16, [32], [48, 16], id="r8-c16-aligned"),
+        pytest.param(1, 1, [3], [2], id="r1-c1-tiny"),
+        pytest.param(3, 7, [20], [13], id="r3-c7-odd-chunk"),
+    ],
+)
+def test_detokenize_matches_reference(rank, chunk, widths_a, widths_b, dtype):
+    table, numel = _table(widths_a, widths_b, rank, chunk)
+    gen = torch.Generator().manual_seed(rank * 100 + chunk)
+    tokens = torch.randn(table.shape[0], rank + 2, chunk + 2, generator=gen)
+    tokens[:, rank:, :] = tokens[:, rank:, :] * 0.1 - 3.0  # realistic codes: std ~ e^-3
+    tokens, table = tokens.to(DEVICE), table.to(DEVICE)
+    ref = detokenize_reference(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype)
+    poison = torch.full((numel,), float("nan"), dtype=dtype, device=DEVICE)  # every element must be written
+    out = detokenize(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype, impl="triton", out=poison)
+    assert out.data_ptr() == poison.data_ptr() and out.dtype == dtype
+    rms_tol, max_tol = TOLERANCE[dtype]
+    assert_close("flat", out, ref, rms_tol, max_tol)
+
+
+def test_detokenize_round_trip_through_tokenizer():
+    from dnd_scale.layout import LoraLayout, LoraSpec
+    from dnd_scale.tokenizer import WeightTokenizer
+    from tinymodels import tiny_config
+
+    # Odd widths (hidden 40, GQA v_proj 20, intermediate 56) give padded last chunks in A and B.
+    layout = LoraLayout.from_config(tiny_config("qwen2"), LoraSpec(rank=4, target_modules=("q_proj", "v_proj", "down_proj")))
+    tok = WeightTokenizer(layout, chunk=32)
+    gen = torch.Generator().manual_seed(0)
+    sd = {m.key: torch.randn(*m.shape, generator=gen) * 0.02 for m in layout.matrices}
+    tokens, _ = tok.tokenize(sd)
+    flat = detokenize(tokens.to(DEVICE), tok.token_table(), tok.flat_numel, tok.rank, tok.chunk,
+                      tok.config.mean_scale, tok.config.std_shift, impl="triton")  # fmt: skip
+    for key, value in tok.unflatten(flat.cpu()).items():
+        assert_close(key, value, sd[key], rms_tol=1e-6, max_tol=1e-5)
+
+
+def test_detokenize_rejects_a_table_with_holes():
+    table, numel = _table([8], [], 2, 4)
+    tokens = torch.randn(table.shape[0], 4, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="covers 16 values but the flat buffer has 20"):
+        DK.detokenize_triton(tokens, table.to(DEVICE), numel + 4, 2, 4, 8.0, 6.0)
+    with pytest.raises(ValueError, match="tokens \\(T, 4, 6\\)"):
+        DK.detokenize_triton(tokens[:, :3], table.to(DEVICE), numel, 2, 4, 8.0, 6.0)

@@ -1,0 +1,132 @@
+"""Fused Triton hyper-convolution stage vs the PyTorch reference: output and every gradient.
+
+CPU (CI): the kernels run under TRITON_INTERPRET=1 at small shapes in fp32 and fp16, against the
+reference in fp64 on the same (rounded) inputs, under a random upstream gradient.
+GPU (skipped without CUDA): the 0.5B preset's stage shapes at batch 1 in bf16 autocast, against
+the fp32 reference; the tolerance is anchored on the error of PyTorch's own bf16 autocast path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dnd_kernels.hyperconv.function as F
+import dnd_kernels.hyperconv.kernel as K
+from dnd_kernels.hyperconv.reference import hyperconv_stage_reference
+from dnd_kernels.hyperconv.testing import PARAM_NAMES, assert_close, error_report, stage_inputs
+
+HAS_CUDA = torch.cuda.is_available()  # without CUDA, conftest runs the kernels under TRITON_INTERPRET=1
+
+EPS = 1e-5
+
+
+def _run(fn, x, params, grad_out=None, autocast=False):
+    """(output, grads of x and of every param) with fresh leaf copies; grad_out defaults to ones."""
+    leaves = [t.detach().clone().requires_grad_() for t in [x, *params]]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(*leaves, eps=EPS)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _check_stage(batch, in_shape, out_shape, k, dtype, rms_tol, max_tol, seed=0):
+    x, params = stage_inputs(batch, in_shape, out_shape, k, dtype, seed=seed)
+    grad_out = torch.randn(batch, *out_shape, generator=torch.Generator().manual_seed(seed + 1))
+    out, grads = _run(F.hyperconv_stage, x, params, grad_out)
+    ref, ref_grads = _run(hyperconv_stage_reference, x.double(), [p.double() for p in params], grad_out.double())
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close("out", out, ref, rms_tol, max_tol)
+    for name, g, rg in zip(("x", *PARAM_NAMES), grads, ref_grads):
+        assert g is not None and g.dtype == dtype, f"grad of {name}: {None if g is None else g.dtype}"
+        assert_close(f"grad {name}", g, rg, rms_tol, max_tol)
+
+
+# (batch, in (N, H, W), out (N', H', W'), k): odd, aligned/residual, tiny, kernel wider than the plane.
+CPU_CASES = [
+    pytest.param(2, (3, 5, 7), (4, 6, 5), 3, id="B2-N3H5W7-to-N4H6W5-k3"),
+    pytest.param(1, (16, 8, 16), (16, 8, 16), 3, id="B1-N16H8W16-residual-k3"),
+    pytest.param(1, (1, 2, 3), (2, 3, 1), 1, id="B1-N1H2W3-to-N2H3W1-k1"),
+    pytest.param(1, (2, 3, 4), (3, 2, 3), 5, id="B1-N2H3W4-to-N3H2W3-k5"),
+]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines (the GPU tests cover CUDA)")
+@pytest.mark.parametrize("batch,in_shape,out_shape,k", CPU_CASES)
+def test_stage_fp32_interpreter(batch, in_shape, out_shape, k):
+    # fp32 operands and exact fp32 dots in the interpreter: only summation order differs.
+    _check_stage(batch, in_shape, out_shape, k, torch.float32, rms_tol=1e-5, max_tol=1e-4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines (the GPU tests cover CUDA)")
+@pytest.mark.parametrize("batch,in_shape,out_shape,k", CPU_CASES[:2])
+def test_stage_fp16_interpreter(batch, in_shape, out_shape, k):
+    # fp16 intermediates (y, a1, b1, t, z and the branch gradients) are rounded to 2^-11 relative.
+    _check_stage(batch, in_shape, out_shape, k, torch.float16, rms_tol=5e-3, max_tol=2e-2, seed=3)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter test")
+def test_channels_last_padding_is_zero_and_views_are_logical():
+    t = K.empty_channels_last((2, 3, 5, 7), axis=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert t.view.shape == (2, 3, 5, 7) and t.view.stride(2) == 1 and t.padded == 16
+    storage = t.view.as_strided((2, 3, 7, 16), (3 * 7 * 16, 7 * 16, 16, 1))
+    assert torch.all(storage[..., 5:] == 0)
+
+
+def test_launchers_reject_bad_inputs():
+    x = K.empty_channels_last((1, 2, 3, 4), axis=3, dtype=torch.float32, device=torch.device("cpu"))
+    w = K.conv_weight(torch.randn(5, 4, 3, 3), x.padded, torch.float32)
+    with pytest.raises(ValueError, match="output must be"):
+        K.channel_conv(x, w, torch.empty(1, 2, 3, 6))  # 6 output channels, weight makes 5
+    with pytest.raises(ValueError, match="stored channels"):
+        K.channel_conv(x, K.conv_weight(torch.randn(5, 4, 3, 3), 32, torch.float32), torch.empty(1, 2, 3, 5))
+    with pytest.raises(ValueError, match="share one of"):
+        K.channel_conv(x, w.half(), torch.empty(1, 2, 3, 5))
+    with pytest.raises(ValueError, match="tanh-average epilogue needs"):
+        K.channel_conv(x, w, torch.empty(1, 2, 3, 5), epilogue=K.EPILOGUE_TANH_AVG)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.layer_norm_channels_last(torch.randn(1, 2, 4, 3).transpose(2, 3), torch.ones(3, 4), torch.ones(3, 4), 1e-5, torch.float32)
+
+
+def test_stage_rejects_mismatched_parameters():
+    x, params = stage_inputs(1, (2, 3, 4), (3, 2, 5), 3)
+    params[3] = torch.randn(2, 4, 3, 3)  # w_h1 must be (H', H, k, k) = (2, 3, 3, 3)
+    with pytest.raises(ValueError, match="w_h1 must be"):
+        F.hyperconv_stage(x, *params)
+
+
+# ---- GPU: preset shapes, bf16 -----------------------------------------------------------------
+
+PRESET_05B = [(128, 384, 384), (128, 200, 300), (128, 100, 256), (256, 50, 200), (512, 50, 200),
+              (1024, 25, 200), (1024, 10, 200), (2048, 10, 200), (4296, 10, 130)]  # fmt: skip
+
+
+def _preset_features():
+    try:
+        from dnd_scale.generator import PRESETS
+
+        return list(PRESETS["qwen2.5-0.5b"].features), PRESETS["qwen2.5-0.5b"].kernel_size
+    except ImportError:
+        return PRESET_05B, 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stage", range(8), ids=lambda i: f"qwen0.5b-stage{i}-B1-bf16")
+def test_stage_bf16_gpu_preset(stage):
+    features, k = _preset_features()
+    in_shape, out_shape = features[stage], features[stage + 1]
+    x, params = stage_inputs(1, in_shape, out_shape, k, torch.float32, device="cuda", seed=stage)
+    grad_out = torch.randn(1, *out_shape, device="cuda", generator=torch.Generator("cuda").manual_seed(stage))
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the fp32 reference is plain fp32
+    try:
+        ref, ref_grads = _run(hyperconv_stage_reference, x, params, grad_out)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    amp, amp_grads = _run(hyperconv_stage_reference, x, params, grad_out, autocast=True)
+    out, grads = _run(F.hyperconv_stage, x, params, grad_out, autocast=True)
+    for name, a, t, r in zip(("out", "x", *PARAM_NAMES), (out, *grads), (amp, *amp_grads), (ref, *ref_grads)):
+        # bf16 autocast of the reference sets the scale of acceptable error; 2x + 2e-3 slack.
+        base = error_report(t, r)["rms_ratio"]
+        assert_close(name, a, r, rms_tol=2 * base + 2e-3, max_tol=5e-2)
