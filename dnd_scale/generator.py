@@ -51,8 +51,8 @@ class GeneratorPreset:
     """Where the numbers come from (the paper's training script that used them)."""
 
 
-# The paper's settings (github.com/sorryhyun/llgbm, dnd_repo/workspace/main/tasks/). The 1.5B and 7B
-# scripts feed the decoder a condition of 1000 tokens made by a learned projection over the token
+# The paper's settings, from its public training scripts (Drag-and-Drop-LLMs, workspace/main/tasks/).
+# The 1.5B and 7B scripts feed the decoder a condition of 1000 tokens made by a learned projection over the token
 # axis (Linear(max_text_length -> 1000), SiLU, Linear(1000 -> 1000)) in front of the decoder; these
 # presets describe the decoder only, so their condition must already be (N, 1000, 384).
 PRESETS: dict[str, GeneratorPreset] = {
