@@ -41,7 +41,7 @@ from peft import get_peft_model, get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from dnd_scale.basemodel import BaseModel, load_base_model, save_base_model
-from dnd_scale.config import load_section
+from dnd_scale.config import parse_stage_args
 from dnd_scale.io import (
     TMP_SUFFIX,
     ArtifactError,
@@ -475,13 +475,6 @@ def load_checkpoint(
 # command line
 
 
-def load_collect_config(recipe: str | None, overrides: Sequence[str]) -> tuple[CollectConfig, list[str]]:
-    """CollectConfig from a recipe's `collect:` section and `--collect.field=value` overrides, plus the
-    recipe's `tasks:` list of task specs."""
-    config, loaded = load_section(CollectConfig, "collect", recipe, overrides)
-    return config, list(loaded.get("tasks") or [])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dnd collect",
@@ -494,12 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="task specs (default: the recipe's tasks): file.json, file.jsonl, hf:name[:split], "
                              "synthetic:family")
     parser.add_argument("--synthetic-records", type=int, default=256, help="records per synthetic task")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
-    if bad:
-        parser.error(f"unrecognized arguments: {bad}")
-    config, recipe_tasks = load_collect_config(args.config, overrides)
-    specs = args.tasks or recipe_tasks
+    args, config, recipe = parse_stage_args(parser, argv, CollectConfig, "collect")
+    specs = args.tasks or list(recipe.get("tasks") or [])
     if not specs:
         parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")
     tasks = load_tasks(specs, num_records=args.synthetic_records, seed=config.seed)

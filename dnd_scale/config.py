@@ -8,6 +8,7 @@ folder so that a run can always be reproduced.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -179,3 +180,16 @@ def load_section(
         )
     data = apply_overrides({section: loaded.get(section) or {}}, overrides)
     return from_dict(cls, data[section], f"{section}."), loaded
+
+
+def parse_stage_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, cls: type, section: str
+) -> tuple[argparse.Namespace, Any, dict[str, Any]]:
+    """(arguments, ``cls`` from ``--config``'s ``section:`` and the ``--section.field=value`` overrides,
+    the whole recipe) for a stage's command line; any other unknown argument is a usage error."""
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
+    if bad:
+        parser.error(f"unrecognized arguments: {bad}")
+    config, recipe = load_section(cls, section, args.config, overrides)
+    return args, config, recipe

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
-from dnd_scale.config import load_section
+from dnd_scale.config import parse_stage_args
 from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, write_common, write_task_targets
@@ -54,14 +54,13 @@ def pack(run_dir: str | Path, config: TokenizerConfig | None = None, tasks: Sequ
         store = {t: store[t] for t in tasks}
     tokenizer = WeightTokenizer(layout, config)
     out = run_dir / TARGETS
-    previous = _previous_pack(out, layout, tokenizer)
+    packed, previous = _previous_pack(out, layout, tokenizer)
     mask = tokenizer.mask()
     weights, hashes = [], {}
     for task, records in store.items():
         hashes[task] = [r["sha256"] for r in records]
-        if previous.get(task) == hashes[task]:
-            task_tokens = PackedTargets(out, layout.fingerprint())
-            stacked = torch.stack([task_tokens.get(task, k) for k in range(len(records))])
+        if packed is not None and previous.get(task) == hashes[task]:  # unchanged since the last pack
+            stacked = torch.stack([packed.get(task, k) for k in range(len(records))])
         else:
             stacked = torch.stack([
                 _tokenize_checkpoint(run_dir, record, tokenizer)
@@ -77,18 +76,20 @@ def pack(run_dir: str | Path, config: TokenizerConfig | None = None, tasks: Sequ
     return out
 
 
-def _previous_pack(out: Path, layout: LoraLayout, tokenizer: WeightTokenizer) -> dict[str, list[str]]:
-    """Checkpoint hashes per task of an earlier pack with the same layout and tokenizer, else {}."""
+def _previous_pack(
+    out: Path, layout: LoraLayout, tokenizer: WeightTokenizer
+) -> tuple[PackedTargets | None, dict[str, list[str]]]:
+    """An earlier pack with the same layout and tokenizer, and its checkpoint hashes per task; else (None, {})."""
     if not (out / "index.json").is_file():
-        return {}
+        return None, {}
     try:
         packed = PackedTargets(out, layout.fingerprint())
     except ValueError:
-        return {}
+        return None, {}
     extra = packed.extra
     if extra.get("tokenizer") != tokenizer.state_dict_config():
-        return {}
-    return {t: h for t, h in extra.get("checkpoint_sha256", {}).items() if t in packed.tasks}
+        return None, {}
+    return packed, {t: h for t, h in extra.get("checkpoint_sha256", {}).items() if t in packed.tasks}
 
 
 def _tokenize_checkpoint(run_dir: Path, record: dict, tokenizer: WeightTokenizer) -> torch.Tensor:
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="run folder holding checkpoints/ from `dnd collect`")
     parser.add_argument("--config", help="YAML recipe; its `pack:` section (the token scheme) is read")
     parser.add_argument("--tasks", nargs="*", help="pack only these tasks (default: all collected)")
-    args, overrides = parser.parse_known_args(argv)
-    config, _ = load_section(TokenizerConfig, "pack", args.config, overrides)
+    args, config, _ = parse_stage_args(parser, argv, TokenizerConfig, "pack")
     out = pack(args.run, config, args.tasks)
     packed = PackedTargets(out)
     print(f"packed {len(packed.tasks)} tasks, {sum(packed.num_checkpoints.values())} checkpoints, "

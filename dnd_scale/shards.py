@@ -287,11 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", metavar="SPEC", help="the task specs given to `dnd collect` "
                         "(default: the recipe's tasks)")
     parser.add_argument("--synthetic-records", type=int, default=256, help="records per synthetic task, as for collect")
-    args, overrides = parser.parse_known_args(argv)
     # Imported here: the config machinery is for the command line only.
-    from dnd_scale.config import load_section
+    from dnd_scale.config import parse_stage_args
 
-    config, recipe = load_section(ShardConfig, "shard", args.config, overrides)
+    args, config, recipe = parse_stage_args(parser, argv, ShardConfig, "shard")
     specs = args.tasks or list(recipe.get("tasks") or [])
     if not specs:
         parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")

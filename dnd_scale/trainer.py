@@ -48,7 +48,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from dnd_scale.config import load_section, save_config, to_dict
+from dnd_scale.config import load_section, parse_stage_args, save_config, to_dict
 from dnd_scale.encoder import (
     CACHE_DTYPES,
     ConditionCache,
@@ -836,11 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank unless given --no_local_rank; the rank comes from
     # the environment either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
-    if bad:
-        parser.error(f"unrecognized arguments: {bad}")
-    config = load_train_config(args.config, overrides)
+    args, config, _ = parse_stage_args(parser, argv, TrainConfig, "train")
     launched = "RANK" in os.environ
     out = train(config, args.run, resume=args.resume, export_only=args.export_only)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -92,3 +92,15 @@ def test_pairs_hold_only_their_own_tasks_prompts_and_no_answers(run):
 def test_pack_refuses_a_run_without_collect(tmp_path):
     with pytest.raises(ArtifactError, match="dnd collect"):
         pack(tmp_path)
+
+
+def test_repacking_unchanged_checkpoints_rewrites_no_task_file(run):
+    run_dir, _ = run
+    files = sorted((run_dir / "targets").glob("*.safetensors"))
+    before = {f.name: f.stat().st_mtime_ns for f in files if f.name != "common.safetensors"}
+    weights = PackedTargets(run_dir / "targets").weights.clone()
+    pack(run_dir, TokenizerConfig(chunk=16))
+    after = {f.name: f.stat().st_mtime_ns for f in sorted((run_dir / "targets").glob("*.safetensors"))
+             if f.name != "common.safetensors"}
+    assert after == before
+    assert torch.equal(PackedTargets(run_dir / "targets").weights, weights)
