@@ -55,7 +55,8 @@ class AdapterGenerator:
         if self.encoder.dim != self.generator.features[0][2]:
             raise ArtifactError(f"encoder width {self.encoder.dim} does not match the generator's condition "
                                 f"width {self.generator.features[0][2]}")
-        self.generator_sha256 = sha256_file(export_dir / EXPORT_WEIGHTS)
+        # the export records its weights' hash; hashing a multi-GB file again at every load is wasted I/O
+        self.generator_sha256 = config.get("weights_sha256") or sha256_file(export_dir / EXPORT_WEIGHTS)
         self.base_model = config.get("base_model")
 
     def check_base(self, base_config) -> None:

@@ -230,15 +230,15 @@ def load_config_dict(config: Any) -> dict[str, Any]:
         return dict(config)
     if hasattr(config, "to_dict"):
         return config.to_dict()
+    from dnd_scale.io import ArtifactError, read_json
+
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise LayoutError(f"model config {str(path)!r} not found; pass a config.json or a model folder")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LayoutError(f"model config {str(path)!r} is not valid JSON: {err}") from None
+        return read_json(path, "model config")
+    except ArtifactError as err:
+        raise LayoutError(f"{err}; pass a config.json or a model folder") from None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dnd_scale.encoder import EncoderConfig, PromptTruncationWarning
 from dnd_scale.export import ADAPTER_WEIGHTS, PROVENANCE
 from dnd_scale.generate import AdapterGenerator, main, read_prompts
 from dnd_scale.generator import GeneratorConfig
-from dnd_scale.io import ArtifactError
+from dnd_scale.io import ArtifactError, sha256_file
 from dnd_scale.layout import LayoutError
 from dnd_scale.trainer import TrainConfig, train
 from tinymodels import tiny_config, tiny_model
@@ -45,7 +45,7 @@ def test_generated_adapter_is_the_detokenized_generator_output(export, tmp_path)
     for key, value in expected.items():
         assert torch.equal(saved[key], value), key
     provenance = json.loads((folder / PROVENANCE).read_text())
-    assert provenance["generator_sha256"] == gen.generator_sha256
+    assert provenance["generator_sha256"] == gen.generator_sha256 == sha256_file(export / "model.safetensors")
     assert provenance["layout_fingerprint"] == gen.layout.fingerprint()
     assert provenance["num_prompts"] == 4 and len(provenance["prompts_sha256"]) == 64
 
