@@ -12,16 +12,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from dnd_scale.io import save_safetensors, write_json
-from dnd_scale.layout import LoraLayout
+from dnd_scale.io import save_flat_safetensors, save_safetensors, write_json
+from dnd_scale.layout import LayoutError, LoraLayout
 from dnd_scale.tokenizer import WeightTokenizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_METADATA = {"format": "pt"}  # what peft's own save_pretrained records
 ADAPTER_CONFIG = "adapter_config.json"
 PROVENANCE = "provenance.json"
 
@@ -37,26 +38,23 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def write_adapter(
-    state_dict: Mapping[str, Tensor],
+def _write_folder(
     layout: LoraLayout,
     out_dir: str | os.PathLike,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    base_model: str | None = None,
-    provenance: Mapping[str, Any] | None = None,
+    write_weights: Callable[[Path], None],
+    dtype: torch.dtype,
+    base_model: str | None,
+    provenance: Mapping[str, Any] | None,
 ) -> Path:
-    """Write a PEFT adapter folder from a LoRA state dict with PEFT keys (validated against the layout)."""
-    dtype = parse_dtype(dtype)
-    layout.check_state_dict(state_dict, "adapter")
+    """Assemble an adapter folder under a temporary name (config, weights via `write_weights`,
+    provenance) and rename it into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         config = layout.to_peft_config(base_model_name_or_path=base_model)
         config.save_pretrained(str(staging))
-        tensors = {m.key: state_dict[m.key].to(dtype) for m in layout.matrices}
-        save_safetensors(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_weights(staging / ADAPTER_WEIGHTS)
         write_json(staging / PROVENANCE, {
             "layout_fingerprint": layout.fingerprint(),
             "dtype": str(dtype).removeprefix("torch."),
@@ -72,6 +70,23 @@ def write_adapter(
     return out_dir
 
 
+def write_adapter(
+    state_dict: Mapping[str, Tensor],
+    layout: LoraLayout,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    base_model: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a PEFT adapter folder from a LoRA state dict with PEFT keys (validated against the layout)."""
+    dtype = parse_dtype(dtype)
+    layout.check_state_dict(state_dict, "adapter")
+    tensors = {m.key: state_dict[m.key].to(dtype) for m in layout.matrices}
+    return _write_folder(layout, out_dir, lambda path: save_safetensors(tensors, path, metadata=_METADATA),
+                         dtype, base_model, provenance)  # fmt: skip
+
+
 def export_tokens(
     tokens: Tensor,
     tokenizer: WeightTokenizer,
@@ -81,8 +96,32 @@ def export_tokens(
     base_model: str | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Generator output tokens (T, r+2, c+2) → detokenize → PEFT adapter folder."""
-    flat = tokenizer.detokenize_flat(tokens.detach().float(), dtype=parse_dtype(dtype)).cpu()
-    state_dict = tokenizer.unflatten(flat)
-    return write_adapter(state_dict, tokenizer.layout, out_dir, dtype=dtype, base_model=base_model,
-                         provenance={**(provenance or {}), "tokenizer": tokenizer.state_dict_config()})
+    """Generator output tokens (T, r+2, c+2) → detokenize on the tokens' device (the Triton kernel on a
+    GPU) → PEFT adapter folder (``write_flat_adapter``)."""
+    dtype = parse_dtype(dtype)
+    flat = tokenizer.detokenize_flat(tokens.detach().float(), dtype=dtype)
+    return write_flat_adapter(flat, tokenizer, out_dir, base_model=base_model, provenance=provenance)
+
+
+def write_flat_adapter(
+    flat: Tensor,
+    tokenizer: WeightTokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """A detokenized flat buffer (``WeightTokenizer.detokenize_flat``, any device) → PEFT adapter folder
+    in the buffer's dtype. The buffer already is the adapter's tensors back to back in layout order,
+    so it crosses to the host in one copy and becomes the safetensors file's data as it is."""
+    if flat.shape != (tokenizer.flat_numel,):
+        raise LayoutError(f"flat buffer of shape {tuple(flat.shape)} does not fit this layout ({tokenizer.flat_numel},)")
+    if not bool(torch.isfinite(flat).all()):
+        raise LayoutError("the detokenized adapter contains NaN/Inf (a statistics code out of range); "
+                          "the generator output is unusable (check its training)")  # fmt: skip
+    host = flat.cpu()
+    entries = [(seg.matrix.key, seg.matrix.shape, seg.flat_offset) for seg in tokenizer.segments]
+    return _write_folder(
+        tokenizer.layout, out_dir, lambda path: save_flat_safetensors(host, entries, path, metadata=_METADATA),
+        flat.dtype, base_model, {**(provenance or {}), "tokenizer": tokenizer.state_dict_config()},
+    )  # fmt: skip

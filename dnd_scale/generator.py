@@ -327,11 +327,12 @@ def resolve_features(
 
 
 @functools.cache
-def _load_triton_stage() -> tuple[Callable[..., Tensor] | None, str]:
-    """(the fused stage function, "") or (None, why it is unavailable); imported once, on first use."""
+def _load_triton_stage() -> tuple[object | None, str]:
+    """(the fused stage's module, "") or (None, why it is unavailable); imported once, on first use."""
     try:
         module = importlib.import_module(TRITON_MODULE)
-        return module.hyperconv_stage, ""
+        module.hyperconv_stage  # noqa: B018 - a module without it is unusable
+        return module, ""
     except (ImportError, AttributeError) as err:  # no triton, no CUDA build, or module missing
         return None, f"{type(err).__name__}: {err}"
 
@@ -380,6 +381,7 @@ class HyperConvStage(nn.Module):
         self.bias = nn.Parameter(torch.empty(h2, w2))
         self.mix_weight = nn.Parameter(torch.empty(n2, n, k, k))
         self.mix_bias = nn.Parameter(torch.empty(n2))
+        self._packed: tuple[tuple, tuple[Tensor, ...]] | None = None  # (key, weights): see _packed_weights
         self.reset_parameters()
 
     @torch.no_grad()
@@ -398,9 +400,24 @@ class HyperConvStage(nn.Module):
         args = (self.ln_weight, self.ln_bias, self.w_w1, self.w_h1, self.w_h2, self.w_w2,
                 self.bias, self.mix_weight, self.mix_bias)  # fmt: skip
         if resolve_impl(self.impl, x.device) == "triton":
-            fn, _ = _load_triton_stage()
-            return fn(x, *args, eps=self.eps)
+            module, _ = _load_triton_stage()
+            return module.hyperconv_stage(x, *args, eps=self.eps, packed=self._packed_weights(module, x))
+        self._packed = None
         return hyperconv_stage_reference(x, *args, eps=self.eps)
+
+    def _packed_weights(self, module, x: Tensor) -> tuple[Tensor, ...] | None:
+        """Outside autograd (generation), the convolution weights packed once for the Triton kernels
+        and reused until a weight changes (in-place updates bump `_version`, a reload changes the
+        storage); None in training, where every step's forward packs the weights it just got."""
+        if torch.is_grad_enabled():
+            self._packed = None
+            return None
+        weights = (self.w_w1, self.w_h1, self.w_h2, self.w_w2, self.mix_weight)
+        dtype = module.compute_dtype(x)
+        key = (dtype, tuple((w.data_ptr(), w._version) for w in weights))
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, module.pack_forward_weights(*weights, dtype))
+        return self._packed[1]
 
     def extra_repr(self) -> str:
         return f"{self.in_shape} -> {self.out_shape}, kernel_size={self.kernel_size}"

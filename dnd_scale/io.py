@@ -97,6 +97,48 @@ def save_safetensors(
         save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def save_flat_safetensors(
+    flat: torch.Tensor,
+    entries: list[tuple[str, tuple[int, ...], int]],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a 1-D CPU buffer that already holds every tensor back to back as a safetensors file.
+
+    `entries` = (name, shape, element offset) for each tensor, in buffer order, tiling the whole
+    buffer. The file is the format's header followed by the buffer itself, written in one call:
+    no per-tensor copies (a generated adapter is one detokenized buffer laid out this way).
+    """
+    if flat.dim() != 1 or not flat.is_contiguous() or flat.device.type != "cpu" or flat.dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(
+            f"save_flat_safetensors needs a contiguous 1-D CPU tensor of {sorted(map(str, _SAFETENSORS_DTYPES))}, "
+            f"got shape {tuple(flat.shape)} {flat.dtype} on {flat.device}"
+        )
+    size = flat.element_size()
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    expected = 0
+    for name, shape, offset in entries:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        if offset != expected:
+            raise ValueError(f"save_flat_safetensors: {name} starts at element {offset}, expected {expected} (no gaps)")
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[flat.dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset * size, (offset + numel) * size]}  # fmt: skip
+        expected = offset + numel
+    if expected != flat.numel():
+        raise ValueError(f"save_flat_safetensors: the entries cover {expected} of the buffer's {flat.numel()} elements")
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        f.write(flat.view(torch.uint8).numpy().data)
+
+
 def load_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dict[str, torch.Tensor]:
     """Load a safetensors file; anything else (a pickle .bin/.pt, a truncated file) is refused clearly."""
     path = Path(path)

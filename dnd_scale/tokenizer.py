@@ -80,6 +80,7 @@ class WeightTokenizer:
         self.flat_numel = offset
         self._mask: Tensor | None = None
         self._table: Tensor | None = None
+        self._device_tables: dict[torch.device, Tensor] = {}
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -147,9 +148,15 @@ class WeightTokenizer:
         self._check_tokens(tokens)
         # On a GPU the fused kernel writes the buffer in one pass; elsewhere the PyTorch reference.
         return detokenize(
-            tokens.contiguous(), self.token_table().to(tokens.device), self.flat_numel, self.rank, self.chunk,
+            tokens.contiguous(), self._table_on(tokens.device), self.flat_numel, self.rank, self.chunk,
             self.config.mean_scale, self.config.std_shift, dtype,
         )
+
+    def _table_on(self, device: torch.device) -> Tensor:
+        """The token table on `device`, copied there once."""
+        if device not in self._device_tables:
+            self._device_tables[device] = self.token_table().to(device)
+        return self._device_tables[device]
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of the flat buffer as the PEFT state dict (layout order)."""

@@ -264,7 +264,7 @@ def _random_tokens(tok, batch_shape=(), device="cuda") -> torch.Tensor:
 
 
 def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512))) -> list[dict]:
-    from dnd_kernels.detokenize.kernel import detokenize_triton
+    from dnd_kernels.detokenize.kernel import detokenize_triton, table_facts
     from dnd_kernels.detokenize.reference import detokenize_reference
 
     rows = []
@@ -273,7 +273,9 @@ def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)))
         tokens = _random_tokens(tok)
         table = tok.token_table().cuda()
         args = (tok.flat_numel, tok.rank, tok.chunk, tok.config.mean_scale, tok.config.std_shift)
-        row = {"model": model, "rank": rank, "chunk": chunk, "tokens": tok.num_tokens, "numel": tok.flat_numel}
+        facts = table_facts(table, rank)
+        row = {"model": model, "rank": rank, "chunk": chunk, "tokens": tok.num_tokens, "numel": tok.flat_numel,
+               "store_alignment": facts[1]}  # fmt: skip
         for dtype in (torch.bfloat16, torch.float32):
             out = torch.empty(tok.flat_numel, dtype=dtype, device="cuda")
             ref = detokenize_reference(tokens, table, *args, dtype)
@@ -281,7 +283,7 @@ def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)))
             nbytes = tokens.numel() * 4 + table.numel() * 8 + tok.flat_numel * out.element_size()
             loop = 50  # back-to-back launches per timing: per-launch gaps stay out of the numbers
             t_ms, _ = median_ms(
-                lambda: [detokenize_triton(tokens, table, *args, dtype, out=out, check_table=False) for _ in range(loop)], 10, 2
+                lambda: [detokenize_triton(tokens, table, *args, dtype, out=out, facts=facts) for _ in range(loop)], 10, 2
             )
             r_ms, _ = median_ms(lambda: detokenize_reference(tokens, table, *args, dtype), 10, 2)
             src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
@@ -356,11 +358,15 @@ def bench_train_step(preset: str, batch: int, impls, reps: int, warmup: int) -> 
 
 
 def bench_generate(preset: str, impls, reps: int, warmup: int) -> dict:
-    """Prompt set -> PEFT folder: encoder + generator forward + detokenize + write, per impl."""
+    """Prompt set -> PEFT folder: encoder + generator forward + detokenize + write, per impl.
+
+    triton: fused stages, Triton detokenization; eager/compile: the reference stages and the
+    PyTorch detokenization reference, both on the GPU. Both write through ``write_flat_adapter``.
+    """
     import transformers
 
-    from dnd_kernels.detokenize.kernel import detokenize_triton
-    from dnd_scale.export import export_tokens, write_adapter
+    from dnd_kernels.detokenize.reference import detokenize_reference
+    from dnd_scale.export import export_tokens, write_flat_adapter
 
     tok = _layout_tokenizer("qwen2.5-0.5b", 8, 128)
     table = tok.token_table().cuda()
@@ -385,78 +391,109 @@ def bench_generate(preset: str, impls, reps: int, warmup: int) -> dict:
                 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
                     return model(cond)[0]
 
+            def write(tokens):
+                if impl == "triton":
+                    export_tokens(tokens, tok, Path(tmp) / impl, dtype=torch.bfloat16)
+                else:
+                    flat = detokenize_reference(tokens.float(), table, tok.flat_numel, tok.rank, tok.chunk,
+                                                tok.config.mean_scale, tok.config.std_shift, torch.bfloat16)  # fmt: skip
+                    write_flat_adapter(flat, tok, Path(tmp) / impl)
+
+            tokens = forward()
+
             def to_folder():
                 encode()
-                tokens = forward()
-                if impl == "triton":
-                    flat = detokenize_triton(tokens.float().contiguous(), table, tok.flat_numel, tok.rank, tok.chunk,
-                                             tok.config.mean_scale, tok.config.std_shift, torch.bfloat16)  # fmt: skip
-                    sd = {k: v.cpu() for k, v in tok.unflatten(flat).items()}
-                    write_adapter(sd, tok.layout, Path(tmp) / impl, dtype=torch.bfloat16)
-                else:
-                    export_tokens(tokens, tok, Path(tmp) / impl, dtype=torch.bfloat16)
+                write(forward())
 
             try:
-                forward()
                 to_folder()
                 fwd_ms, _ = median_ms(forward, reps, warmup)
                 enc_ms, _ = median_ms(encode, reps, warmup)
+                write_ms, _ = median_ms(lambda: write(tokens), reps, warmup)
                 total_ms, all_ms = median_ms(to_folder, reps, warmup)
-                out[impl] = {"forward_ms": fwd_ms, "encoder_ms": enc_ms, "prompts_to_folder_ms": total_ms,
-                             "all_ms": all_ms}  # fmt: skip
+                out[impl] = {"forward_ms": fwd_ms, "encoder_ms": enc_ms, "detokenize_and_write_ms": write_ms,
+                             "prompts_to_folder_ms": total_ms, "all_ms": all_ms}  # fmt: skip
             except torch.cuda.OutOfMemoryError as err:
                 out[impl] = {"error": f"out of memory: {err}"[:300]}
-            del module, model
+            del module, model, tokens
             torch.cuda.empty_cache()
             print(f"generate {preset} {impl}: {out[impl]}", flush=True)
     return out
 
 
 def _train_curve(impl: str, preset: str, batch: int, steps: int, pairs: int, lr: float) -> dict:
-    """Losses of `steps` AdamW steps over `pairs` fixed random (condition, target) pairs."""
+    """Losses of `steps` AdamW steps over `pairs` fixed random (condition, target) pairs.
+
+    impl "fp32" is the reference without autocast and with TF32 off: the exact trajectory that the
+    bf16 runs approximate.
+    """
     from dnd_scale.generator import generator_loss
 
-    with _no_autotune():  # the tile changes speed, not the math; timing candidates would only cost time
-        module, model = _generator(preset, impl, seed=0)
-        opt = torch.optim.AdamW(module.parameters(), lr=lr, fused=True)
-        data = [_train_batch(module, batch, seed=100 + i) for i in range(pairs)]
-        mask = torch.ones(data[0][1].shape[1:], dtype=torch.bool, device="cuda")
-        losses = []
-        t0 = time.perf_counter()
-        for step in range(steps):
-            cond, target = data[step % pairs]
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                pred = model(cond)
-            loss = generator_loss(pred, target, mask)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        seconds = time.perf_counter() - t0
+    exact = impl == "fp32"
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if exact:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with _no_autotune():  # the tile changes speed, not the math; timing candidates would only cost time
+            module, model = _generator(preset, "eager" if exact else impl, seed=0)
+            opt = torch.optim.AdamW(module.parameters(), lr=lr, fused=True)
+            data = [_train_batch(module, batch, seed=100 + i) for i in range(pairs)]
+            mask = torch.ones(data[0][1].shape[1:], dtype=torch.bool, device="cuda")
+            losses = []
+            t0 = time.perf_counter()
+            for step in range(steps):
+                cond, target = data[step % pairs]
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not exact):
+                    pred = model(cond)
+                loss = generator_loss(pred, target, mask)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            seconds = time.perf_counter() - t0
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     del module, model, opt, data
     torch.cuda.empty_cache()
     return {"losses": losses, "seconds": seconds}
 
 
+def _moving_average(v: list[float], window: int) -> list[float]:
+    return [sum(v[max(0, i - window + 1) : i + 1]) / len(v[max(0, i - window + 1) : i + 1]) for i in range(len(v))]
+
+
 def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: float = 1e-4,
-                      window: int = 10, tolerance: float = 0.05) -> dict:  # fmt: skip
-    """Training curves of impl=triton and impl=torch from the same seed and data, compared."""
-    curves = {impl: _train_curve(impl, preset, batch, steps, pairs, lr) for impl in ("triton", "eager")}
-    a, b = curves["triton"]["losses"], curves["eager"]["losses"]
+                      window: int = 10, factor: float = 1.25, slack: float = 0.01) -> dict:  # fmt: skip
+    """Training curves of impl=triton and impl=torch (bf16 autocast) and of the exact fp32 reference,
+    from the same seed and data, compared.
 
-    def smooth(v):
-        return [sum(v[max(0, i - window + 1) : i + 1]) / len(v[max(0, i - window + 1) : i + 1]) for i in range(len(v))]
+    Criterion (stated before the run, independent of how chaotic the regime is): the Triton run may
+    stray from the exact fp32 trajectory at most as far as PyTorch's own bf16 run does. With
+    d(run) = mean over steps of |MA(run) - MA(fp32)| / MA(fp32) (MA = moving average over `window`
+    steps), pass when d(triton) <= factor * d(torch) + slack. The per-step gap between triton and
+    torch is reported beside it.
+    """
+    curves = {impl: _train_curve(impl, preset, batch, steps, pairs, lr) for impl in ("triton", "eager", "fp32")}
+    ma = {impl: _moving_average(c["losses"], window) for impl, c in curves.items()}
 
-    worst = max(abs(x - y) / abs(y) for x, y in zip(smooth(a), smooth(b)))
+    def distance(run: str) -> float:
+        return statistics.fmean(abs(a - e) / abs(e) for a, e in zip(ma[run], ma["fp32"]))
+
+    d_triton, d_torch = distance("triton"), distance("eager")
+    step_gap = max(abs(a - b) / abs(b) for a, b in zip(ma["triton"], ma["eager"]))
     result = {
         "preset": preset, "batch": batch, "steps": steps, "pairs": pairs, "lr": lr,
-        "criterion": f"|MA{window}(triton) - MA{window}(torch)| / MA{window}(torch) <= {tolerance} at every step",
-        "max_rel_diff_smoothed": worst, "passed": worst <= tolerance,
-        "first_loss": {"triton": a[0], "torch": b[0]}, "last_loss": {"triton": a[-1], "torch": b[-1]},
+        "criterion": f"d(triton) <= {factor} * d(torch) + {slack}, d = mean over steps of "
+                     f"|MA{window}(run) - MA{window}(fp32)| / MA{window}(fp32)",
+        "distance_to_fp32": {"triton": d_triton, "torch": d_torch},
+        "passed": d_triton <= factor * d_torch + slack,
+        "max_step_rel_gap_triton_vs_torch": step_gap,
+        "first_loss": {k: c["losses"][0] for k, c in curves.items()},
+        "last_loss": {k: c["losses"][-1] for k, c in curves.items()},
         "curves": curves,
     }  # fmt: skip
-    print(f"convergence: max smoothed rel diff {worst:.4f} (tol {tolerance}), last loss triton {a[-1]:.4f} "
-          f"torch {b[-1]:.4f}", flush=True)  # fmt: skip
+    print(f"convergence: distance to fp32 triton {d_triton:.4f} torch {d_torch:.4f} -> passed={result['passed']}; "
+          f"max per-step gap triton vs torch {step_gap:.4f}", flush=True)  # fmt: skip
     return result
 
 
@@ -496,6 +533,11 @@ def bench_kernels(
     result = {"environment": environment(git_rev), "preset": preset, "batch": batch,
               "command": " ".join(sys.argv)}  # fmt: skip
     peak = None
+
+    def _save_tiles() -> None:
+        if os.environ.get(K.TUNE_FILE_ENV):
+            K.save_tuned(os.environ[K.TUNE_FILE_ENV])
+
     for section in sections:
         t0 = time.perf_counter()
         if section == "ceilings":
@@ -508,7 +550,7 @@ def bench_kernels(
                 p = PRESETS[name]
                 rows = result["stages"].setdefault(f"{name}@B{b}", [])
                 bench_stages(p.features, p.kernel_size, b, impls, reps, warmup, peak, stages, rows,
-                             on_row=lambda: _write(out, result))  # fmt: skip
+                             on_row=lambda: (_write(out, result), _save_tiles()))  # fmt: skip
         elif section == "detokenize":
             result["detokenize"] = bench_detokenize()
         elif section == "train_step":
@@ -519,8 +561,8 @@ def bench_kernels(
             result["convergence"] = bench_convergence(preset, convergence_batch, convergence_steps, lr=convergence_lr)
         result.setdefault("section_seconds", {})[section] = time.perf_counter() - t0
         _write(out, result)
-        if os.environ.get(K.TUNE_FILE_ENV):
-            K.save_tuned(os.environ[K.TUNE_FILE_ENV])
+        _save_tiles()
+        print(f"section {section}: {time.perf_counter() - t0:.1f} s", flush=True)
     return result
 
 

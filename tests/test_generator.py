@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -306,14 +307,21 @@ def test_kernel_size_resolution():
 
 @pytest.fixture
 def fake_triton(monkeypatch):
-    """Replace the lazy import of the fused stage with a recording stand-in that runs the reference."""
-    calls = []
+    """Replace the lazy import of the fused stage with a recording stand-in that runs the reference:
+    `calls` gets the argument count of each stage call, `packs` one entry per weight packing."""
+    calls = type("Calls", (list,), {})()
+    packs = calls.packs = []
 
-    def stage(*args, eps):
+    def stage(*args, eps, packed):
         calls.append(len(args))
         return gen.hyperconv_stage_reference(*args, eps=eps)
 
-    monkeypatch.setattr(gen, "_load_triton_stage", lambda: (stage, ""))
+    def pack(*weights_and_dtype):
+        packs.append(weights_and_dtype[-1])
+        return tuple(w.detach().clone() for w in weights_and_dtype[:-1])
+
+    module = types.SimpleNamespace(hyperconv_stage=stage, pack_forward_weights=pack, compute_dtype=lambda x: x.dtype)
+    monkeypatch.setattr(gen, "_load_triton_stage", lambda: (module, ""))
     return calls
 
 
@@ -329,6 +337,20 @@ def test_triton_impl_dispatches_to_the_fused_stage(fake_triton):
     out = _seeded_generator(features, impl="triton")(x)
     assert fake_triton == [10, 10]  # one call per stage with x and the 9 parameters
     torch.testing.assert_close(out, expected)
+
+
+def test_generation_packs_the_weights_once_until_they_change(fake_triton):
+    model = _seeded_generator(TINY["odd"], impl="triton")
+    x = torch.randn(1, *TINY["odd"][0])
+    model(x)  # training-style call: the stage packs its own weights every time
+    assert fake_triton.packs == []
+    with torch.no_grad():
+        first = model(x)
+        assert model(x).equal(first)
+        assert len(fake_triton.packs) == 2  # one packing per stage for both calls
+        model.stages[0].mix_weight.mul_(2)  # an optimizer step or a load changes a weight in place
+        model(x)
+    assert len(fake_triton.packs) == 3  # only the changed stage packs again
 
 
 def test_triton_impl_without_kernels_says_what_to_do(no_triton):

@@ -79,3 +79,16 @@ def test_detokenize_rejects_a_table_with_holes():
         DK.detokenize_triton(tokens, table.to(DEVICE), numel + 4, 2, 4, 8.0, 6.0)
     with pytest.raises(ValueError, match="tokens \\(T, 4, 6\\)"):
         DK.detokenize_triton(tokens[:, :3], table.to(DEVICE), numel, 2, 4, 8.0, 6.0)
+
+
+def test_table_facts_find_the_store_alignment_and_refuse_foreign_strides():
+    aligned, numel = _table([32], [48, 16], 8, 16)
+    assert DK.table_facts(aligned, 8) == (numel, 16)
+    odd, numel = _table([9, 6], [7, 1], 4, 6)
+    assert DK.table_facts(odd, 4) == (numel, 1)
+    half, numel = _table([12], [6], 2, 6)  # offsets 0, 6, 24, widths 6, A row stride 12
+    assert DK.table_facts(half, 2) == (numel, 2)
+    bad = aligned.clone()
+    bad[-1, 2] = 4  # a lora_B row whose column stride is not the rank
+    with pytest.raises(ValueError, match="column stride other than 1"):
+        DK.table_facts(bad, 8)

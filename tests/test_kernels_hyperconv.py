@@ -130,3 +130,32 @@ def test_stage_bf16_gpu_preset(stage):
         # bf16 autocast of the reference sets the scale of acceptable error; 2x + 2e-3 slack.
         base = error_report(t, r)["rms_ratio"]
         assert_close(name, a, r, rms_tol=2 * base + 2e-3, max_tol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("axis", [1, 2, 3], ids=lambda a: f"channels-axis{a}")
+def test_wgrad_backends_match_reference_gpu(axis, monkeypatch):
+    # Both weight-gradient candidates that conv_wgrad times (Triton tiles, cuDNN on the same
+    # buffers), on odd sizes, against the fp32 weight gradient of reference._conv_channels.
+    from dnd_kernels.hyperconv.reference import _conv_channels
+
+    shape, k, c_out = (2, 40, 23, 57), 5, 37
+    gen = torch.Generator("cuda").manual_seed(axis)
+    x = K.empty_channels_last(shape, axis, torch.bfloat16, torch.device("cuda"))
+    x.view.copy_(torch.randn(shape, device="cuda", generator=gen))
+    out_shape = list(shape)
+    out_shape[axis] = c_out
+    dy = K.empty_channels_last(tuple(out_shape), axis, torch.bfloat16, torch.device("cuda"))
+    dy.view.copy_(torch.randn(out_shape, device="cuda", generator=gen))
+    w = torch.zeros(c_out, shape[axis], k, k, device="cuda", requires_grad=True)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        _conv_channels(x.view.float(), w, axis).backward(dy.view.float())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    monkeypatch.setenv("DND_KERNELS_AUTOTUNE", "0")  # the first candidate: a Triton tile
+    assert_close("triton wgrad", K.conv_wgrad(dy, x, k), w.grad, rms_tol=2e-3, max_tol=1e-2)
+    cudnn = K._wgrad_cudnn(dy, x, k, K.PLANE_AXES[axis])
+    assert_close("cudnn wgrad", cudnn, w.grad, rms_tol=5e-3, max_tol=1e-2)  # rounded to bf16 once

@@ -178,3 +178,28 @@ def test_non_safetensors_and_missing_files_are_refused(tmp_path):
         load_safetensors(tmp_path / "junk.safetensors")
     with pytest.raises(ArtifactError, match="not found"):
         load_safetensors(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_flat_safetensors_equal_what_safetensors_writes(tmp_path, dtype):
+    from safetensors import safe_open
+
+    from dnd_scale.io import save_flat_safetensors
+
+    tensors = {"b.lora_A.weight": torch.randn(3, 5), "a.lora_B.weight": torch.randn(7, 3), "c": torch.randn(1)}
+    flat = torch.cat([t.flatten() for t in tensors.values()]).to(dtype)
+    entries, offset = [], 0
+    for name, t in tensors.items():
+        entries.append((name, tuple(t.shape), offset))
+        offset += t.numel()
+    save_flat_safetensors(flat, entries, tmp_path / "flat.safetensors", metadata={"format": "pt"})
+    loaded = load_safetensors(tmp_path / "flat.safetensors")
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], t.to(dtype))
+    with safe_open(tmp_path / "flat.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(ValueError, match="expected 15 \\(no gaps\\)"):
+        save_flat_safetensors(flat, [entries[0], (entries[1][0], entries[1][1], 16)], tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="cover 36 of the buffer's 37"):
+        save_flat_safetensors(flat, entries[:2], tmp_path / "x.safetensors")

@@ -20,7 +20,7 @@ from torch import Tensor
 def _detokenize_kernel(
     tok_ptr, table_ptr, out_ptr, mean_scale, std_shift,
     RANK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_B: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     TW: tl.constexpr = CHUNK + 2
@@ -46,21 +46,41 @@ def _detokenize_kernel(
     mean = mean_code / N_MEAN / mean_scale
     std = tl.exp(std_code / N_STD - std_shift)
 
-    offset = tl.load(table_ptr + t * 4)
+    # ALIGN divides every offset, lora_A row stride and width of the table (checked by the launcher):
+    # with it the compiler proves that runs of ALIGN output elements are contiguous and aligned, and
+    # stores them as vectors instead of one element at a time.
+    offset = tl.multiple_of(tl.load(table_ptr + t * 4), ALIGN)
     row_stride = tl.load(table_ptr + t * 4 + 1)
-    col_stride = tl.load(table_ptr + t * 4 + 2)
-    width = tl.load(table_ptr + t * 4 + 3)
+    width = tl.multiple_of(tl.load(table_ptr + t * 4 + 3), ALIGN)
     cols = tl.arange(0, BLOCK_C)  # BLOCK_C >= c
     interior = (rows < RANK)[:, None] & (cols < width)[None, :]
     vals = tl.load(tok + rows[:, None] * TW + cols[None, :], mask=interior, other=0.0).to(tl.float32)
     vals = (vals * std + mean).to(out_ptr.dtype.element_ty)  # (BLOCK_R, BLOCK_C)
     if row_stride == 1:
-        # A lora_B chunk (B^T rows are B's columns): write it transposed so that consecutive
-        # threads write consecutive addresses (rows are contiguous in the destination).
-        dst = offset + tl.trans(rows[:, None] + cols[None, :] * col_stride)
+        # A lora_B chunk (B^T rows are B's columns, column stride = RANK): write it transposed so
+        # that each of B's rows (RANK contiguous values) is one store.
+        dst = offset + cols[:, None] * RANK + rows[None, :]
         tl.store(out_ptr + dst, tl.trans(vals), mask=tl.trans(interior))
     else:
-        tl.store(out_ptr + offset + rows[:, None] * row_stride + cols[None, :] * col_stride, vals, mask=interior)
+        row_stride = tl.multiple_of(row_stride, ALIGN)
+        tl.store(out_ptr + offset + rows[:, None] * row_stride + cols[None, :], vals, mask=interior)
+
+
+def table_facts(table: Tensor, rank: int) -> tuple[int, int]:
+    """(values the table covers, the largest of 16, 8, 4, 2, 1 that divides every offset, width and
+    lora_A row stride of the table); a lora_B row must have column stride `rank`. One device sync."""
+    offset, row_stride, col_stride, width = table.unbind(dim=1)
+    is_b = row_stride == 1
+    facts = [width.sum() * rank, torch.where(is_b, col_stride != rank, col_stride != 1).sum()]
+    for a in (16, 8, 4, 2):
+        facts.append(((offset % a) + (width % a) + torch.where(is_b, 0, row_stride % a)).sum())
+    covered, bad_b, *misaligned = torch.stack(facts).tolist()
+    if bad_b:
+        raise ValueError(
+            f"detokenize: {bad_b} rows of the token table have a column stride other than 1 (lora_A) or the "
+            f"rank {rank} (lora_B); the table must come from the WeightTokenizer of this layout"
+        )
+    return covered, next((a for a, m in zip((16, 8, 4, 2), misaligned) if m == 0), 1)
 
 
 def detokenize_triton(
@@ -73,12 +93,12 @@ def detokenize_triton(
     std_shift: float,
     dtype: torch.dtype = torch.float32,
     out: Tensor | None = None,  # (numel,) preallocated flat buffer of `dtype`
-    check_table: bool = True,
+    facts: tuple[int, int] | None = None,
 ) -> Tensor:  # (numel,)
     """Same result as ``reference.detokenize_reference`` (up to fp32 vs fp64 statistics).
 
-    `check_table` verifies that the table covers the buffer (one device sync); a caller that
-    detokenizes many times with one checked table may skip it.
+    `facts` = ``table_facts(table, rank)``: computed here when not given (one device sync); a caller
+    that detokenizes many times with one table computes it once.
     """
     T = tokens.shape[0]
     if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (rank + 2, chunk + 2) or tuple(table.shape) != (T, 4):
@@ -94,7 +114,7 @@ def detokenize_triton(
         raise ValueError("detokenize: tokens must be contiguous")
     # Every flat element is written by exactly one token (the tokenizer's table tiles the buffer),
     # so the buffer needs no zero fill; check the count so a foreign table cannot leave holes.
-    covered = int(table[:, 3].sum()) * rank if check_table else numel
+    covered, align = table_facts(table, rank) if facts is None else facts
     if covered != numel:
         raise ValueError(
             f"detokenize: the token table covers {covered} values but the flat buffer has {numel}; "
@@ -111,6 +131,6 @@ def detokenize_triton(
         _detokenize_kernel[(T,)](
             tokens, table, out, float(mean_scale), float(std_shift),
             RANK=rank, CHUNK=chunk, BLOCK_R=triton.next_power_of_2(rank), BLOCK_C=triton.next_power_of_2(chunk),
-            BLOCK_B=triton.next_power_of_2(chunk + 2), num_warps=4 if rank * chunk <= 2048 else 8,
+            BLOCK_B=triton.next_power_of_2(chunk + 2), ALIGN=align, num_warps=4 if rank * chunk <= 2048 else 8,
         )  # fmt: skip
     return out

@@ -21,9 +21,12 @@ import torch
 from torch import Tensor
 
 from . import kernel as K
+from .kernel import pack_forward_weights  # noqa: F401 - part of this module's API (generation)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the GEMM operands for input `x`: the autocast dtype when autocast is on for its
+    device, else its own dtype."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -63,9 +66,17 @@ class HyperConvStageFunction(torch.autograd.Function):
     """Forward and backward of one stage through the Triton kernels of ``kernel``."""
 
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, w_w1, w_h1, w_h2, w_w2, bias, mix_weight, mix_bias, eps):
+    def forward(ctx, x, ln_weight, ln_bias, w_w1, w_h1, w_h2, w_w2, bias, mix_weight, mix_bias, eps, packed):
         _check_shapes(x, ln_weight, ln_bias, w_w1, w_h1, w_h2, w_w2, bias, mix_weight, mix_bias)
-        cdt = _compute_dtype(x)
+        cdt = compute_dtype(x)
+        if packed is None:
+            packed = K.pack_forward_weights(w_w1, w_h1, w_h2, w_w2, mix_weight, cdt)
+        elif len(packed) != 5 or any(p.dtype != cdt for p in packed):
+            raise ValueError(
+                f"hyperconv_stage: `packed` must be pack_forward_weights(...) of this stage's weights in {cdt}, "
+                f"got {len(packed)} tensors of {sorted({str(p.dtype) for p in packed})}"
+            )
+        p_w1, p_h1, p_h2, p_w2, p_mix = packed
         B, N, H, W = x.shape
         N2, k = mix_weight.shape[0], mix_weight.shape[-1]
         W2, H2 = w_w1.shape[0], w_h1.shape[0]
@@ -76,26 +87,24 @@ class HyperConvStageFunction(torch.autograd.Function):
         y_w, y_h, mean, rstd = K.layer_norm_channels_last(x, ln_weight, ln_bias, eps, cdt)
         # Branch A: W -> W' over (H, N), then H -> H' over (N, W').
         a1 = K.empty_channels_last((B, N, H, W2), 2, cdt, dev)
-        K.channel_conv(y_w, K.conv_weight(w_w1, y_w.padded, cdt), a1.view)
+        K.channel_conv(y_w, p_w1, a1.view)
         a2 = K.empty_channels_last((B, N, H2, W2), 1, cdt, dev, zero_pad=False)  # z's layout
-        K.channel_conv(a1, K.conv_weight(w_h1, a1.padded, cdt), a2.view)
+        K.channel_conv(a1, p_h1, a2.view)
         # Branch B: H -> H' over (N, W), then W -> W' over (H', N) with the tanh-average epilogue.
         b1 = K.empty_channels_last((B, N, H2, W), 3, cdt, dev)
-        K.channel_conv(y_h, K.conv_weight(w_h2, y_h.padded, cdt), b1.view)
+        K.channel_conv(y_h, p_h2, b1.view)
         z = K.empty_channels_last((B, N, H2, W2), 1, cdt, dev)
         t = K.empty_channels_last((B, N, H2, W2), 1, cdt, dev, zero_pad=False)
         bias_b = bias.float().contiguous()[None, None].expand(B, N, H2, W2)
         K.channel_conv(
-            b1, K.conv_weight(w_w2, b1.padded, cdt), z.view,
+            b1, p_w2, z.view,
             epilogue=K.EPILOGUE_TANH_AVG, aux=a2.view, vec=bias_b, out2=t.view, scale=1.0 / 3.0,
         )  # fmt: skip
         # Mixing: N -> N' over (H', W'), + mix_bias (+ x).
         out_dtype = torch.promote_types(cdt, x.dtype) if residual else cdt
         out = torch.empty(B, N2, H2, W2, dtype=out_dtype, device=dev)
         mix_b = mix_bias.float().contiguous()[None, :, None, None].expand(B, N2, H2, W2)
-        K.channel_conv(
-            z, K.conv_weight(mix_weight, z.padded, cdt), out, vec=mix_b, aux=x if residual else None
-        )
+        K.channel_conv(z, p_mix, out, vec=mix_b, aux=x if residual else None)
 
         ctx.save_for_backward(
             x, ln_weight, w_w1, w_h1, w_h2, w_w2, mix_weight, mean, rstd,
@@ -150,7 +159,7 @@ class HyperConvStageFunction(torch.autograd.Function):
         )
         grads = (d_ln_weight, d_ln_bias, d_w_w1, d_w_h1, d_w_h2, d_w_w2, d_bias, d_mix_weight, d_mix_bias)
         grads = tuple(g.to(dt).contiguous() for g, dt in zip(grads, ctx.param_dtypes))
-        return (dx, *grads, None)
+        return (dx, *grads, None, None)
 
 
 def hyperconv_stage(
@@ -165,6 +174,15 @@ def hyperconv_stage(
     mix_weight: Tensor,  # (N', N, k, k)
     mix_bias: Tensor,  # (N',)
     eps: float = 1e-5,
+    packed: tuple[Tensor, ...] | None = None,
 ) -> Tensor:  # (B, N', H', W')
-    """One hyper-convolution stage through the fused Triton kernels (autograd-capable)."""
-    return HyperConvStageFunction.apply(x, ln_weight, ln_bias, w_w1, w_h1, w_h2, w_w2, bias, mix_weight, mix_bias, eps)
+    """One hyper-convolution stage through the fused Triton kernels (autograd-capable).
+
+    `packed`: the convolution weights already in the kernels' layout
+    (``kernel.pack_forward_weights`` in the compute dtype), for callers that run one set of weights
+    many times without changing them (generation); packed from the weights on every call otherwise.
+    Gradients always flow to the weights themselves.
+    """
+    return HyperConvStageFunction.apply(
+        x, ln_weight, ln_bias, w_w1, w_h1, w_h2, w_w2, bias, mix_weight, mix_bias, eps, packed
+    )

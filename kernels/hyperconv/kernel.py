@@ -131,22 +131,34 @@ class TileConfig:
 # Candidates timed on first use of each shape (sides shrink to the problem: see _cap). At the 0.5B
 # preset's shapes on an H100 (benchmarks/results/kernels_h100_run2_tiles.json, every candidate's
 # time) the convolution picks 128x256 and 256x128 most often, 128x128 and the 4-warp 128x64 for
-# some batch-1 shapes; the weight gradient picks 128x128 at every large shape (wider tiles spill).
+# some batch-1 shapes; the weight gradient picks 128x128 at every large shape (wider tiles spill)
+# when cuDNN is not among its candidates (conv_wgrad).
 # Under the interpreter one small tile is used.
 _GPU_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4))
-_INTERPRET_TILE = TileConfig(32, 32, 16, 4, 1)
-_TUNED: dict[tuple, TileConfig] = {}
+_TUNED: dict[tuple, TileConfig | str] = {}
 _TUNE_LOG: dict[tuple, dict[str, float]] = {}
 TUNE_FILE_ENV = "DND_KERNELS_TUNE_FILE"
 
 
-def _tuned_from_file() -> dict[str, TileConfig]:
-    """Tiles chosen by an earlier process (JSON written by `save_tuned`), when the env var names one."""
+# A candidate that is not a Triton tile: the weight gradient through cuDNN (see conv_wgrad).
+CUDNN = "cudnn"
+
+
+def _candidate_from_json(best: dict | str) -> TileConfig | str:
+    return best if best == CUDNN else TileConfig(**best)
+
+
+def _candidate_name(c: TileConfig | str) -> str:
+    return c if isinstance(c, str) else f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/s{c.num_stages}"
+
+
+def _tuned_from_file() -> dict[str, TileConfig | str]:
+    """Choices made by an earlier process (JSON written by `save_tuned`), when the env var names one."""
     path = os.environ.get(TUNE_FILE_ENV)
     if not path or not os.path.exists(path):
         return {}
     with open(path) as f:
-        return {k: TileConfig(**v["best"]) for k, v in json.load(f).items()}
+        return {k: _candidate_from_json(v["best"]) for k, v in json.load(f).items()}
 
 
 def save_tuned(path: str | os.PathLike) -> None:
@@ -190,7 +202,7 @@ def _candidates(m_extent: int, n_extent: int, block_k: int) -> list[TileConfig]:
     return out
 
 
-def _pick(key: tuple, candidates: list[TileConfig], launch: Callable[[TileConfig], None]) -> TileConfig:
+def _pick(key: tuple, candidates: list, launch: Callable[[TileConfig | str], None]) -> TileConfig | str:
     """The fastest candidate for `key` (timed once with CUDA events, then cached), else the first."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
@@ -216,14 +228,14 @@ def _pick(key: tuple, candidates: list[TileConfig], launch: Callable[[TileConfig
             end.synchronize()
             timings.append(start.elapsed_time(end) / reps)
         _TUNED[key] = candidates[min(range(len(candidates)), key=timings.__getitem__)]
-        _TUNE_LOG[key] = {f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/s{c.num_stages}": ms
-                          for c, ms in zip(candidates, timings)}  # fmt: skip
+        _TUNE_LOG[key] = {_candidate_name(c): ms for c, ms in zip(candidates, timings)}
     return _TUNED[key]
 
 
 def tuned_configs() -> dict[str, dict]:
     """The tiles chosen so far with every candidate's time (ms), keyed by the problem description."""
-    return {repr(k): {"best": vars(v), "candidates_ms": _TUNE_LOG.get(k, {})} for k, v in _TUNED.items()}
+    return {repr(k): {"best": v if isinstance(v, str) else vars(v), "candidates_ms": _TUNE_LOG.get(k, {})}
+            for k, v in _TUNED.items()}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,22 +401,62 @@ def _position_strides(t: Tensor, axis: int, r_axis: int, s_axis: int) -> tuple[i
     return st[0], st[r_axis], st[s_axis], st[axis]
 
 
+@triton.jit
+def _pack_weight_kernel(
+    w_ptr, out_ptr, C_IN, C_OUT, IN_PAD, LD, s_in, s_out,
+    KK: tl.constexpr, FLIP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """out[tap, i, o] = w[.., .., tap'] for one input channel i and a block of output channels o.
+
+    `s_in` / `s_out` are the strides of w (a contiguous (C_out, C_in, k, k) conv2d weight) along the
+    roles i and o play here; tap' = KK - 1 - tap with FLIP (the data gradient's flipped kernel).
+    Rows i >= C_IN and columns o >= C_OUT of `out` are the zero padding.
+    """
+    i = tl.program_id(0)
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    tap = tl.arange(0, BLOCK_T)
+    src_tap = KK - 1 - tap if FLIP else tap
+    o_lim = tl.where(i < C_IN, C_OUT, 0)  # padding rows (i >= C_IN) load nothing: zeros
+    ok = (o < o_lim)[:, None] & (tap < KK)[None, :]
+    # Each row o reads KK consecutive values of w: whole sectors whichever role o plays.
+    vals = tl.load(w_ptr + i * s_in + (o * s_out)[:, None] + src_tap[None, :], mask=ok, other=0.0)
+    dst = out_ptr + (tap * IN_PAD * LD)[None, :] + i * LD + o[:, None]
+    tl.store(dst, vals.to(out_ptr.dtype.element_ty), mask=(o < LD)[:, None] & (tap < KK)[None, :])
+
+
 def conv_weight(weight: Tensor, in_padded: int, dtype: torch.dtype, data_grad: bool = False) -> Tensor:
     """A (C_out, C_in, k, k) conv2d weight as the kernel reads it: a (k², in_padded, C_out) view of a
     zero-padded (k², in_padded, ld) buffer, ld = C_out rounded up to 16 (the kernel reads whole
     16-column groups; the extra columns are zero).
 
     With `data_grad`, the weight of the data-gradient convolution: flipped taps, channels swapped
-    (its input channels are the forward's output channels).
+    (its input channels are the forward's output channels). One kernel pass: the weight is read
+    once and the packed buffer, padding included, written once.
     """
     c_out, c_in, k, _ = weight.shape
-    w = weight.flip(2, 3).permute(2, 3, 0, 1) if data_grad else weight.permute(2, 3, 1, 0)
     cin, cout = (c_out, c_in) if data_grad else (c_in, c_out)
     if in_padded < cin:
         raise ValueError(f"conv_weight: input channels padded to {in_padded} < {cin} channels")
-    out = torch.zeros(k * k, in_padded, channel_pad(cout), dtype=dtype, device=weight.device)
-    out[:, :cin, :cout] = w.reshape(k * k, cin, cout)
+    ld = channel_pad(cout)
+    out = torch.empty(k * k, in_padded, ld, dtype=dtype, device=weight.device)
+    _check_int32(out, weight)
+    w = weight.contiguous()
+    s_in, s_out = (c_in * k * k, k * k) if data_grad else (k * k, c_in * k * k)
+    block_o = 64 if not interpreted() else 16
+    _pack_weight_kernel[(in_padded, triton.cdiv(ld, block_o))](
+        w, out, cin, cout, in_padded, ld, s_in, s_out,
+        KK=k * k, FLIP=data_grad, BLOCK_O=block_o, BLOCK_T=triton.next_power_of_2(k * k), num_warps=4,
+    )  # fmt: skip
     return out[:, :, :cout]
+
+
+def pack_forward_weights(
+    w_w1: Tensor, w_h1: Tensor, w_h2: Tensor, w_w2: Tensor, mix_weight: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, ...]:
+    """The five convolution weights of a stage packed for the forward pass (``conv_weight``), each
+    with its input channels padded as the stage stores the activation it reads. A caller that runs
+    the same weights many times (generation) packs once and passes the result to the stage."""
+    return tuple(conv_weight(w, channel_pad(w.shape[1]), dtype) for w in (w_w1, w_h1, w_h2, w_w2, mix_weight))
 
 
 def channel_conv(
@@ -557,8 +609,41 @@ def _wgrad_store(dw_ptr, acc, co, ci, tap, C_OUT, C_IN, ATOMIC: tl.constexpr):
         tl.store(dst, acc, mask=mask)
 
 
+def _dense_nchw(t: ChannelsLast) -> tuple[Tensor, tuple[int, int]] | None:
+    """The padded storage of `t` as a channels_last (B, padded, A1, A2) tensor with the plane axes
+    (A1, A2) in memory order, or None when `t` is not a dense channels-last buffer."""
+    view, axis = t.view, t.axis
+    plane = sorted((a for a in (1, 2, 3) if a != axis), key=lambda a: -view.stride(a))
+    a1, a2 = plane
+    sizes = (view.shape[0], t.padded, view.shape[a1], view.shape[a2])
+    strides = (view.stride(0), 1, view.stride(a1), view.stride(a2))
+    if strides[3] != t.padded or strides[2] != sizes[3] * t.padded or strides[0] != sizes[2] * strides[2]:
+        return None
+    return view.as_strided(sizes, strides), (a1, a2)
+
+
+def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, int]) -> Tensor:
+    """cuDNN's weight gradient on the padded channels-last buffers themselves (no copies): the
+    padded channels are zero or ignored (their rows and columns of the result are dropped).
+    Returns (C_out, C_in, k, k) fp32 with kernel axes along PLANE_AXES[axis] (p, q)."""
+    dy4, order = _dense_nchw(dy)
+    x4, _ = _dense_nchw(x)
+    co_pad, ci_pad = dy4.shape[1], x4.shape[1]
+    # Only the weight's sizes, dtype and memory format are read by the weight-gradient path.
+    weight = torch.empty((co_pad, ci_pad, k, k), dtype=x4.dtype, device=x4.device, memory_format=torch.channels_last)
+    _, dw, _ = torch.ops.aten.convolution_backward(
+        dy4, x4, weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False]
+    )
+    dw = dw[: dy.view.shape[dy.axis], : x.view.shape[x.axis]].float()
+    return dw if order == plane else dw.transpose(2, 3)
+
+
 def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
-    """Weight gradient (C_out, C_in, k, k) in fp32 of the channel convolution x -> y, from dy = dL/dy."""
+    """Weight gradient (C_out, C_in, k, k) in fp32 of the channel convolution x -> y, from dy = dL/dy.
+
+    On a GPU the candidates timed per shape are the Triton tiles and cuDNN's weight gradient on the
+    same buffers (``_wgrad_cudnn``); the faster one is kept.
+    """
     axis = dy.axis
     if x.axis != axis or dy.view.stride(axis) != 1 or x.view.stride(axis) != 1:
         raise ValueError(
@@ -583,8 +668,12 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
     ieee = x.view.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     dw = torch.empty(k * k, c_in, c_out, dtype=torch.float32, device=x.view.device)
     sms = torch.cuda.get_device_properties(dw.device).multi_processor_count if dw.is_cuda else 1
+    result = {}
 
-    def launch(cfg: TileConfig) -> None:
+    def launch(cfg: TileConfig | str) -> None:
+        if cfg == CUDNN:
+            result["dw"] = _wgrad_cudnn(dy, x, k, (p_axis, q_axis))
+            return
         tiles = k * k * triton.cdiv(c_out, cfg.block_m) * triton.cdiv(c_in, cfg.block_n)
         # Split the positions until there are ~4 programs per SM, keeping >= 32 K steps per program.
         max_split = max(1, M // (32 * cfg.block_k))
@@ -599,11 +688,16 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
+        result["dw"] = dw.view(k, k, c_in, c_out).permute(3, 2, 0, 1)
 
     candidates = _candidates(c_out, c_in, 64 if not interpreted() else 16)
+    cudnn_ok = (dw.is_cuda and torch.backends.cudnn.is_available() and x.view.dtype != torch.float32
+                and _dense_nchw(dy) is not None and _dense_nchw(x) is not None)  # fmt: skip
+    if cudnn_ok:
+        candidates.append(CUDNN)
     key = ("wgrad", axis, B, R, S, c_in, c_out, k, x.view.dtype)
     launch(_pick(key, candidates, launch))
-    return dw.view(k, k, c_in, c_out).permute(3, 2, 0, 1)
+    return result["dw"]
 
 
 # --------------------------------------------------------------------------------------------------
