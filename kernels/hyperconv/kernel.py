@@ -631,9 +631,14 @@ def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, in
     co_pad, ci_pad = dy4.shape[1], x4.shape[1]
     # Only the weight's sizes, dtype and memory format are read by the weight-gradient path.
     weight = torch.empty((co_pad, ci_pad, k, k), dtype=x4.dtype, device=x4.device, memory_format=torch.channels_last)
-    _, dw, _ = torch.ops.aten.convolution_backward(
-        dy4, x4, weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False]
-    )
+    # cuDNN's heuristic algorithm, not its benchmark mode: benchmarking every algorithm on the 0.5B
+    # preset's first stage (batch 16) ran for minutes on an H100; conv_wgrad's own timing against
+    # the Triton tiles decides anyway.
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):  # fmt: skip
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            dy4, x4, weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False]
+        )
     dw = dw[: dy.view.shape[dy.axis], : x.view.shape[x.axis]].float()
     return dw if order == plane else dw.transpose(2, 3)
 
