@@ -133,9 +133,9 @@ class GeneratorConfig:
     """Cap on N of the stages before the last one (preset="auto" only). All three paper presets end
     with 2048 -> T; parameters grow as max_channels * T * k², so lower it for very large T."""
     impl: str = "auto"
-    """"auto": the faster implementation as measured on an H100 (today the PyTorch reference: the
-    fused Triton stage is slower forward+backward, see benchmarks/README.md); "torch": always the
-    PyTorch reference; "triton": always the fused Triton stage (error if it does not import)."""
+    """"auto": the fused Triton stage on a GPU (measured faster on an H100, benchmarks/README.md),
+    the PyTorch reference on CPU or where Triton does not import; "torch": always the PyTorch
+    reference; "triton": always the fused Triton stage (error if it does not import)."""
     eps: float = 1e-5
     """LayerNorm epsilon of every stage."""
 
@@ -351,9 +351,11 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         return "triton"
     if impl != "auto":
         raise ValueError(f"generator impl must be one of {IMPLS}, got {impl!r}")
-    # "auto" picks the faster path as measured: today PyTorch. On an H100 at the 0.5B preset the fused
-    # stages are 1.07-1.31x faster forward but 0.78-1.00x forward+backward, a 16-sample training step
-    # 0.91x and batch-1 generation 0.62x (benchmarks/README.md, kernels_h100_run2.json).
+    # "auto": the fused stages on a GPU, where they measured faster than PyTorch (H100, 0.5B preset:
+    # a 16-sample training step 1219 vs 1239 ms, the batch-1 generation forward 23.8 vs 37.1 ms;
+    # benchmarks/README.md, kernels_h100_run5.json); the reference elsewhere or without Triton.
+    if device.type == "cuda" and _load_triton_stage()[0] is not None:
+        return "triton"
     return "torch"
 
 

@@ -463,7 +463,8 @@ def _moving_average(v: list[float], window: int) -> list[float]:
 
 
 def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: float = 1e-4,
-                      window: int = 10, factor: float = 1.25, slack: float = 0.01) -> dict:  # fmt: skip
+                      window: int = 10, factor: float = 1.25, slack: float = 0.01, result: dict | None = None,
+                      on_curve: Callable[[], None] = lambda: None) -> dict:  # fmt: skip
     """Training curves of impl=triton and impl=torch (bf16 autocast) and of the exact fp32 reference,
     from the same seed and data, compared.
 
@@ -471,9 +472,16 @@ def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: f
     stray from the exact fp32 trajectory at most as far as PyTorch's own bf16 run does. With
     d(run) = mean over steps of |MA(run) - MA(fp32)| / MA(fp32) (MA = moving average over `window`
     steps), pass when d(triton) <= factor * d(torch) + slack. The per-step gap between triton and
-    torch is reported beside it.
+    torch is reported beside it. Each curve lands in `result` (filled in place) as soon as it is
+    done, and `on_curve` is called, so a run cut short keeps the curves it finished.
     """
-    curves = {impl: _train_curve(impl, preset, batch, steps, pairs, lr) for impl in ("triton", "eager", "fp32")}
+    result = {} if result is None else result
+    result.update({"preset": preset, "batch": batch, "steps": steps, "pairs": pairs, "lr": lr, "curves": {}})
+    curves = result["curves"]
+    for impl in ("triton", "eager", "fp32"):
+        curves[impl] = _train_curve(impl, preset, batch, steps, pairs, lr)
+        print(f"convergence curve {impl}: {steps} steps in {curves[impl]['seconds']:.1f} s", flush=True)
+        on_curve()
     ma = {impl: _moving_average(c["losses"], window) for impl, c in curves.items()}
 
     def distance(run: str) -> float:
@@ -481,8 +489,7 @@ def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: f
 
     d_triton, d_torch = distance("triton"), distance("eager")
     step_gap = max(abs(a - b) / abs(b) for a, b in zip(ma["triton"], ma["eager"]))
-    result = {
-        "preset": preset, "batch": batch, "steps": steps, "pairs": pairs, "lr": lr,
+    result.update({
         "criterion": f"d(triton) <= {factor} * d(torch) + {slack}, d = mean over steps of "
                      f"|MA{window}(run) - MA{window}(fp32)| / MA{window}(fp32)",
         "distance_to_fp32": {"triton": d_triton, "torch": d_torch},
@@ -490,8 +497,7 @@ def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: f
         "max_step_rel_gap_triton_vs_torch": step_gap,
         "first_loss": {k: c["losses"][0] for k, c in curves.items()},
         "last_loss": {k: c["losses"][-1] for k, c in curves.items()},
-        "curves": curves,
-    }  # fmt: skip
+    })  # fmt: skip
     print(f"convergence: distance to fp32 triton {d_triton:.4f} torch {d_torch:.4f} -> passed={result['passed']}; "
           f"max per-step gap triton vs torch {step_gap:.4f}", flush=True)  # fmt: skip
     return result
@@ -558,7 +564,8 @@ def bench_kernels(
         elif section == "generate":
             result["generate"] = bench_generate(preset, impls, reps=max(reps, 10), warmup=warmup)
         elif section == "convergence":
-            result["convergence"] = bench_convergence(preset, convergence_batch, convergence_steps, lr=convergence_lr)
+            bench_convergence(preset, convergence_batch, convergence_steps, lr=convergence_lr,
+                              result=result.setdefault("convergence", {}), on_curve=lambda: _write(out, result))  # fmt: skip
         result.setdefault("section_seconds", {})[section] = time.perf_counter() - t0
         _write(out, result)
         _save_tiles()

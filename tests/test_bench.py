@@ -17,3 +17,21 @@ def test_bench_data_measures_write_and_read(tmp_path):
 
 def test_bench_cli_rejects_unknown_bench(capsys):
     assert main(["bench", "nope"]) == 2
+
+
+def test_convergence_criterion_compares_against_the_exact_run(monkeypatch):
+    # The criterion: the Triton run may stray from the fp32 run at most as far as PyTorch's bf16 run.
+    from dnd_kernels import bench
+
+    def curves(triton_offset):
+        exact = [1.0 / (1 + s) for s in range(40)]
+        return {"fp32": exact, "eager": [v * 1.02 for v in exact], "triton": [v * (1 + triton_offset) for v in exact]}
+
+    for offset, passed in ((0.02, True), (0.025, True), (0.05, False)):
+        data = curves(offset)
+        monkeypatch.setattr(bench, "_train_curve", lambda impl, *a, data=data: {"losses": data[impl], "seconds": 0.0})
+        written = []
+        partial = {}
+        out = bench.bench_convergence("p", 1, 40, result=partial, on_curve=lambda: written.append(len(partial["curves"])))
+        assert out is partial and written == [1, 2, 3]  # each curve is handed over as soon as it exists
+        assert out["passed"] is passed, (offset, out["distance_to_fp32"])

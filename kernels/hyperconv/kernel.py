@@ -168,7 +168,8 @@ def save_tuned(path: str | os.PathLike) -> None:
     if os.path.exists(path):
         with open(path) as f:
             merged = json.load(f)
-    merged.update(tuned_configs())
+    # A choice read back from the file carries no timings; keep the entry that has them.
+    merged.update({k: v for k, v in tuned_configs().items() if v["candidates_ms"] or k not in merged})
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(merged, f, indent=1)
