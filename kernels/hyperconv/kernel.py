@@ -6,7 +6,8 @@ implicit GEMM it is ``out[position, c_out] = sum over (tap, c_in) of x[position 
 w[tap, c_in, c_out]``: M = B × plane positions, N = C_out, K = k² × C_in. One kernel
 (``_conv_kernel``) runs all of them, the backward data gradients included (a data gradient is the
 same convolution with the kernel flipped and its two channel axes swapped); ``_wgrad_kernel`` runs
-the weight gradients (M = C_out, N = C_in per tap, K = B × plane positions).
+the weight gradients (M = C_out, N = C_in per tap, K = B × plane positions), or cuDNN does, on the
+same buffers, for the shapes where the autotuner timed it faster (``conv_wgrad``).
 
 Layout: no activation is transposed by a copy. Each one is *written* by the kernel that produces it
 directly in the layout in which its consumer reads it: the consumer's channel axis innermost (stride
