@@ -673,14 +673,18 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
     ds_ = _position_strides(dy.view, axis, r_axis, s_axis)[:3]
     xs = _position_strides(x.view, axis, r_axis, s_axis)[:3]
     ieee = x.view.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
-    dw = torch.empty(k * k, c_in, c_out, dtype=torch.float32, device=x.view.device)
-    sms = torch.cuda.get_device_properties(dw.device).multi_processor_count if dw.is_cuda else 1
+    device = x.view.device
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     result = {}
 
     def launch(cfg: TileConfig | str) -> None:
         if cfg == CUDNN:
             result["dw"] = _wgrad_cudnn(dy, x, k, (p_axis, q_axis))
             return
+        # Allocated only for a Triton candidate: the last mixing convolution's fp32 gradient is GBs.
+        if "buffer" not in result:
+            result["buffer"] = torch.empty(k * k, c_in, c_out, dtype=torch.float32, device=device)
+        dw = result["buffer"]
         tiles = k * k * triton.cdiv(c_out, cfg.block_m) * triton.cdiv(c_in, cfg.block_n)
         # Split the positions until there are ~4 programs per SM, keeping >= 32 K steps per program.
         max_split = max(1, M // (32 * cfg.block_k))
@@ -698,7 +702,7 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
         result["dw"] = dw.view(k, k, c_in, c_out).permute(3, 2, 0, 1)
 
     candidates = _candidates(c_out, c_in, 64 if not interpreted() else 16)
-    cudnn_ok = (dw.is_cuda and torch.backends.cudnn.is_available() and x.view.dtype != torch.float32
+    cudnn_ok = (device.type == "cuda" and torch.backends.cudnn.is_available() and x.view.dtype != torch.float32
                 and _dense_nchw(dy) is not None and _dense_nchw(x) is not None)  # fmt: skip
     if cudnn_ok:
         candidates.append(CUDNN)
