@@ -74,18 +74,23 @@ def test_channels_last_padding_is_zero_and_views_are_logical():
 
 
 def test_launchers_reject_bad_inputs():
-    x = K.empty_channels_last((1, 2, 3, 4), axis=3, dtype=torch.float32, device=torch.device("cpu"))
-    w = K.conv_weight(torch.randn(5, 4, 3, 3), x.padded, torch.float32)
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    x = K.empty_channels_last((1, 2, 3, 4), axis=3, dtype=torch.float32, device=dev)
+    w = K.conv_weight(torch.randn(5, 4, 3, 3, device=dev), x.padded, torch.float32)
     with pytest.raises(ValueError, match="output must be"):
-        K.channel_conv(x, w, torch.empty(1, 2, 3, 6))  # 6 output channels, weight makes 5
+        K.channel_conv(x, w, torch.empty(1, 2, 3, 6, device=dev))  # 6 output channels, weight makes 5
     with pytest.raises(ValueError, match="stored channels"):
-        K.channel_conv(x, K.conv_weight(torch.randn(5, 4, 3, 3), 32, torch.float32), torch.empty(1, 2, 3, 5))
+        K.channel_conv(x, K.conv_weight(torch.randn(5, 4, 3, 3, device=dev), 32, torch.float32), torch.empty(1, 2, 3, 5, device=dev))
     with pytest.raises(ValueError, match="share one of"):
-        K.channel_conv(x, w.half(), torch.empty(1, 2, 3, 5))
+        K.channel_conv(x, w.half(), torch.empty(1, 2, 3, 5, device=dev))
     with pytest.raises(ValueError, match="tanh-average epilogue needs"):
-        K.channel_conv(x, w, torch.empty(1, 2, 3, 5), epilogue=K.EPILOGUE_TANH_AVG)
+        K.channel_conv(x, w, torch.empty(1, 2, 3, 5, device=dev), epilogue=K.EPILOGUE_TANH_AVG)
     with pytest.raises(ValueError, match="contiguous"):
-        K.layer_norm_channels_last(torch.randn(1, 2, 4, 3).transpose(2, 3), torch.ones(3, 4), torch.ones(3, 4), 1e-5, torch.float32)
+        K.layer_norm_channels_last(torch.randn(1, 2, 4, 3, device=dev).transpose(2, 3), torch.ones(3, 4, device=dev),
+                                   torch.ones(3, 4, device=dev), 1e-5, torch.float32)  # fmt: skip
+    if HAS_CUDA:  # outside the interpreter the kernels take CUDA tensors only
+        with pytest.raises(ValueError, match="take CUDA tensors"):
+            K.conv_weight(torch.randn(5, 4, 3, 3), 16, torch.float32)
 
 
 def test_stage_rejects_mismatched_parameters():

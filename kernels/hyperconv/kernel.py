@@ -437,6 +437,11 @@ def conv_weight(weight: Tensor, in_padded: int, dtype: torch.dtype, data_grad: b
     """
     c_out, c_in, k, _ = weight.shape
     cin, cout = (c_out, c_in) if data_grad else (c_in, c_out)
+    if not weight.is_cuda and not interpreted():
+        raise ValueError(
+            f"conv_weight: the weight is on {weight.device}; the Triton kernels take CUDA tensors "
+            "(or CPU tensors under TRITON_INTERPRET=1)"
+        )
     if in_padded < cin:
         raise ValueError(f"conv_weight: input channels padded to {in_padded} < {cin} channels")
     ld = channel_pad(cout)
