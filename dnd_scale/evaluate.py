@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from dnd_scale.basemodel import BaseModel, load_base_model
 from dnd_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE, write_adapter
-from dnd_scale.io import atomic_path, load_safetensors, read_json, write_json
+from dnd_scale.io import ArtifactError, atomic_path, load_safetensors, read_json, read_jsonl, sha256_file, write_json
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
 from dnd_scale.tasks import Task, TaskRecord, load_task
 
@@ -71,8 +71,9 @@ BASE_LABEL = "base"
 SKIP_REASONS = ("no_answer", "no_options", "too_long")
 METRICS = {"loglik": ("accuracy", "accuracy_norm"), "generate": ("accuracy",)}
 REPORT_FILES = ("results.json", "results.md", "accuracy.png")
-# A collect checkpoint's layout lives two folders up: <run>/checkpoints/<task>/<step>.safetensors.
+# A collect checkpoint's layout and manifest live two folders up: <run>/checkpoints/<task>/<step>.safetensors.
 COLLECT_LAYOUT = "layout.json"
+COLLECT_MANIFEST = "manifest.jsonl"
 # PEFT key of one adapted linear layer of a decoder layer: ...<layers>.<i>.<self_attn|mlp>.<name>.lora_<A|B>.weight
 _PEFT_KEY = re.compile(r"\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_[AB]\.weight$")
 _LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -479,9 +480,25 @@ def _spec_from_peft(path: Path, adapter_config: Mapping[str, Any], keys: Sequenc
         raise LayoutError(f"adapter {path}: {error}") from None
 
 
+def _check_collected_hash(path: Path) -> None:
+    """A collect checkpoint must be the file its manifest line hashed (collect's manifest.jsonl)."""
+    manifest = path.parent.parent / COLLECT_MANIFEST
+    name = f"{path.parent.name}/{path.name}"
+    records = [r for r in read_jsonl(manifest) if r.get("file") == name] if manifest.is_file() else []
+    if not records:
+        raise ArtifactError(
+            f"checkpoint {path} has no line in {manifest}; only checkpoints that `dnd collect` finished are "
+            "evaluated as files: pass a PEFT adapter folder for anything else"
+        )
+    if sha256_file(path) != records[-1]["sha256"]:
+        raise ArtifactError(f"checkpoint {path} does not match the sha256 of its manifest line; the file changed "
+                            "after collect: run `dnd collect` again for its task")  # fmt: skip
+
+
 def check_adapter(path: str | os.PathLike, base_config: Any) -> CheckedAdapter:
     """Check that an adapter fits the base model: keys, shapes and finite values against the layout the
-    base model gives for the adapter's LoRA spec, and the layout fingerprint its provenance.json records.
+    base model gives for the adapter's LoRA spec, and the layout fingerprint its provenance.json records
+    (a collect checkpoint: the layout of its run, and the sha256 of its manifest line).
 
     Raises LayoutError (what differs, what to do) or ArtifactError (missing / unreadable files).
     """
@@ -495,6 +512,7 @@ def check_adapter(path: str | os.PathLike, base_config: Any) -> CheckedAdapter:
             )
         collected = LoraLayout.load(layout_path)
         spec, recorded, provenance = collected.spec, collected.fingerprint(), None
+        _check_collected_hash(path)
         state = load_safetensors(path, "checkpoint")
     elif path.is_dir():
         if not (path / ADAPTER_WEIGHTS).is_file():

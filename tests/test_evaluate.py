@@ -22,6 +22,7 @@ from dnd_scale.evaluate import (
     write_report,
 )
 from dnd_scale.export import PROVENANCE, write_adapter
+from dnd_scale.io import ArtifactError, append_jsonl, sha256_file
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from tinymodels import tiny_config
@@ -169,13 +170,22 @@ def test_collect_checkpoint_file_scores_like_the_same_peft_folder(tiny, tmp_path
     (checkpoints / "taskx").mkdir(parents=True)
     from safetensors.torch import save_file
 
-    save_file(state, str(checkpoints / "taskx" / "3.safetensors"))
+    checkpoint = checkpoints / "taskx" / "3.safetensors"
+    save_file(state, str(checkpoint))
     folder = write_adapter(state, layout, tmp_path / "same")
     config = EvalConfig(max_records=5, **FP32_CPU)
-    adapters = {"file": [checkpoints / "taskx" / "3.safetensors"], "folder": [folder]}
+    adapters = {"file": [checkpoint], "folder": [folder]}
+    with pytest.raises(ArtifactError, match="no line in"):  # collect writes the manifest line after the file
+        evaluate(base, [mc_task()], adapters, config)
+    append_jsonl(checkpoints / "manifest.jsonl", {"task": "taskx", "step": 3, "file": "taskx/3.safetensors",
+                                                  "sha256": sha256_file(checkpoint)})  # fmt: skip
     results = evaluate(base, [mc_task()], adapters, config)
     by_label = {m["label"]: m["tasks"]["largest_number_mc"] for m in results["models"]}
     assert by_label["file"] == by_label["folder"]
+    state[layout.matrices[0].key][0, 0] += 1.0  # the file changes after collect
+    save_file(state, str(checkpoint))
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        evaluate(base, [mc_task()], adapters, config)
 
 
 def test_generate_mode_batched_equals_one_by_one_and_scores_exact_match(tiny):
