@@ -449,7 +449,7 @@ def conv_weight(weight: Tensor, in_padded: int, dtype: torch.dtype, data_grad: b
     _check_int32(out, weight)
     w = weight.contiguous()
     s_in, s_out = (c_in * k * k, k * k) if data_grad else (k * k, c_in * k * k)
-    block_o = 64 if not interpreted() else 16
+    block_o = 64 if not interpreted() else 16  # not tuned: one pass over the weights per step
     _pack_weight_kernel[(in_padded, triton.cdiv(ld, block_o))](
         w, out, cin, cout, in_padded, ld, s_in, s_out,
         KK=k * k, FLIP=data_grad, BLOCK_O=block_o, BLOCK_T=triton.next_power_of_2(k * k), num_warps=4,
