@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from dnd_kernels.detokenize.function import detokenize
-from dnd_kernels.detokenize.reference import border_masks
+from dnd_kernels.detokenize.reference import border_masks, table_facts
 from dnd_scale.layout import LayoutError, LoraLayout, LoraMatrix
 
 
@@ -80,7 +80,7 @@ class WeightTokenizer:
         self.flat_numel = offset
         self._mask: Tensor | None = None
         self._table: Tensor | None = None
-        self._device_tables: dict[torch.device, Tensor] = {}
+        self._device_tables: dict[torch.device, tuple[Tensor, tuple[int, int]]] = {}
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -147,15 +147,16 @@ class WeightTokenizer:
         the tokens' device."""
         self._check_tokens(tokens)
         # On a GPU the fused kernel writes the buffer in one pass; elsewhere the PyTorch reference.
+        table, facts = self._table_on(tokens.device)
         return detokenize(
-            tokens.contiguous(), self._table_on(tokens.device), self.flat_numel, self.rank, self.chunk,
-            self.config.mean_scale, self.config.std_shift, dtype,
+            tokens.contiguous(), table, self.flat_numel, self.rank, self.chunk,
+            self.config.mean_scale, self.config.std_shift, dtype, facts=facts,
         )
 
-    def _table_on(self, device: torch.device) -> Tensor:
-        """The token table on `device`, copied there once."""
+    def _table_on(self, device: torch.device) -> tuple[Tensor, tuple[int, int]]:
+        """The token table on `device` (copied there once) and its ``table_facts`` (read once, on the host)."""
         if device not in self._device_tables:
-            self._device_tables[device] = self.token_table().to(device)
+            self._device_tables[device] = (self.token_table().to(device), table_facts(self.token_table(), self.rank))
         return self._device_tables[device]
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:

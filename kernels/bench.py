@@ -264,8 +264,8 @@ def _random_tokens(tok, batch_shape=(), device="cuda") -> torch.Tensor:
 
 
 def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512))) -> list[dict]:
-    from dnd_kernels.detokenize.kernel import detokenize_triton, table_facts
-    from dnd_kernels.detokenize.reference import detokenize_reference
+    from dnd_kernels.detokenize.kernel import detokenize_triton
+    from dnd_kernels.detokenize.reference import detokenize_reference, table_facts
 
     rows = []
     for model, rank, chunk in models:

@@ -21,10 +21,12 @@ def detokenize(
     dtype: torch.dtype = torch.float32,
     impl: str = "auto",
     out: Tensor | None = None,
+    facts: tuple[int, int] | None = None,
 ) -> Tensor:  # (numel,)
     """Detokenize with `impl` ("auto": Triton when `tokens` is on CUDA, else the PyTorch reference).
 
-    `out` (triton only) is a preallocated (numel,) buffer, e.g. the storage of an adapter's tensors.
+    `out` (triton only) is a preallocated (numel,) buffer, e.g. the storage of an adapter's tensors;
+    `facts` (triton only) = ``reference.table_facts(table, rank)``, computed per call when not given.
     """
     if impl not in IMPLS:
         raise ValueError(f"detokenize impl must be one of {IMPLS}, got {impl!r}")
@@ -34,4 +36,4 @@ def detokenize(
         return detokenize_reference(tokens, table, numel, rank, chunk, mean_scale, std_shift, dtype)
     from .kernel import detokenize_triton  # imported here: triton is optional on CPU-only installs
 
-    return detokenize_triton(tokens, table.to(tokens.device), numel, rank, chunk, mean_scale, std_shift, dtype, out)
+    return detokenize_triton(tokens, table.to(tokens.device), numel, rank, chunk, mean_scale, std_shift, dtype, out, facts)

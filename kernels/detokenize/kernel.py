@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import table_facts
+
 
 @triton.jit
 def _detokenize_kernel(
@@ -64,23 +66,6 @@ def _detokenize_kernel(
     else:
         row_stride = tl.multiple_of(row_stride, ALIGN)
         tl.store(out_ptr + offset + rows[:, None] * row_stride + cols[None, :], vals, mask=interior)
-
-
-def table_facts(table: Tensor, rank: int) -> tuple[int, int]:
-    """(values the table covers, the largest of 16, 8, 4, 2, 1 that divides every offset, width and
-    lora_A row stride of the table); a lora_B row must have column stride `rank`. One device sync."""
-    offset, row_stride, col_stride, width = table.unbind(dim=1)
-    is_b = row_stride == 1
-    facts = [width.sum() * rank, torch.where(is_b, col_stride != rank, col_stride != 1).sum()]
-    for a in (16, 8, 4, 2):
-        facts.append(((offset % a) + (width % a) + torch.where(is_b, 0, row_stride % a)).sum())
-    covered, bad_b, *misaligned = torch.stack(facts).tolist()
-    if bad_b:
-        raise ValueError(
-            f"detokenize: {bad_b} rows of the token table have a column stride other than 1 (lora_A) or the "
-            f"rank {rank} (lora_B); the table must come from the WeightTokenizer of this layout"
-        )
-    return covered, next((a for a, m in zip((16, 8, 4, 2), misaligned) if m == 0), 1)
 
 
 def detokenize_triton(

@@ -629,12 +629,12 @@ def _dense_nchw(t: ChannelsLast) -> tuple[Tensor, tuple[int, int]] | None:
     return view.as_strided(sizes, strides), (a1, a2)
 
 
-def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, int]) -> Tensor:
+def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, int], dense=None) -> Tensor:
     """cuDNN's weight gradient on the padded channels-last buffers themselves (no copies): the
     padded channels are zero or ignored (their rows and columns of the result are dropped).
-    Returns (C_out, C_in, k, k) fp32 with kernel axes along PLANE_AXES[axis] (p, q)."""
-    dy4, order = _dense_nchw(dy)
-    x4, _ = _dense_nchw(x)
+    Returns (C_out, C_in, k, k) fp32 with kernel axes along PLANE_AXES[axis] (p, q). `dense`: the
+    ``_dense_nchw`` views of (dy, x) when the caller already made them."""
+    (dy4, order), (x4, _) = dense if dense is not None else (_dense_nchw(dy), _dense_nchw(x))
     co_pad, ci_pad = dy4.shape[1], x4.shape[1]
     # Only the weight's sizes, dtype and memory format are read by the weight-gradient path.
     weight = torch.empty((co_pad, ci_pad, k, k), dtype=x4.dtype, device=x4.device, memory_format=torch.channels_last)
@@ -681,10 +681,11 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
     device = x.view.device
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     result = {}
+    dense = (_dense_nchw(dy), _dense_nchw(x)) if device.type == "cuda" else (None, None)
 
     def launch(cfg: TileConfig | str) -> None:
         if cfg == CUDNN:
-            result["dw"] = _wgrad_cudnn(dy, x, k, (p_axis, q_axis))
+            result["dw"] = _wgrad_cudnn(dy, x, k, (p_axis, q_axis), dense)
             return
         # Allocated only for a Triton candidate: the last mixing convolution's fp32 gradient is GBs.
         if "buffer" not in result:
@@ -708,7 +709,7 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
 
     candidates = _candidates(c_out, c_in, 64 if not interpreted() else 16)
     cudnn_ok = (device.type == "cuda" and torch.backends.cudnn.is_available() and x.view.dtype != torch.float32
-                and _dense_nchw(dy) is not None and _dense_nchw(x) is not None)  # fmt: skip
+                and None not in dense)  # fmt: skip
     if cudnn_ok:
         candidates.append(CUDNN)
     key = ("wgrad", axis, B, R, S, c_in, c_out, k, x.view.dtype)
