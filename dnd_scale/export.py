@@ -116,10 +116,17 @@ def write_flat_adapter(
     so it crosses to the host in one copy and becomes the safetensors file's data as it is."""
     if flat.shape != (tokenizer.flat_numel,):
         raise LayoutError(f"flat buffer of shape {tuple(flat.shape)} does not fit this layout ({tokenizer.flat_numel},)")
-    if not bool(torch.isfinite(flat).all()):
+    if flat.device.type == "cuda":
+        # Page-locked staging (cached by torch's host allocator across calls): the copy runs at the
+        # link's speed, and the finiteness check waits on the same sync as the copy.
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        finite = torch.isfinite(flat).all()
+    else:
+        host, finite = flat.cpu().contiguous(), torch.isfinite(flat).all()
+    if not bool(finite):
         raise LayoutError("the detokenized adapter contains NaN/Inf (a statistics code out of range); "
                           "the generator output is unusable (check its training)")  # fmt: skip
-    host = flat.cpu()
     entries = [(seg.matrix.key, seg.matrix.shape, seg.flat_offset) for seg in tokenizer.segments]
     return _write_folder(
         tokenizer.layout, out_dir, lambda path: save_flat_safetensors(host, entries, path, metadata=_METADATA),

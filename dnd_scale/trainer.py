@@ -56,7 +56,7 @@ from dnd_scale.encoder import (
     EncoderConfig,
     resolve_encoder_path,
 )
-from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss
+from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_impl
 from dnd_scale.io import (
     ArtifactError,
     append_jsonl,
@@ -725,6 +725,7 @@ def _train(
             "world_size": world,
             "global_batch": ds_config["train_batch_size"],
             "device": str(device),
+            "impl": resolve_impl(config.generator.impl, device),  # the stages' implementation that ran
             "parameters": sum(_full_numel(p) for p in model.parameters()),
             "parameters_per_rank": [int(t.item()) for t in per_rank],
             "features": [list(s) for s in model.features],

@@ -164,6 +164,33 @@ def test_deepspeed_json_is_generated_from_config(tiny, two_ranks):
     assert saved["train_batch_size"] == 2 * 2 * 2 and saved["zero_optimization"]["stage"] == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deepspeed_on_gpu_triton_stages_match_torch(tiny):
+    """`deepspeed --num_gpus 1` on a GPU (NCCL, ZeRO-2): the fused Triton stages (the GPU default) and
+    the PyTorch stages train the same curve; a bf16 run with the Triton stages learns too."""
+    run, recipe = tiny
+    generator = {"preset": None, "features": [list(s) for s in tiny_features()], "kernel_size": 3}
+    runs = [{"stream": "global", "output_dir": f"gpu_{impl}", "zero_stage": 2, "generator": {**generator, "impl": impl}}
+            for impl in ("auto", "torch")]  # fmt: skip
+    runs.append({"stream": "global", "output_dir": "gpu_bf16", "zero_stage": 2, "bf16": True})
+    env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
+    with open(run / "gpu.log", "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+                               str(_free_port()), "--no_local_rank", str(ENTRY), "--run", str(run), "--config",
+                               str(recipe), "--runs", json.dumps(runs)],
+                              cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+    assert proc.returncode == 0, (run / "gpu.log").read_text()[-4000:]
+    info = {name: json.loads((run / name / "train_info.json").read_text()) for name in ("gpu_auto", "gpu_torch", "gpu_bf16")}
+    assert [i["impl"] for i in info.values()] == ["triton", "torch", "triton"]
+    assert all(i["device"].startswith("cuda") for i in info.values())
+    fused, reference, bf16 = (_losses(run / name) for name in info)
+    assert sorted(fused) == sorted(reference) == list(range(1, STEPS + 1))
+    # fp32 parameters; both paths may round GEMM operands to TF32 on the GPU (~1e-3 relative).
+    gaps = {step: abs(fused[step] - reference[step]) / reference[step] for step in reference}
+    assert max(gaps.values()) <= 2e-2, f"per-step relative loss gap, triton vs torch: {gaps}"
+    assert fused[STEPS] < 0.6 * fused[1] and bf16[STEPS] < 0.6 * bf16[1], (fused, bf16)
+
+
 def _launch(run: Path, recipe: Path, out: str, log: Path, resume: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dnd_scale.cli", "train", "--run", str(run), "--config", str(recipe),
            f"--train.output_dir={out}", f"--train.steps={RESUME_STEPS}", "--train.zero_stage=2", "--train.num_workers=2"]

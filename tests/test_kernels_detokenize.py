@@ -41,7 +41,8 @@ def _table(widths_a: list[int], widths_b: list[int], rank: int, chunk: int) -> t
         pytest.param(3, 7, [20], [13], id="r3-c7-odd-chunk"),
     ],
 )
-def test_detokenize_matches_reference(rank, chunk, widths_a, widths_b, dtype):
+@pytest.mark.parametrize("per_program", [None, 1, 2], ids=lambda n: f"tokens{n or 'default'}")
+def test_detokenize_matches_reference(rank, chunk, widths_a, widths_b, dtype, per_program):
     table, numel = _table(widths_a, widths_b, rank, chunk)
     gen = torch.Generator().manual_seed(rank * 100 + chunk)
     tokens = torch.randn(table.shape[0], rank + 2, chunk + 2, generator=gen)
@@ -49,7 +50,10 @@ def test_detokenize_matches_reference(rank, chunk, widths_a, widths_b, dtype):
     tokens, table = tokens.to(DEVICE), table.to(DEVICE)
     ref = detokenize_reference(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype)
     poison = torch.full((numel,), float("nan"), dtype=dtype, device=DEVICE)  # every element must be written
-    out = detokenize(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype, impl="triton", out=poison)
+    if per_program is None:
+        out = detokenize(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype, impl="triton", out=poison)
+    else:  # programs of one token, and of two (lora_A and lora_B chunks mixed in one program)
+        out = DK.detokenize_triton(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype, poison, tokens_per_program=per_program)
     assert out.data_ptr() == poison.data_ptr() and out.dtype == dtype
     rms_tol, max_tol = TOLERANCE[dtype]
     assert_close("flat", out, ref, rms_tol, max_tol)
@@ -72,11 +76,28 @@ def test_detokenize_round_trip_through_tokenizer():
         assert_close(key, value, sd[key], rms_tol=1e-6, max_tol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model,rank,chunk", [("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)])
+@pytest.mark.parametrize("per_program", [None, 1, 4])
+def test_detokenize_preset_layouts_gpu(model, rank, chunk, per_program):
+    from dnd_kernels.bench import _layout_tokenizer, _random_tokens
+
+    tok = _layout_tokenizer(model, rank, chunk)
+    tokens, table = _random_tokens(tok), tok.token_table().cuda()
+    args = (tok.flat_numel, rank, chunk, tok.config.mean_scale, tok.config.std_shift, torch.bfloat16)
+    ref = detokenize_reference(tokens, table, *args)
+    poison = torch.full((tok.flat_numel,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = DK.detokenize_triton(tokens, table, *args, out=poison, tokens_per_program=per_program)
+    assert_close("flat", out, ref, *TOLERANCE[torch.bfloat16])
+
+
 def test_detokenize_rejects_a_table_with_holes():
     table, numel = _table([8], [], 2, 4)
     tokens = torch.randn(table.shape[0], 4, 6, device=DEVICE)
     with pytest.raises(ValueError, match="covers 16 values but the flat buffer has 20"):
         DK.detokenize_triton(tokens, table.to(DEVICE), numel + 4, 2, 4, 8.0, 6.0)
+    with pytest.raises(ValueError, match="tokens_per_program must be a power of two"):
+        DK.detokenize_triton(tokens, table.to(DEVICE), numel, 2, 4, 8.0, 6.0, tokens_per_program=3)
     with pytest.raises(ValueError, match="tokens \\(T, 4, 6\\)"):
         DK.detokenize_triton(tokens[:, :3], table.to(DEVICE), numel, 2, 4, 8.0, 6.0)
 

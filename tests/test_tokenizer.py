@@ -203,3 +203,20 @@ def test_flat_safetensors_equal_what_safetensors_writes(tmp_path, dtype):
         save_flat_safetensors(flat, [entries[0], (entries[1][0], entries[1][1], 16)], tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="cover 36 of the buffer's 37"):
         save_flat_safetensors(flat, entries[:2], tmp_path / "x.safetensors")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flat_adapter_from_the_gpu_is_the_same_file(tmp_path):
+    from dnd_scale.export import write_flat_adapter
+
+    layout = LoraLayout.from_config(tiny_config("qwen2"), LoraSpec(rank=4))
+    tok = WeightTokenizer(layout, chunk=16)
+    flat = torch.randn(tok.flat_numel, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for _ in range(2):  # the second write reuses the cached page-locked staging buffer
+        write_flat_adapter(flat.cuda(), tok, tmp_path / "gpu")
+    write_flat_adapter(flat, tok, tmp_path / "cpu")
+    assert (tmp_path / "gpu" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "cpu" / ADAPTER_WEIGHTS).read_bytes()
+    flat[5] = float("inf")
+    with pytest.raises(LayoutError, match="NaN/Inf"):
+        write_flat_adapter(flat.cuda(), tok, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
