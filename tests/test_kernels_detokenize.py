@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -113,3 +115,37 @@ def test_table_facts_find_the_store_alignment_and_refuse_foreign_strides():
     bad[-1, 2] = 4  # a lora_B row whose column stride is not the rank
     with pytest.raises(ValueError, match="column stride other than 1"):
         DK.table_facts(bad, 8)
+
+
+def _compile_for_hopper(rank: int, chunk: int, out_dtype: str, per_program: int) -> str:
+    """PTX of the kernel compiled for sm_90 (no GPU needed: Triton's own compiler and ptxas), with the
+    16-byte-aligned pointers a launch on a GPU gets."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = {"RANK": rank, "CHUNK": chunk, "BLOCK_R": triton.next_power_of_2(rank),
+              "BLOCK_C": triton.next_power_of_2(chunk), "BLOCK_B": triton.next_power_of_2(chunk + 2),
+              "ALIGN": 16, "TOKENS": per_program}  # fmt: skip
+    signature = {"tok_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": out_dtype, "n_tokens": "i32",
+                 "mean_scale": "fp32", "std_shift": "fp32", **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}
+    kernel = DK._detokenize_kernel  # under TRITON_INTERPRET=1 (CPU tests) a wrapper of the Python function
+    kernel = kernel if hasattr(kernel, "cache_key") else triton.runtime.jit.JITFunction(kernel.fn)
+    source = ASTSource(kernel, signature, consts, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("rank,chunk,per_program", [(8, 128, 4), (16, 512, 1)], ids=["0.5b", "7b"])
+@pytest.mark.parametrize("out_dtype", ["*bf16", "*fp32"])
+def test_detokenize_compiles_for_hopper_with_vector_stores(rank, chunk, per_program, out_dtype):
+    """The compiled kernel (what a GPU runs; the interpreter runs the Python instead) stores the flat
+    buffer in 16-byte vectors, lora_A and lora_B chunks alike, and no scalar stores are left."""
+    try:
+        ptx = _compile_for_hopper(rank, chunk, out_dtype, per_program)
+    except (ImportError, RuntimeError) as err:  # a triton build without the CUDA backend
+        pytest.skip(f"triton cannot compile for CUDA here: {err}")
+    stores = re.findall(r"st\.global[.\w]*", ptx)
+    assert stores and set(stores) == {"st.global.v4.b32"}, sorted(set(stores))

@@ -73,8 +73,8 @@ def _detokenize_kernel(
     if tl.max((live & ~is_b).to(tl.int32), axis=0) > 0:
         # lora_A chunks: each row is a contiguous run of the flat buffer (row stride 0 for the
         # masked-off lora_B chunks keeps the alignment hint true).
-        row_stride = tl.multiple_of(tl.where(is_b, 0, row_stride), ALIGN)[:, None, None]
-        tl.store(out_ptr + offset + rows[None, :, None] * row_stride + cols[None, None, :], vals,
+        a_stride = tl.multiple_of(tl.where(is_b, 0, row_stride), ALIGN)[:, None, None]
+        tl.store(out_ptr + offset + rows[None, :, None] * a_stride + cols[None, None, :], vals,
                  mask=stored & ~is_b[:, None, None])  # fmt: skip
     if tl.max((live & is_b).to(tl.int32), axis=0) > 0:
         # lora_B chunks (B^T rows are B's columns): written transposed, so that each of B's rows
