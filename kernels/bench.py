@@ -264,7 +264,7 @@ def _random_tokens(tok, batch_shape=(), device="cuda") -> torch.Tensor:
 
 
 def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512))) -> list[dict]:
-    from dnd_kernels.detokenize.kernel import default_tokens_per_program, detokenize_triton
+    from dnd_kernels.detokenize.kernel import detokenize_triton
     from dnd_kernels.detokenize.reference import detokenize_reference, table_facts
 
     rows = []
@@ -285,12 +285,6 @@ def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)))
             t_ms, _ = median_ms(
                 lambda: [detokenize_triton(tokens, table, *args, dtype, out=out, facts=facts) for _ in range(loop)], 10, 2
             )
-            # The default tokens per program beside the alternatives, timed in the same run.
-            sweep = {}
-            for n in (1, 2, 4, 8):
-                ms, _ = median_ms(lambda: [detokenize_triton(tokens, table, *args, dtype, out=out, facts=facts,
-                                                             tokens_per_program=n) for _ in range(loop)], 10, 2)  # fmt: skip
-                sweep[n] = 1e3 * ms / loop
             r_ms, _ = median_ms(lambda: detokenize_reference(tokens, table, *args, dtype), 10, 2)
             src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
             dst = torch.empty_like(src)
@@ -302,7 +296,6 @@ def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)))
                 "triton_gbps": nbytes / (t_ms / loop) / 1e6, "copy_gbps": nbytes / (c_ms / loop) / 1e6,
                 "pct_of_copy": 100 * (c_ms / t_ms), "speedup_vs_reference": r_ms / (t_ms / loop),
                 "max_abs_err_vs_reference": float((got.float() - ref.float()).abs().max()),
-                "tokens_per_program": default_tokens_per_program(rank, chunk), "tokens_per_program_us": sweep,
             }  # fmt: skip
         rows.append(row)
         print(f"detokenize {model}: " + ", ".join(f"{k}: {v['triton_us']:.1f} us ({v['pct_of_copy']:.0f}% of copy)"
