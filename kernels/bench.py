@@ -320,10 +320,16 @@ def _train_batch(model, batch: int, seed: int):
     return cond, target
 
 
-def bench_train_step(preset: str, batch: int, impls, reps: int, warmup: int) -> dict:
+def bench_train_step(preset: str, batch: int, impls, reps: int, warmup: int, result: dict | None = None,
+                     on_impl: Callable[[], None] = lambda: None) -> dict:  # fmt: skip
+    """Median AdamW step per impl; each impl's entry lands in `result` (filled in place) when it is
+    done and `on_impl` is called, so a run cut short keeps the impls it finished."""
     from dnd_scale.generator import PRESETS, count_parameters, generator_loss, stage_flops
 
-    out = {}
+    p = PRESETS[preset]
+    out = {} if result is None else result
+    out["parameters"] = count_parameters(list(p.features), p.kernel_size)
+    out["step_tflop"] = 3 * batch * sum(stage_flops(a, b, p.kernel_size) for a, b in zip(p.features, p.features[1:])) / 1e12
     for impl in impls:
         module, model = _generator(preset, impl)
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
@@ -351,9 +357,7 @@ def bench_train_step(preset: str, batch: int, impls, reps: int, warmup: int) -> 
         del module, model, opt
         torch.cuda.empty_cache()
         print(f"train step {preset} B={batch} {impl}: {out[impl]}", flush=True)
-    p = PRESETS[preset]
-    out["parameters"] = count_parameters(list(p.features), p.kernel_size)
-    out["step_tflop"] = 3 * batch * sum(stage_flops(a, b, p.kernel_size) for a, b in zip(p.features, p.features[1:])) / 1e12
+        on_impl()
     return out
 
 
@@ -560,7 +564,8 @@ def bench_kernels(
         elif section == "detokenize":
             result["detokenize"] = bench_detokenize()
         elif section == "train_step":
-            result["train_step"] = bench_train_step(preset, batch, impls, reps, warmup)
+            bench_train_step(preset, batch, impls, reps, warmup, result=result.setdefault("train_step", {}),
+                             on_impl=lambda: _write(out, result))  # fmt: skip
         elif section == "generate":
             result["generate"] = bench_generate(preset, impls, reps=max(reps, 10), warmup=warmup)
         elif section == "convergence":
