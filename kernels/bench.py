@@ -158,12 +158,15 @@ def _stage_errors(fn, x, params, grad_out) -> dict:
         out.backward(grad_out.to(out.dtype))
         return [out.detach()] + [t.grad for t in leaves]
 
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    # TF32 off for the exact reference; cuDNN's autotuning off too: it times fp32 algorithms for every
+    # new shape (suspected, not measured apart, in a 7B stage 4 that did not finish in 270 s), and
+    # the algorithm changes no result beyond summation order.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
     try:
         ref = run(hyperconv_stage_reference, False, x.float())
     finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
     with _no_autotune():  # checks the default tile; timing batch-1 tiles would only cost time
         got = run(fn, True, x)
     names = ("out", "x", *PARAM_NAMES)

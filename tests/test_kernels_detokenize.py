@@ -110,35 +110,21 @@ def test_table_facts_find_the_store_alignment_and_refuse_foreign_strides():
         DK.table_facts(bad, 8)
 
 
-def _compile_for_hopper(rank: int, chunk: int, out_dtype: str) -> str:
-    """PTX of the kernel compiled for sm_90 (no GPU needed: Triton's own compiler and ptxas), with the
-    16-byte-aligned pointers a launch on a GPU gets."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    consts = {"RANK": rank, "CHUNK": chunk, "BLOCK_R": triton.next_power_of_2(rank),
-              "BLOCK_C": triton.next_power_of_2(chunk), "BLOCK_B": triton.next_power_of_2(chunk + 2),
-              "ALIGN": 16}  # fmt: skip
-    signature = {"tok_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": out_dtype, "mean_scale": "fp32",
-                 "std_shift": "fp32", **dict.fromkeys(consts, "constexpr")}  # fmt: skip
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}
-    kernel = DK._detokenize_kernel  # under TRITON_INTERPRET=1 (CPU tests) a wrapper of the Python function
-    kernel = kernel if hasattr(kernel, "cache_key") else triton.runtime.jit.JITFunction(kernel.fn)
-    source = ASTSource(kernel, signature, consts, attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 if rank * chunk <= 2048 else 8}).asm["ptx"]
-
-
-triton = pytest.importorskip("triton")
-
-
 @pytest.mark.parametrize("rank,chunk", [(8, 128), (16, 512)], ids=["0.5b", "7b"])
 @pytest.mark.parametrize("out_dtype", ["*bf16", "*fp32"])
 def test_detokenize_compiles_for_hopper_with_vector_stores(rank, chunk, out_dtype):
-    """The compiled kernel (what a GPU runs; the interpreter runs the Python instead) stores the flat
-    buffer in 16-byte vectors, lora_A and lora_B chunks alike, and no scalar stores are left."""
+    """The kernel compiled for sm_90 (what a GPU runs; the interpreter runs the Python instead), with
+    the 16-byte-aligned pointers a GPU launch gets, stores the flat buffer in 16-byte vectors, lora_A
+    and lora_B chunks alike: no scalar stores are left."""
+    from dnd_kernels.compile_check import Launch, NoCudaCompiler, compile_launches
+
+    consts = {"RANK": rank, "CHUNK": chunk, "BLOCK_R": rank, "BLOCK_C": chunk, "BLOCK_B": 2 * chunk, "ALIGN": 16}
+    signature = {"tok_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": out_dtype, "mean_scale": "fp32",
+                 "std_shift": "fp32", **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+    launch = Launch(DK.__name__, "_detokenize_kernel", signature, consts, [0, 1, 2], {"num_warps": 4 if rank * chunk <= 2048 else 8})
     try:
-        ptx = _compile_for_hopper(rank, chunk, out_dtype)
-    except (ImportError, RuntimeError) as err:  # a triton build without the CUDA backend
+        (ptx,) = compile_launches([launch])
+    except NoCudaCompiler as err:
         pytest.skip(f"triton cannot compile for CUDA here: {err}")
     stores = re.findall(r"st\.global[.\w]*", ptx)
     assert stores and set(stores) == {"st.global.v4.b32"}, sorted(set(stores))
