@@ -510,6 +510,36 @@ def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: f
     return result
 
 
+def plot_convergence(convergence: dict, path: str | os.PathLike) -> None:
+    """PNG of a convergence result (``bench_convergence``): every curve's losses, faint, and their MA."""
+    # Figure + the Agg canvas directly: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from dnd_scale.io import atomic_path
+
+    window = 10
+    labels = {"triton": "Triton (bf16 autocast)", "eager": "PyTorch (bf16 autocast)", "fp32": "fp32 exact (TF32 off)"}
+    figure = Figure(figsize=(7.0, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for impl, curve in convergence["curves"].items():
+        steps = range(1, len(curve["losses"]) + 1)
+        (line,) = axes.plot(steps, _moving_average(curve["losses"], window), label=f"{labels.get(impl, impl)}, MA{window}")
+        axes.plot(steps, curve["losses"], color=line.get_color(), alpha=0.25, linewidth=0.8)
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    verdict = ""
+    if "distance_to_fp32" in convergence:
+        d = convergence["distance_to_fp32"]
+        verdict = f": d(triton) {d['triton']:.3f}, d(torch) {d['torch']:.3f}, passed={convergence['passed']}"
+    axes.set_title(f"{convergence['preset']}, batch {convergence['batch']}, lr {convergence['lr']:g}{verdict}", fontsize="medium")
+    axes.legend(fontsize="small")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -574,6 +604,8 @@ def bench_kernels(
         elif section == "convergence":
             bench_convergence(preset, convergence_batch, convergence_steps, lr=convergence_lr,
                               result=result.setdefault("convergence", {}), on_curve=lambda: _write(out, result))  # fmt: skip
+            if out:
+                plot_convergence(result["convergence"], out.with_name(f"{out.stem}.png"))
         result.setdefault("section_seconds", {})[section] = time.perf_counter() - t0
         _write(out, result)
         _save_tiles()

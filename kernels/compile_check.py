@@ -104,7 +104,7 @@ class _Recorder:
 @contextlib.contextmanager
 def recorded_launches(module: types.ModuleType) -> Iterator[list[Launch]]:
     """Inside the block, each launch (``kernel[grid](...)``) of a kernel named ``*_kernel`` in `module`
-    is recorded, once per signature, and then runs; the list fills as the block runs."""
+    is recorded, once per signature, and then runs; the yielded list is filled when the block exits."""
     import triton
     from triton.runtime.interpreter import InterpretedFunction
 

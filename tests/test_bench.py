@@ -35,3 +35,12 @@ def test_convergence_criterion_compares_against_the_exact_run(monkeypatch):
         out = bench.bench_convergence("p", 1, 40, result=partial, on_curve=lambda: written.append(len(partial["curves"])))
         assert out is partial and written == [1, 2, 3]  # each curve is handed over as soon as it exists
         assert out["passed"] is passed, (offset, out["distance_to_fp32"])
+
+
+def test_convergence_plot_is_a_png(tmp_path):
+    from dnd_kernels.bench import plot_convergence
+
+    curves = {impl: {"losses": [1.0 / (1 + s + k) for s in range(30)], "seconds": 1.0} for k, impl in enumerate(("triton", "eager", "fp32"))}
+    result = {"preset": "p", "batch": 1, "lr": 1e-4, "curves": curves, "distance_to_fp32": {"triton": 0.1, "torch": 0.2}, "passed": True}
+    plot_convergence(result, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
