@@ -149,14 +149,11 @@ def _stage_fns(impl: str):
 def _stage_errors(fn, x, params, grad_out) -> dict:
     """RMS ratio of output and each gradient vs the fp32 reference (TF32 off) on the same inputs."""
     from dnd_kernels.hyperconv.reference import hyperconv_stage_reference
-    from dnd_kernels.hyperconv.testing import PARAM_NAMES, error_report
+    from dnd_kernels.hyperconv.testing import PARAM_NAMES, error_report, stage_outputs
 
     def run(f, autocast, x):
-        leaves = [t.detach().clone().requires_grad_() for t in [x, *params]]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = f(*leaves)
-        out.backward(grad_out.to(out.dtype))
-        return [out.detach()] + [t.grad for t in leaves]
+        out, grads = stage_outputs(f, x, params, grad_out, autocast)
+        return [out, *grads]
 
     # TF32 off for the exact reference; cuDNN's autotuning off too: it times fp32 algorithms for every
     # new shape (suspected, not measured apart, in a 7B stage 4 that did not finish in 270 s), and

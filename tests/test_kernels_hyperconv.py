@@ -14,20 +14,16 @@ import torch
 import dnd_kernels.hyperconv.function as F
 import dnd_kernels.hyperconv.kernel as K
 from dnd_kernels.hyperconv.reference import hyperconv_stage_reference
-from dnd_kernels.hyperconv.testing import PARAM_NAMES, assert_close, error_report, stage_inputs
+from dnd_kernels.hyperconv.testing import PARAM_NAMES, assert_close, error_report, stage_inputs, stage_outputs
 
 HAS_CUDA = torch.cuda.is_available()  # without CUDA, conftest runs the kernels under TRITON_INTERPRET=1
 
 EPS = 1e-5
 
 
-def _run(fn, x, params, grad_out=None, autocast=False):
-    """(output, grads of x and of every param) with fresh leaf copies; grad_out defaults to ones."""
-    leaves = [t.detach().clone().requires_grad_() for t in [x, *params]]
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        out = fn(*leaves, eps=EPS)
-    out.backward(grad_out.to(out.dtype))
-    return out.detach(), [t.grad for t in leaves]
+def _run(fn, x, params, grad_out, autocast=False):
+    """(output, grads of x and of every param) with fresh leaf copies."""
+    return stage_outputs(fn, x, params, grad_out, autocast, eps=EPS)
 
 
 def _check_stage(batch, in_shape, out_shape, k, dtype, rms_tol, max_tol, seed=0):

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import table_facts
+from .reference import check_token_shapes, table_facts
 
 
 @triton.jit
@@ -85,12 +85,8 @@ def detokenize_triton(
     `facts` = ``table_facts(table, rank)``: computed here when not given (one device sync); a caller
     that detokenizes many times with one table computes it once.
     """
+    check_token_shapes(tokens, table, rank, chunk)
     T = tokens.shape[0]
-    if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (rank + 2, chunk + 2) or tuple(table.shape) != (T, 4):
-        raise ValueError(
-            f"detokenize expects tokens (T, {rank + 2}, {chunk + 2}) and table (T, 4); "
-            f"got {tuple(tokens.shape)} and {tuple(table.shape)}"
-        )
     if table.dtype != torch.int64 or table.device != tokens.device:
         raise ValueError(
             f"detokenize: the token table must be int64 on {tokens.device}, got {table.dtype} on {table.device}"

@@ -52,6 +52,16 @@ def table_facts(table: Tensor, rank: int) -> tuple[int, int]:
     return covered, next((a for a, m in zip((16, 8, 4, 2), misaligned) if m == 0), 1)
 
 
+def check_token_shapes(tokens: Tensor, table: Tensor, rank: int, chunk: int) -> None:
+    """Tokens (T, r+2, c+2) and a token table (T, 4), or a ValueError that says which shapes came."""
+    T = tokens.shape[0] if tokens.dim() else 0
+    if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (rank + 2, chunk + 2) or tuple(table.shape) != (T, 4):
+        raise ValueError(
+            f"detokenize expects tokens (T, {rank + 2}, {chunk + 2}) and table (T, 4); "
+            f"got {tuple(tokens.shape)} and {tuple(table.shape)}"
+        )
+
+
 def detokenize_reference(
     tokens: Tensor,  # (T, r+2, c+2)
     table: Tensor,  # (T, 4) int64: offset, row stride, column stride, width
@@ -62,12 +72,8 @@ def detokenize_reference(
     std_shift: float,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:  # (numel,)
+    check_token_shapes(tokens, table, rank, chunk)
     T = tokens.shape[0]
-    if tokens.shape[1:] != (rank + 2, chunk + 2) or table.shape != (T, 4):
-        raise ValueError(
-            f"detokenize expects tokens (T, {rank + 2}, {chunk + 2}) and table (T, 4); "
-            f"got {tuple(tokens.shape)} and {tuple(table.shape)}"
-        )
     mean, std = decode_statistics(tokens, rank, chunk, mean_scale, std_shift)
     values = tokens[:, :rank, :chunk].double() * std[:, None, None] + mean[:, None, None]  # (T, r, c)
     offset, row_stride, col_stride, width = table.unbind(dim=1)

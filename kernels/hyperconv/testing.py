@@ -52,6 +52,16 @@ def stage_inputs(
     return x, params
 
 
+def stage_outputs(fn, x: Tensor, params: list[Tensor], grad_out: Tensor, autocast: bool = False, **kwargs) -> tuple[Tensor, list[Tensor]]:
+    """(output, gradients of x and of every param) of one stage function under the upstream gradient
+    `grad_out`, on fresh leaf copies of the inputs (bf16 autocast on CUDA if `autocast`)."""
+    leaves = [t.detach().clone().requires_grad_() for t in [x, *params]]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(*leaves, **kwargs)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
 def error_report(actual: Tensor, expected: Tensor) -> dict:
     """max |a - e|, the RMS ratio ‖a - e‖ / ‖e‖, max |e|, and the index of the largest error."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
