@@ -638,9 +638,9 @@ def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, in
     co_pad, ci_pad = dy4.shape[1], x4.shape[1]
     # Only the weight's sizes, dtype and memory format are read by the weight-gradient path.
     weight = torch.empty((co_pad, ci_pad, k, k), dtype=x4.dtype, device=x4.device, memory_format=torch.channels_last)
-    # cuDNN's heuristic algorithm, not its benchmark mode: benchmarking every algorithm on the 0.5B
-    # preset's first stage (batch 16) ran for minutes on an H100; conv_wgrad's own timing against
-    # the Triton tiles decides anyway.
+    # cuDNN's heuristic algorithm, not its benchmark mode: on these buffers the benchmark mode took
+    # the same algorithm at every weight-gradient shape timed on an H100 (0.5B stages 0 and 7, 7B
+    # stage 5: benchmarks/results/kernels_h100_run7_wgrad_cudnn_benchmark_*.json), only later.
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic,
                                     allow_tf32=torch.backends.cudnn.allow_tf32):  # fmt: skip
         _, dw, _ = torch.ops.aten.convolution_backward(
