@@ -143,6 +143,10 @@ class TrainConfig:
     """DataLoader worker processes per rank reading shards (0: read in the training process)."""
     resampled: bool = False
     """Draw shards with replacement (an endless stream) instead of epoch after epoch."""
+    cudnn_benchmark: bool = True
+    """On a GPU, let cuDNN time its algorithms on the first use of each convolution shape (training
+    shapes are fixed) instead of taking its heuristic pick. `impl: torch` runs every convolution
+    through cuDNN; the Triton path some weight gradients, where its autotuner timed cuDNN faster."""
 
     def __post_init__(self) -> None:
         positive = {"micro_batch_size": self.micro_batch_size, "grad_accum_steps": self.grad_accum_steps,
@@ -556,7 +560,8 @@ def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream) -> int:
 
 
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
-RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "encoder.batch_size", "generator.impl"}
+RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "encoder.batch_size", "generator.impl",
+                     "cudnn_benchmark"}  # fmt: skip
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -696,6 +701,8 @@ def _train(
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
     rank, _, world = init_distributed()
     device = torch.device(get_accelerator().current_device_name())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
 
     if resume or export_only:
         check_resume_config(config, out_dir / "train_config.yaml")
@@ -726,6 +733,7 @@ def _train(
             "global_batch": ds_config["train_batch_size"],
             "device": str(device),
             "impl": resolve_impl(config.generator.impl, device),  # the stages' implementation that ran
+            "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
             "parameters": sum(_full_numel(p) for p in model.parameters()),
             "parameters_per_rank": [int(t.item()) for t in per_rank],
             "features": [list(s) for s in model.features],

@@ -170,8 +170,8 @@ def test_deepspeed_on_gpu_triton_stages_match_torch(tiny):
     the PyTorch stages train the same curve; a bf16 run with the Triton stages learns too."""
     run, recipe = tiny
     generator = {"preset": None, "features": [list(s) for s in tiny_features()], "kernel_size": 3}
-    runs = [{"stream": "global", "output_dir": f"gpu_{impl}", "zero_stage": 2, "generator": {**generator, "impl": impl}}
-            for impl in ("auto", "torch")]  # fmt: skip
+    runs = [{"stream": "global", "output_dir": f"gpu_{impl}", "zero_stage": 2, "generator": {**generator, "impl": impl},
+             "cudnn_benchmark": impl == "auto"} for impl in ("auto", "torch")]  # fmt: skip
     runs.append({"stream": "global", "output_dir": "gpu_bf16", "zero_stage": 2, "bf16": True})
     env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
     with open(run / "gpu.log", "w") as out:
@@ -182,6 +182,7 @@ def test_deepspeed_on_gpu_triton_stages_match_torch(tiny):
     assert proc.returncode == 0, (run / "gpu.log").read_text()[-4000:]
     info = {name: json.loads((run / name / "train_info.json").read_text()) for name in ("gpu_auto", "gpu_torch", "gpu_bf16")}
     assert [i["impl"] for i in info.values()] == ["triton", "torch", "triton"]
+    assert [i["cudnn_benchmark"] for i in info.values()] == [True, False, True]  # the field, and its default
     assert all(i["device"].startswith("cuda") for i in info.values())
     fused, reference, bf16 = (_losses(run / name) for name in info)
     assert sorted(fused) == sorted(reference) == list(range(1, STEPS + 1))

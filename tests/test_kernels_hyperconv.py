@@ -137,8 +137,9 @@ def test_stage_bf16_gpu_preset(stage):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("axis", [1, 2, 3], ids=lambda a: f"channels-axis{a}")
 def test_wgrad_backends_match_reference_gpu(axis, monkeypatch):
-    # Both weight-gradient candidates that conv_wgrad times (Triton tiles, cuDNN on the same
-    # buffers), on odd sizes, against the fp32 weight gradient of reference._conv_channels.
+    # Every weight-gradient candidate that conv_wgrad times (Triton tiles; cuDNN on the same
+    # buffers, and on NCHW copies with and without its benchmark mode), on odd sizes, against the
+    # fp32 weight gradient of reference._conv_channels.
     from dnd_kernels.hyperconv.reference import _conv_channels
 
     shape, k, c_out = (2, 40, 23, 57), 5, 37
@@ -160,3 +161,7 @@ def test_wgrad_backends_match_reference_gpu(axis, monkeypatch):
     assert_close("triton wgrad", K.conv_wgrad(dy, x, k), w.grad, rms_tol=2e-3, max_tol=1e-2)
     cudnn = K._wgrad_cudnn(dy, x, k, K.PLANE_AXES[axis])
     assert_close("cudnn wgrad", cudnn, w.grad, rms_tol=5e-3, max_tol=1e-2)  # rounded to bf16 once
+    for benchmark in (False, True):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark):
+            nchw = K._wgrad_cudnn(dy, x, k, K.PLANE_AXES[axis], nchw=True)
+        assert_close(f"cudnn wgrad on NCHW copies (benchmark {benchmark})", nchw, w.grad, rms_tol=5e-3, max_tol=1e-2)

@@ -7,7 +7,8 @@ w[tap, c_in, c_out]``: M = B × plane positions, N = C_out, K = k² × C_in. One
 (``_conv_kernel``) runs all of them, the backward data gradients included (a data gradient is the
 same convolution with the kernel flipped and its two channel axes swapped); ``_wgrad_kernel`` runs
 the weight gradients (M = C_out, N = C_in per tap, K = B × plane positions), or cuDNN does, on the
-same buffers, for the shapes where the autotuner timed it faster (``conv_wgrad``).
+same buffers or on NCHW copies of them, for the shapes where the autotuner timed it faster
+(``conv_wgrad``).
 
 Layout: no activation is transposed by a copy. Each one is *written* by the kernel that produces it
 directly in the layout in which its consumer reads it: the consumer's channel axis innermost (stride
@@ -17,7 +18,8 @@ pipeline (``cp.async``) whatever the axis; the epilogue's stores go to any strid
 ``ChannelsLast``: a logical ``(B, N, H, W)`` view of the padded storage plus the channel axis. The
 one copy is the stage's upstream gradient in the backward pass, which arrives in the layout of
 whatever consumed the stage's output (``channels_last_copy``; one pass over a tensor that the
-following GEMMs read k²·C times).
+following GEMMs read k²·C times); cuDNN's weight gradient on NCHW copies, where the autotuner
+picks it, is the other.
 
 Fusions: the LayerNorm writes its normalized, affine-transformed output once per layout that a
 branch reads (W-major for branch A, H-major for branch B); the second convolution of branch B ends
@@ -141,12 +143,14 @@ _TUNE_LOG: dict[tuple, dict[str, float]] = {}
 TUNE_FILE_ENV = "DND_KERNELS_TUNE_FILE"
 
 
-# A candidate that is not a Triton tile: the weight gradient through cuDNN (see conv_wgrad).
+# Candidates that are not Triton tiles: the weight gradient through cuDNN on the channels-last
+# buffers themselves, or on NCHW copies of them (see conv_wgrad).
 CUDNN = "cudnn"
+CUDNN_NCHW = "cudnn-nchw"
 
 
 def _candidate_from_json(best: dict | str) -> TileConfig | str:
-    return best if best == CUDNN else TileConfig(**best)
+    return best if isinstance(best, str) else TileConfig(**best)
 
 
 def _candidate_name(c: TileConfig | str) -> str:
@@ -629,19 +633,26 @@ def _dense_nchw(t: ChannelsLast) -> tuple[Tensor, tuple[int, int]] | None:
     return view.as_strided(sizes, strides), (a1, a2)
 
 
-def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, int], dense=None) -> Tensor:
-    """cuDNN's weight gradient on the padded channels-last buffers themselves (no copies): the
-    padded channels are zero or ignored (their rows and columns of the result are dropped).
-    Returns (C_out, C_in, k, k) fp32 with kernel axes along PLANE_AXES[axis] (p, q). `dense`: the
-    ``_dense_nchw`` views of (dy, x) when the caller already made them."""
+def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, int], dense=None,
+                 nchw: bool = False) -> Tensor:  # fmt: skip
+    """cuDNN's weight gradient on the padded channels-last buffers themselves, or (`nchw`) on
+    contiguous NCHW copies of them: the padded channels are zero or ignored (their rows and columns
+    of the result are dropped). Returns (C_out, C_in, k, k) fp32 with kernel axes along
+    PLANE_AXES[axis] (p, q). `dense`: the ``_dense_nchw`` views of (dy, x) when the caller already
+    made them."""
     (dy4, order), (x4, _) = dense if dense is not None else (_dense_nchw(dy), _dense_nchw(x))
     co_pad, ci_pad = dy4.shape[1], x4.shape[1]
+    if nchw:  # the copies cost ~1 ms at the largest 7B shape; the algorithms on NCHW are faster there
+        dy4, x4 = dy4.contiguous(), x4.contiguous()
+    fmt = torch.contiguous_format if nchw else torch.channels_last
     # Only the weight's sizes, dtype and memory format are read by the weight-gradient path.
-    weight = torch.empty((co_pad, ci_pad, k, k), dtype=x4.dtype, device=x4.device, memory_format=torch.channels_last)
-    # cuDNN's heuristic algorithm, not its benchmark mode: on these buffers the benchmark mode took
-    # the same algorithm at every weight-gradient shape timed on an H100 (0.5B stages 0 and 7, 7B
-    # stage 5: benchmarks/results/kernels_h100_run7_wgrad_cudnn_benchmark_*.json), only later.
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=torch.backends.cudnn.deterministic,
+    weight = torch.empty((co_pad, ci_pad, k, k), dtype=x4.dtype, device=x4.device, memory_format=fmt)
+    # On the channels-last buffers cuDNN's heuristic algorithm: there its benchmark mode took the
+    # same algorithm at every weight-gradient shape timed on an H100, only later
+    # (benchmarks/results/kernels_h100_run7_wgrad_cudnn_benchmark_*.json). On the NCHW copies its
+    # benchmark mode when torch.backends.cudnn.benchmark is on (the trainer turns it on).
+    benchmark = nchw and torch.backends.cudnn.benchmark
+    with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark, deterministic=torch.backends.cudnn.deterministic,
                                     allow_tf32=torch.backends.cudnn.allow_tf32):  # fmt: skip
         _, dw, _ = torch.ops.aten.convolution_backward(
             dy4, x4, weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [False, True, False]
@@ -654,7 +665,7 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
     """Weight gradient (C_out, C_in, k, k) in fp32 of the channel convolution x -> y, from dy = dL/dy.
 
     On a GPU the candidates timed per shape are the Triton tiles and cuDNN's weight gradient on the
-    same buffers (``_wgrad_cudnn``); the faster one is kept.
+    same buffers or on NCHW copies of them (``_wgrad_cudnn``); the fastest is kept.
     """
     axis = dy.axis
     if x.axis != axis or dy.view.stride(axis) != 1 or x.view.stride(axis) != 1:
@@ -684,8 +695,8 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
     dense = (_dense_nchw(dy), _dense_nchw(x)) if device.type == "cuda" else (None, None)
 
     def launch(cfg: TileConfig | str) -> None:
-        if cfg == CUDNN:
-            result["dw"] = _wgrad_cudnn(dy, x, k, (p_axis, q_axis), dense)
+        if cfg in (CUDNN, CUDNN_NCHW):
+            result["dw"] = _wgrad_cudnn(dy, x, k, (p_axis, q_axis), dense, nchw=cfg == CUDNN_NCHW)
             return
         # Allocated only for a Triton candidate: the last mixing convolution's fp32 gradient is GBs.
         if "buffer" not in result:
@@ -711,7 +722,7 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
     cudnn_ok = (device.type == "cuda" and torch.backends.cudnn.is_available() and x.view.dtype != torch.float32
                 and None not in dense)  # fmt: skip
     if cudnn_ok:
-        candidates.append(CUDNN)
+        candidates += [CUDNN, CUDNN_NCHW]
     key = ("wgrad", axis, B, R, S, c_in, c_out, k, x.view.dtype)
     launch(_pick(key, candidates, launch))
     return result["dw"]
