@@ -642,7 +642,7 @@ def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, in
     made them."""
     (dy4, order), (x4, _) = dense if dense is not None else (_dense_nchw(dy), _dense_nchw(x))
     co_pad, ci_pad = dy4.shape[1], x4.shape[1]
-    if nchw:  # the copies cost ~1 ms at the largest 7B shape; the algorithms on NCHW are faster there
+    if nchw:  # one pass over dy and x (0.5 GB moved at the largest 7B shape); cuDNN is faster on NCHW there
         dy4, x4 = dy4.contiguous(), x4.contiguous()
     fmt = torch.contiguous_format if nchw else torch.channels_last
     # Only the weight's sizes, dtype and memory format are read by the weight-gradient path.
