@@ -486,6 +486,17 @@ def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: f
         curves[impl] = _train_curve(impl, preset, batch, steps, pairs, lr)
         print(f"convergence curve {impl}: {steps} steps in {curves[impl]['seconds']:.1f} s", flush=True)
         on_curve()
+    judge_convergence(result, window, factor, slack)
+    print(f"convergence: distance to fp32 triton {result['distance_to_fp32']['triton']:.4f} torch "
+          f"{result['distance_to_fp32']['torch']:.4f} -> passed={result['passed']}; max per-step gap triton vs "
+          f"torch {result['max_step_rel_gap_triton_vs_torch']:.4f}", flush=True)  # fmt: skip
+    return result
+
+
+def judge_convergence(result: dict, window: int = 10, factor: float = 1.25, slack: float = 0.01) -> dict:
+    """Add the criterion of ``bench_convergence`` and its verdict to `result`, which holds the three
+    curves (also usable on a results file whose run stopped after its curves)."""
+    curves = result["curves"]
     ma = {impl: _moving_average(c["losses"], window) for impl, c in curves.items()}
 
     def distance(run: str) -> float:
@@ -502,8 +513,6 @@ def bench_convergence(preset: str, batch: int, steps: int, pairs: int = 8, lr: f
         "first_loss": {k: c["losses"][0] for k, c in curves.items()},
         "last_loss": {k: c["losses"][-1] for k, c in curves.items()},
     })  # fmt: skip
-    print(f"convergence: distance to fp32 triton {d_triton:.4f} torch {d_torch:.4f} -> passed={result['passed']}; "
-          f"max per-step gap triton vs torch {step_gap:.4f}", flush=True)  # fmt: skip
     return result
 
 
@@ -601,12 +610,12 @@ def bench_kernels(
         elif section == "convergence":
             bench_convergence(preset, convergence_batch, convergence_steps, lr=convergence_lr,
                               result=result.setdefault("convergence", {}), on_curve=lambda: _write(out, result))  # fmt: skip
-            if out:
-                plot_convergence(result["convergence"], out.with_name(f"{out.stem}.png"))
         result.setdefault("section_seconds", {})[section] = time.perf_counter() - t0
         _write(out, result)
         _save_tiles()
         print(f"section {section}: {time.perf_counter() - t0:.1f} s", flush=True)
+        if section == "convergence" and out:  # after the results are on disk (a first matplotlib import can be slow)
+            plot_convergence(result["convergence"], out.with_name(f"{out.stem}.png"))
     return result
 
 

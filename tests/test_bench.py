@@ -35,6 +35,8 @@ def test_convergence_criterion_compares_against_the_exact_run(monkeypatch):
         out = bench.bench_convergence("p", 1, 40, result=partial, on_curve=lambda: written.append(len(partial["curves"])))
         assert out is partial and written == [1, 2, 3]  # each curve is handed over as soon as it exists
         assert out["passed"] is passed, (offset, out["distance_to_fp32"])
+        stored = {"curves": json.loads(json.dumps(out["curves"]))}  # a results file cut off after its curves
+        assert bench.judge_convergence(stored)["distance_to_fp32"] == out["distance_to_fp32"]
 
 
 def test_convergence_plot_is_a_png(tmp_path):
