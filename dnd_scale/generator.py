@@ -351,9 +351,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         return "triton"
     if impl != "auto":
         raise ValueError(f"generator impl must be one of {IMPLS}, got {impl!r}")
-    # "auto": the fused stages on a GPU, where they measured at least as fast as eager PyTorch (H100,
-    # 0.5B preset: a 16-sample training step 1229 vs 1232 ms, the batch-1 generation forward 24.2 vs
-    # 37.4 ms; benchmarks/README.md, run 6); the reference elsewhere or without Triton.
+    # "auto": the fused stages on a GPU, where they measured faster than eager PyTorch in the same run
+    # (H100, 0.5B preset: a 16-sample training step 1132 vs 1220 ms, run 7; the batch-1 generation
+    # forward 24.2 vs 37.4 ms, run 6; benchmarks/README.md); the reference elsewhere or without Triton.
     if device.type == "cuda" and _load_triton_stage()[0] is not None:
         return "triton"
     return "torch"
