@@ -169,7 +169,8 @@ def load_base_model(
 
 
 def save_base_model(base: BaseModel, folder: str | os.PathLike) -> Path:
-    """Write model + tokenizer as a Hugging Face folder, atomically (temp folder, then rename)."""
+    """Write model + tokenizer as a Hugging Face folder, atomically (temp folder, then rename); a model
+    loaded from a .gguf is written as its dequantized weights (the folder then loads without `gguf`)."""
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} already exists; remove it or choose another folder")
@@ -177,6 +178,12 @@ def save_base_model(base: BaseModel, folder: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TMP_SUFFIX, dir=folder.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the folder is meant to be shared like any model
+        if base.kind == "gguf":
+            # transformers dequantized the GGUF on load, so the weights are plain tensors, but it refuses to
+            # save a model its gguf quantizer loaded; without that marker the folder is an ordinary model.
+            base.model.hf_quantizer = None
+            if hasattr(base.model.config, "quantization_config"):
+                del base.model.config.quantization_config
         base.model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)

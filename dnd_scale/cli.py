@@ -8,6 +8,7 @@
     dnd generate  prompts of a new task -> PEFT adapter folder
     dnd eval      accuracy of base / training LoRAs / generated adapters
     dnd demo      the whole pipeline at tiny scale on CPU
+    dnd experiment  a leave-one-out study: do generated adapters help on unseen tasks?
     dnd bench     data | kernels: throughput benchmarks
 
 Each stage is a module with a `main(argv)`; this file only dispatches, so `dnd <stage> --help`
@@ -28,6 +29,7 @@ STAGES = {
     "generate": "dnd_scale.generate",
     "eval": "dnd_scale.evaluate",
     "demo": "dnd_scale.demo",
+    "experiment": "dnd_scale.experiment",
     "bench": "dnd_scale.bench",
 }
 

@@ -9,9 +9,11 @@ never scored. Prediction = the option with the highest sum ("accuracy"); the opt
 mean per token is reported beside it ("accuracy_norm"). Ties go to the first option. Without a chat
 template the prompt is rendered as `dnd collect` trains on it ("system\\n\\nprompt\\n").
 
-Mode "generate": greedy decoding from the generation prompt; a record is correct when the generated
-text equals the reference after normalization (whitespace collapsed, case folded). The reference is
-the record's answer, or its response for free-text items, so this mode also scores generation tasks.
+Mode "generate": greedy decoding from the generation prompt. A multiple-choice or True/False item
+is correct when the option parsed from the reply (`parse_choice`: the first bracketed option such as
+`[B]`, else a reply that opens with an option's bare label, e.g. `B.` or `true`) is its answer; a
+reply naming no option counts as wrong and is counted as "unparsed". A free-text item is correct
+when the generated text equals its response after normalization (whitespace collapsed, case folded).
 
 Options of the DnD data files (../shared/data/dnd) are derived from the prompt by
 `dnd_scale.tasks.infer_options`, only when the response is bracketed; the scored options are the
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import random
 import re
@@ -370,12 +373,24 @@ def score_loglik(model: torch.nn.Module, tokenizer: Any, prepared: PreparedTask,
         "count": count,
         "correct": correct,
         "accuracy": correct / count,
+        "ci95": wilson_interval(correct, count),
         "correct_norm": correct_norm,
         "accuracy_norm": correct_norm / count,
         "answer_logprob_mean": statistics.fmean(answer_logprobs),
         "predictions": predictions,
         "predictions_norm": predictions_norm,
     }
+
+
+def wilson_interval(correct: int, count: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy `correct / count` (95% for z = 1.96): unlike the
+    normal approximation it stays inside [0, 1] and is honest at accuracies near 0 or 1."""
+    if count < 1:
+        raise ValueError(f"an interval needs at least one scored record, got count={count}")
+    p = correct / count
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z / (1 + z * z / count) * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def normalize_answer(text: str) -> str:
@@ -417,15 +432,45 @@ def generate_replies(
     return replies
 
 
+def parse_choice(reply: str, options: Sequence[str]) -> int | None:
+    """Index of the option a greedy reply names, or None.
+
+    Options are bracketed labels (`[A]`, `[True]`). The first bracketed label of an option found
+    anywhere in the reply wins; otherwise a reply whose first word is an option's bare label (`B`,
+    `B.`, `B:`, `(B)`, `True`) names it; case is ignored.
+    """
+    labels = [option[1:-1] if option.startswith("[") and option.endswith("]") else option for option in options]
+    folded = [label.casefold() for label in labels]
+    found = [(m.start(), folded.index(m.group(1).casefold()))
+             for m in re.finditer(r"\[([^\[\]]+)\]", reply) if m.group(1).casefold() in folded]
+    if found:
+        return min(found)[1]
+    first = re.match(r"\s*\(?([A-Za-z0-9]+)\b", reply)
+    if first is not None and first.group(1).casefold() in folded:
+        return folded.index(first.group(1).casefold())
+    return None
+
+
 def score_generate(
     model: torch.nn.Module, tokenizer: Any, prepared: PreparedTask, config: EvalConfig
 ) -> dict[str, Any]:
-    """Exact-match accuracy of one model's greedy replies on one task."""
+    """Accuracy of one model's greedy replies on one task: the parsed option for option items, exact
+    match after normalization for free-text items."""
     replies = generate_replies(model, tokenizer, [item.prompt for item in prepared.items], batch_size=config.batch_size,
                                max_new_tokens=config.max_new_tokens, desc=prepared.task.name)
-    hits = [normalize_answer(reply) == normalize_answer(item.reference) for reply, item in zip(replies, prepared.items)]
+    hits, predictions = [], []
+    for reply, item in zip(replies, prepared.items):
+        if item.options:
+            predictions.append(parse_choice(reply, item.options))
+            hits.append(predictions[-1] is not None and predictions[-1] == item.answer)
+        else:
+            predictions.append(None)
+            hits.append(normalize_answer(reply) == normalize_answer(item.reference))
     count = len(prepared.items)
-    return {"count": count, "correct": sum(hits), "accuracy": sum(hits) / count, "generations": replies}
+    unparsed = sum(1 for item, p in zip(prepared.items, predictions) if item.options and p is None)
+    return {"count": count, "correct": sum(hits), "accuracy": sum(hits) / count,
+            "ci95": wilson_interval(sum(hits), count), "unparsed": unparsed,
+            "predictions": predictions, "generations": replies}
 
 
 def score_model(

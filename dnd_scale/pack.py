@@ -21,7 +21,7 @@ from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manif
 from dnd_scale.config import parse_stage_args
 from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LoraLayout
-from dnd_scale.targets import PackedTargets, write_common, write_task_targets
+from dnd_scale.targets import PackedTargets, link_task_targets, write_common, write_task_targets
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
 
 TARGETS = "targets"
@@ -42,8 +42,20 @@ def checkpoint_store(run_dir: str | Path) -> tuple[LoraLayout, dict[str, list[di
     return layout, {task: sorted(records, key=lambda r: int(r["step"])) for task, records in sorted(tasks.items())}
 
 
-def pack(run_dir: str | Path, config: TokenizerConfig | None = None, tasks: Sequence[str] | None = None) -> Path:
-    """Tokenize the run's checkpoints into ``<run>/targets``; returns that folder."""
+def pack(
+    run_dir: str | Path,
+    config: TokenizerConfig | None = None,
+    tasks: Sequence[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    reuse: str | Path | None = None,
+) -> Path:
+    """Tokenize the run's checkpoints into ``<run>/targets``; returns that folder.
+
+    `device`: where the tokenizer's arithmetic runs. `reuse`: another targets folder (e.g. of a run
+    sharing this checkpoint store) whose tokens are copied for every task whose checkpoint hashes,
+    layout and token scheme match, instead of tokenizing that task again.
+    """
     run_dir = Path(run_dir)
     config = config or TokenizerConfig()
     layout, store = checkpoint_store(run_dir)
@@ -54,16 +66,22 @@ def pack(run_dir: str | Path, config: TokenizerConfig | None = None, tasks: Sequ
         store = {t: store[t] for t in tasks}
     tokenizer = WeightTokenizer(layout, config)
     out = run_dir / TARGETS
-    packed, previous = _previous_pack(out, layout, tokenizer)
+    earlier = [_previous_pack(out, layout, tokenizer)]
+    if reuse is not None:
+        earlier.append(_previous_pack(Path(reuse), layout, tokenizer))
     mask = tokenizer.mask()
     weights, hashes = [], {}
     for task, records in store.items():
         hashes[task] = [r["sha256"] for r in records]
-        if packed is not None and previous.get(task) == hashes[task]:  # unchanged since the last pack
-            stacked = torch.stack([packed.get(task, k) for k in range(len(records))])
+        # The first earlier pack that holds this task's very checkpoints (this folder's own first).
+        source = next((packed for packed, previous in earlier if previous.get(task) == hashes[task]), None)
+        if source is not None:
+            if Path(source.directory).resolve() != out.resolve():
+                link_task_targets(out, task, source)
+            stacked = torch.stack([source.get(task, k) for k in range(len(records))])
         else:
             stacked = torch.stack([
-                _tokenize_checkpoint(run_dir, record, tokenizer)
+                _tokenize_checkpoint(run_dir, record, tokenizer, device)
                 for record in tqdm(records, desc=f"pack {task}", unit="ckpt", leave=False)
             ])  # (K, T, H, W)
             write_task_targets(out, task, stacked)
@@ -92,9 +110,9 @@ def _previous_pack(
     return packed, {t: h for t, h in extra.get("checkpoint_sha256", {}).items() if t in packed.tasks}
 
 
-def _tokenize_checkpoint(run_dir: Path, record: dict, tokenizer: WeightTokenizer) -> torch.Tensor:
+def _tokenize_checkpoint(run_dir: Path, record: dict, tokenizer: WeightTokenizer, device) -> torch.Tensor:
     state_dict = load_checkpoint(run_dir, record, tokenizer.layout)  # checks sha256 and layout
-    tokens, _ = tokenizer.tokenize(state_dict, source=record["file"])
+    tokens, _ = tokenizer.tokenize(state_dict, source=record["file"], device=device)
     return tokens
 
 

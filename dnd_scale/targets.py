@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,30 @@ def write_task_targets(directory: str | os.PathLike, task: str, tokens: torch.Te
     index["tasks"][task] = {"file": file, "num_checkpoints": int(tokens.shape[0]), "sha256": sha}
     write_json(directory / INDEX_FILE, index)
     return sha
+
+
+def link_task_targets(directory: str | os.PathLike, task: str, source: "PackedTargets") -> str:
+    """Register the tokens `source` (another pack of the same geometry) holds for `task` in
+    `directory` without rewriting them: a hard link where the file system allows, else a copy.
+    Returns the file's sha256 (the source index's, checked against the file)."""
+    directory = Path(directory)
+    check_task_name(task)
+    entry = source.index["tasks"][task]
+    index = _read_index(directory)
+    _check_geometry(index, source.num_tokens, source.token_shape, f"task {task!r}")
+    src = source.directory / entry["file"]
+    if sha256_file(src) != entry["sha256"]:
+        raise TargetsError(f"{src} does not match the sha256 of its index; re-run `dnd pack` for {source.directory}")
+    file = f"{task}.safetensors"
+    with atomic_path(directory / file) as tmp:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(src, tmp)
+    index["tasks"][task] = {"file": file, "num_checkpoints": int(entry["num_checkpoints"]), "sha256": entry["sha256"]}
+    write_json(directory / INDEX_FILE, index)
+    return entry["sha256"]
 
 
 def write_common(

@@ -104,3 +104,34 @@ def test_repacking_unchanged_checkpoints_rewrites_no_task_file(run):
              if f.name != "common.safetensors"}
     assert after == before
     assert torch.equal(PackedTargets(run_dir / "targets").weights, weights)
+
+
+def test_a_subset_pack_reuses_another_packs_tokens_and_weighs_only_its_tasks(run, tmp_path, monkeypatch):
+    run_dir, tasks = run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoints").symlink_to(run_dir / "checkpoints")  # the same checkpoint store
+    subset = [tasks[0].name, tasks[2].name]
+    # Nothing may be tokenized again: every subset task is in the source pack with the same hashes.
+    monkeypatch.setattr(WeightTokenizer, "tokenize", lambda *a, **k: pytest.fail("tokenized again"))
+    pack(other, TokenizerConfig(chunk=16), subset, reuse=run_dir / "targets")
+    source, packed = PackedTargets(run_dir / "targets"), PackedTargets(other / "targets")
+    assert packed.tasks == sorted(subset)
+    for task in subset:
+        assert torch.equal(packed.get(task, 1), source.get(task, 1))
+        assert packed.index["tasks"][task]["sha256"] == source.index["tasks"][task]["sha256"]
+    # the criterion weights are the subset's own, not the source's three-task average
+    assert not torch.equal(packed.weights, source.weights)
+    monkeypatch.undo()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "checkpoints").symlink_to(run_dir / "checkpoints")
+    pack(alone, TokenizerConfig(chunk=16), subset)  # tokenized from the checkpoints
+    assert torch.equal(PackedTargets(alone / "targets").weights, packed.weights)
+    # another token scheme is not reused: the tokens differ
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tokenized again")
+
+    monkeypatch.setattr(WeightTokenizer, "tokenize", refuse)
+    with pytest.raises(RuntimeError, match="tokenized again"):
+        pack(alone, TokenizerConfig(chunk=8), subset, reuse=run_dir / "targets")

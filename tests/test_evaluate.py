@@ -15,10 +15,12 @@ from dnd_scale.evaluate import (
     evaluate,
     main,
     parse_adapter_groups,
+    parse_choice,
     prepare_task,
     render_context,
     score_continuations,
     select_records,
+    wilson_interval,
     write_report,
 )
 from dnd_scale.export import PROVENANCE, write_adapter
@@ -392,3 +394,47 @@ def test_template_text_before_the_reply_is_context_and_a_template_without_the_re
     tokenizer.chat_template = None  # no template: the plain rendering collect trains on
     item = prepare_task(Task("t", [record], "test"), tokenizer, EvalConfig()).items[0]
     assert tokenizer.decode(item.contexts[0]) == "Be brief.\n\nPick.\nA: x\nB: y\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# generate mode on option items, confidence intervals
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("[B]", 1), ("The answer is [C].", 2), ("b) because", 1), ("  (A) first", 0), ("[E] or [B]", 1),
+    ("D", 3), ("I think so", None), ("Because A is right", None), ("", None),
+])
+def test_parse_choice_reads_bracketed_then_leading_labels(reply, expected):
+    assert parse_choice(reply, ["[A]", "[B]", "[C]", "[D]"]) == expected
+
+
+def test_parse_choice_true_false_ignores_case():
+    assert parse_choice("true", ["[True]", "[False]"]) == 0
+    assert parse_choice("[FALSE]", ["[True]", "[False]"]) == 1
+    assert parse_choice("Truely", ["[True]", "[False]"]) is None
+
+
+def test_generate_mode_scores_option_items_by_the_parsed_choice(tiny, monkeypatch):
+    import dnd_scale.evaluate as evaluate_module
+
+    task = mc_task(records=6)
+    answers = [record.options.index(record.answer) for record in task.records]
+    # Replies: right bracketed, right bare label, wrong option, no option at all, right, right.
+    right = [task.records[i].answer for i in range(6)]
+    wrong = task.records[2].options[(answers[2] + 1) % len(task.records[2].options)]
+    replies = [right[0], right[1][1:-1] + ".", wrong, "no idea", f"so {right[4]}", right[5].lower()]
+    monkeypatch.setattr(evaluate_module, "generate_replies", lambda model, tokenizer, prompts, **kw: replies)
+    metrics = evaluate(tiny["base"], [task], config=EvalConfig(mode="generate", max_new_tokens=3, **FP32_CPU))
+    scores = metrics["models"][0]["tasks"][task.name]
+    assert scores["predictions"][:4] == [answers[0], answers[1], (answers[2] + 1) % len(task.records[2].options), None]
+    assert scores["correct"] == 4 and scores["unparsed"] == 1 and scores["accuracy"] == 4 / 6
+    assert scores["ci95"][0] < 4 / 6 < scores["ci95"][1]
+
+
+def test_wilson_interval_brackets_the_accuracy():
+    low, high = wilson_interval(50, 100)
+    assert low < 0.5 < high and abs((0.5 - low) - (high - 0.5)) < 1e-12 and 0.09 < high - low < 0.2
+    assert wilson_interval(0, 10)[0] == 0.0 and 0 < wilson_interval(0, 10)[1] < 0.35
+    assert wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)

@@ -1,0 +1,110 @@
+"""`dnd experiment` at tiny scale (random-init base, synthetic families): the leave-one-out study runs
+end to end, keeps conditioning and scoring apart, and continues a stopped run instead of redoing it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dnd_scale.config import ConfigError
+from dnd_scale.experiment import (
+    group_summary,
+    load_experiment,
+    prompt_batches,
+    run_experiment,
+    split_heldout,
+)
+from dnd_scale.io import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "experiments" / "tiny-heldout.yaml"
+REAL = REPO / "configs" / "experiments" / "commonsense_qwen0.5b.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("experiment") / "run"
+    config, _ = load_experiment(TINY)
+    return config, out, run_experiment(config, out)
+
+
+def test_every_model_group_is_scored_by_both_scorers(tiny_run):
+    config, out, results = tiny_run
+    entry = results["heldout"]["sum"]
+    for scorer in ("loglik", "generate"):
+        summary = entry["summary"][scorer]
+        assert set(summary) == {"base", "average", "generated", "control", "oracle", "training"}
+        assert summary["generated"]["n"] == config.generated_samples
+        assert summary["training"]["n"] == len(config.heldout[0].train_on)
+        for stats in summary.values():
+            low, high = stats["ci95"]
+            assert 0.0 <= low <= stats["mean"] <= high <= 1.0
+    # the table on disk is the JSON's
+    assert results == json.loads((out / "results.json").read_text())
+    assert "| sum |" in (out / "results.md").read_text()
+    weights = entry["weights"]
+    assert len(weights["to_training_mean"]) == config.generated_samples
+    assert set(weights["to_training"]) == set(config.heldout[0].train_on)
+    assert set(results["variations"]) == {"variation-more-steps"}
+    assert results["variations"]["variation-more-steps"]["generator"]["parameters"] > 0
+
+
+def test_generated_adapters_see_only_the_conditioning_half(tiny_run):
+    config, out, _ = tiny_run
+    conditioning, scoring = split_heldout(config, "sum")
+    assert conditioning and scoring
+    assert not {r.prompt for r in conditioning} & {r.prompt for r in scoring}
+    from dnd_scale.encoder import prompts_fingerprint
+
+    batches = prompt_batches([r.prompt for r in conditioning], config.shard.num_prompts, config.generated_samples,
+                             f"{config.split_seed}/sum/condition")
+    flat = [p for batch in batches for p in batch]
+    assert len(flat) == len(set(flat))  # disjoint batches
+    for i, batch in enumerate(batches):
+        provenance = read_json(out / "heldout-sum" / "adapters" / f"generated-{i}" / "provenance.json")
+        assert provenance["prompts_sha256"] == prompts_fingerprint(batch)
+    # the scored records are exactly the scoring half
+    scored = read_json(out / "scores" / "sum" / "loglik" / "base.json")
+    assert scored["count"] == len(scoring)
+
+
+def test_a_stopped_run_continues_without_redoing_finished_work(tiny_run):
+    config, out, results = tiny_run
+    timings = read_json(out / "timings.json")
+    removed = out / "scores" / "sum" / "generate" / "base.json"
+    removed.unlink()
+    again = run_experiment(config, out)
+    assert read_json(out / "timings.json") == timings  # nothing was collected, trained or generated again
+    assert removed.is_file()
+    assert again["heldout"]["sum"]["summary"] == results["heldout"]["sum"]["summary"]
+
+
+def test_group_interval_is_a_bootstrap_over_questions():
+    right = {"predictions": [0, 1, 0, 1], "answers": [0, 1, 0, 1], "accuracy": 1.0, "correct": 4, "count": 4}
+    half = {"predictions": [0, 0, 1, 1], "answers": [0, 1, 0, 1], "accuracy": 0.5, "correct": 2, "count": 4}
+    stats = group_summary([right, half], "seed")
+    assert stats["mean"] == 0.75 and stats["best"] == 1.0 and stats["worst"] == 0.5
+    assert 0.5 <= stats["ci95"][0] <= 0.75 <= stats["ci95"][1] <= 1.0
+    assert group_summary([right, half], "seed") == stats  # seeded
+
+
+def test_recipe_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: {a: {train: a.json}}\nheldout: [{task: a, train_on: [b], control: a}]\n")
+    with pytest.raises(ConfigError, match="names task 'b'"):
+        load_experiment(bad)
+    with pytest.raises(ConfigError, match="need 8 prompts"):
+        prompt_batches(["p"] * 5, 4, 2, "s")
+
+
+def test_shipped_recipe_resolves_and_splits_disjointly():
+    config, _ = load_experiment(REAL)
+    assert Path(config.data_dir).is_absolute()
+    assert [h.task for h in config.heldout] == ["ARC-e", "OBQA", "science"]
+    if not (Path(config.data_dir) / "ARC-e_test.json").is_file():
+        pytest.skip("the public QA sets are not beside the repository")
+    conditioning, scoring = split_heldout(config, "OBQA")
+    assert len(conditioning) == len(scoring) == 250
+    assert not {r.prompt for r in conditioning} & {r.prompt for r in scoring}
