@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -370,17 +371,26 @@ def _train_task(
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         order = _index_stream(len(examples), torch.Generator().manual_seed(task_seed))
         peft_model.train()
-        losses = []
+        losses, skipped = [], []
         with tqdm(total=config.steps, desc=f"collect {task.name}", unit="step") as bar:
             for step in range(1, config.steps + 1):
                 batch = _collate([examples[next(order)] for _ in range(config.batch_size)], pad_id, device)
                 loss = peft_model(**batch, use_cache=False).loss  # mean over the batch's response tokens
                 loss.backward()
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
                 losses.append(loss.item())
+                if math.isfinite(losses[-1]) and math.isfinite(float(norm)):
+                    optimizer.step()
+                else:
+                    # A non-finite loss or gradient (bf16 overflow on one batch) would turn every weight into
+                    # NaN: skip that update, as mixed-precision loss scaling does, and count it.
+                    skipped.append(step)
+                    if len(skipped) > max(2, config.steps // 20):
+                        raise FloatingPointError(
+                            f"task {task.name!r}: {len(skipped)} of {step} steps had a non-finite loss or gradient "
+                            f"(steps {skipped[:8]}); the LoRA diverges. Lower collect.lr, or collect with dtype float32"
+                        )
+                optimizer.zero_grad(set_to_none=True)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 bar.update()
                 if step not in save_steps:
@@ -400,6 +410,7 @@ def _train_task(
         write_json(task_dir / COMPLETE, {
             "task": task.name, "source": task.source, "task_fingerprint": task.fingerprint(),
             "num_records": len(task.records), "steps": config.checkpoint_steps(), "losses": losses,
+            "skipped_steps": skipped,
         })
     finally:
         # The next task starts from the untouched base whether or not this one succeeded.
