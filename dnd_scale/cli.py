@@ -8,7 +8,7 @@
     dnd generate  prompts of a new task -> PEFT adapter folder
     dnd eval      accuracy of base / training LoRAs / generated adapters
     dnd demo      the whole pipeline at tiny scale on CPU
-    dnd bench     data | kernels: throughput benchmarks
+    dnd bench     data | kernels | scale: throughput and scale benchmarks
 
 Each stage is a module with a `main(argv)`; this file only dispatches, so `dnd <stage> --help`
 documents the stage next to its code.
