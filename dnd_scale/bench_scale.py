@@ -497,12 +497,20 @@ def _measure_training(target: TargetSpec, run_dir: Path, config: str, opts: Benc
     return record
 
 
-def section_zero(target: TargetSpec, configs: Sequence[str], opts: BenchOptions, save: Callable[[dict], None]) -> dict:
-    """Train `target`'s generator under each configuration; the section is saved after each one."""
+def section_zero(target: TargetSpec, configs: Sequence[str], opts: BenchOptions, save: Callable[[dict], None],
+                 previous: dict | None = None) -> dict:
+    """Train `target`'s generator under each configuration; the section is saved after each one.
+
+    `previous`: this section from an earlier call; its configurations are kept (and re-run ones
+    replaced) when it measured the same target, micro-batch and steps, so the five configurations
+    can be spread over several time-limited calls."""
     run_dir = opts.work_dir / "run-zero"
     log(f"zero: building the synthetic run for {Path(target.model).stem} (r={target.rank}, c={target.chunk})")
     result = {"target": asdict(target), "sizes": build_synthetic_run(run_dir, target), "micro_batch": opts.micro_batch,
               "steps": opts.steps, "warmup_steps": opts.warmup_steps, "configs": {}}  # fmt: skip
+    same = ("target", "micro_batch", "steps", "warmup_steps")
+    if previous and all(previous.get(k) == _as_json(result[k]) for k in same):
+        result["configs"] = dict(previous["configs"])
     plan_check = _plan_agrees(target, result["sizes"])
     result["dnd_plan"] = plan_check
     log(f"zero: {result['sizes']['generator_params'] / 1e9:.2f} B generator parameters, "
@@ -519,10 +527,15 @@ def section_zero(target: TargetSpec, configs: Sequence[str], opts: BenchOptions,
 
 
 def section_largest(models: Sequence[str], base: TargetSpec, configs: Sequence[str], opts: BenchOptions,
-                    save: Callable[[dict], None]) -> dict:
+                    save: Callable[[dict], None], previous: dict | None = None) -> dict:
     """For each model layout in order, the first configuration that trains its auto-sized generator;
-    stops at the first model that none trains."""
+    stops at the first model that none trains. `previous`: this section from an earlier call; its
+    entries for models not tried now are kept (same base target only)."""
     result: dict[str, Any] = {"configs_tried": list(configs), "base": asdict(base), "targets": [], "largest_fit": None}
+    names = {Path(m).stem for m in models}
+    if previous and previous.get("base") == _as_json(result["base"]):
+        result["targets"] = [t for t in previous["targets"] if t["model"] not in names]
+        _update_largest_fit(result)
     for model in models:
         target = replace(base, model=model, preset="auto")
         sizes = target.sizes()
@@ -540,8 +553,7 @@ def section_largest(models: Sequence[str], base: TargetSpec, configs: Sequence[s
             save(result)
             if record["status"] == "ok":
                 entry["fits"], entry["config"] = True, config
-                result["largest_fit"] = {"model": sizes["model"], "config": config,
-                                         "generator_params": sizes["generator_params"]}  # fmt: skip
+                _update_largest_fit(result)
                 break
         shutil.rmtree(run_dir, ignore_errors=True)
         save(result)
@@ -549,6 +561,20 @@ def section_largest(models: Sequence[str], base: TargetSpec, configs: Sequence[s
             log(f"largest: {sizes['model']} trains under none of {list(configs)}; stopping")
             break
     return result
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from the results file (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def _update_largest_fit(result: dict) -> None:
+    """The fitting target with the most generator parameters (targets may come from several calls)."""
+    fits = [t for t in result["targets"] if t["fits"]]
+    best = max(fits, key=lambda t: t["sizes"]["generator_params"], default=None)
+    result["largest_fit"] = None if best is None else {
+        "model": best["model"], "config": best["config"], "generator_params": best["sizes"]["generator_params"],
+        "tokens": best["sizes"]["tokens"]}  # fmt: skip
 
 
 def section_generate(target: TargetSpec, opts: BenchOptions, warmup: int, repeats: int, dtype: str,
@@ -622,14 +648,17 @@ def peft_key_check(adapter_file: str | os.PathLike, model_config: Any, peft_conf
 # Results file and table
 
 
-def environment() -> dict:
-    try:
-        git_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                 check=True).stdout.strip()  # fmt: skip
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                    capture_output=True, text=True).stdout.strip())  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        git_rev, dirty = "unknown", None
+def environment(git_rev: str | None = None) -> dict:
+    """GPU, versions, git revision (`git_rev` when given: a copy of the tree may have no .git), host."""
+    dirty = None
+    if git_rev is None:
+        try:
+            git_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                     check=True).stdout.strip()  # fmt: skip
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                        capture_output=True, text=True).stdout.strip())  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            git_rev = "unknown"
     env: dict[str, Any] = {"gpu": None, "gpu_memory_bytes": None, "torch": torch.__version__, "cuda": torch.version.cuda,
                            "git_rev": git_rev, "git_dirty": dirty, "cpus": os.cpu_count(),
                            "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
@@ -649,17 +678,30 @@ class ResultsFile:
     """The benchmark's JSON: loaded if present (sections of an earlier call are kept), rewritten
     atomically whenever a section reports progress."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, git_rev: str | None = None) -> None:
         from dnd_scale.io import read_json
 
         self.path = path
         self.data = read_json(path, "scale results") if path.is_file() else {"format": RESULTS_FORMAT, "sections": {}}
-        self.data.setdefault("environments", []).append(environment())
+        self.data.setdefault("environments", []).append(environment(git_rev))
+
+    def previous(self, section: str) -> dict | None:
+        """The section as an earlier call left it (None if it has none)."""
+        return self.data["sections"].get(section)
 
     def saver(self, section: str) -> Callable[[dict], None]:
+        """A callback that stores `section`'s result and rewrites the file; records measured in this
+        call are stamped with this call's index into "environments"."""
+        index = len(self.data["environments"]) - 1
+
         def save(result: dict) -> None:
             from dnd_scale.io import write_json
 
+            for record in [*result.get("configs", {}).values(),
+                           *(a for t in result.get("targets", []) for a in t["attempts"].values())]:  # fmt: skip
+                record.setdefault("environment_index", index)
+            if section == "generate70b":
+                result.setdefault("environment_index", index)
             self.data["sections"][section] = {**result, "environment": self.data["environments"][-1]}
             write_json(self.path, self.data)
 
@@ -765,24 +807,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     parser.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto")
+    parser.add_argument("--generate-timeout", type=float, default=540.0,
+                        help="seconds for the generation worker (export, load, warm-up autotuning, repeats)")
+    parser.add_argument("--git-rev", help="revision to record when the tree has no .git")
     args = parser.parse_args(argv)
 
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dnd-bench-scale-"))
     opts = BenchOptions(work_dir=work_dir, steps=args.steps, warmup_steps=args.warmup_steps,
                         micro_batch=args.micro_batch, timeout_s=args.timeout, impl=args.impl, keep=args.keep)  # fmt: skip
-    results = ResultsFile(Path(args.out))
+    results = ResultsFile(Path(args.out), args.git_rev)
     log(f"dnd bench scale: sections {args.sections}, results to {args.out}, scratch {work_dir}")
     base = TargetSpec(model=args.model, rank=args.rank, chunk=args.chunk, condition=args.condition,
                       preset=args.preset, max_channels=args.max_channels)  # fmt: skip
     try:
         if "zero" in args.sections:
-            section_zero(base, args.configs, opts, results.saver("zero"))
+            section_zero(base, args.configs, opts, results.saver("zero"), results.previous("zero"))
         if "largest" in args.sections:
-            section_largest(args.largest_models, base, args.largest_configs, opts, results.saver("largest"))
+            section_largest(args.largest_models, base, args.largest_configs, opts, results.saver("largest"),
+                            results.previous("largest"))  # fmt: skip
         if "generate70b" in args.sections:
             target = replace(base, model=args.generate_model, preset="auto")
-            section_generate(target, opts, args.generate_warmup, args.generate_repeats, args.generate_dtype,
-                             args.encoder, results.saver("generate70b"))  # fmt: skip
+            section_generate(target, replace(opts, timeout_s=args.generate_timeout), args.generate_warmup,
+                             args.generate_repeats, args.generate_dtype, args.encoder, results.saver("generate70b"))
     finally:
         if not args.keep and not args.work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)

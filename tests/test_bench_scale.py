@@ -49,27 +49,31 @@ def _check_training_record(record: dict, steps: int, features: list) -> None:
 
 
 def test_zero_section_trains_through_train_and_writes_results(tmp_path, tiny_target, one_thread, monkeypatch):
-    """ZeRO-0 in this process, ZeRO-3 in its own process (the GPU run's way): both through train()."""
+    """ZeRO-0 in this process, then ZeRO-3 in its own process (the GPU run's way) in a second call
+    that adds to the first call's section: both through train()."""
     results = ResultsFile(tmp_path / "scale.json")
-    in_process = bench_scale.section_zero(tiny_target, ["zero0"], _options(tmp_path, isolate=False),
-                                          results.saver("zero"))  # fmt: skip
+    bench_scale.section_zero(tiny_target, ["zero0"], _options(tmp_path, isolate=False), results.saver("zero"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker process: tiny shapes gain nothing from threads
     opts = _options(tmp_path)
-    isolated = bench_scale.section_zero(tiny_target, ["zero3"], opts, results.saver("zero_isolated"))
+    results = ResultsFile(tmp_path / "scale.json", git_rev="abc123")  # a second call, same file
+    section = bench_scale.section_zero(tiny_target, ["zero3"], opts, results.saver("zero"), results.previous("zero"))
     data = json.loads((tmp_path / "scale.json").read_text())
     assert data["format"] == bench_scale.RESULTS_FORMAT
-    env = data["environments"][-1]
-    assert env["torch"] == torch.__version__ and env["deepspeed"] and env["git_rev"]
-    for name, config, section in (("zero", "zero0", in_process), ("zero_isolated", "zero3", isolated)):
-        saved = data["sections"][name]
-        assert list(saved["configs"]) == [config] and saved["environment"] == env
-        assert saved["dnd_plan"]["features_equal"] is True
+    first_env, env = data["environments"]
+    assert env["torch"] == torch.__version__ and env["deepspeed"] and env["git_rev"] == "abc123"
+    assert first_env["git_rev"] not in (None, "abc123")
+    saved = data["sections"]["zero"]
+    assert list(saved["configs"]) == ["zero0", "zero3"] and saved["environment"] == env
+    assert [saved["configs"][c]["environment_index"] for c in ("zero0", "zero3")] == [0, 1]
+    assert saved["dnd_plan"]["features_equal"] is True
+    for config in ("zero0", "zero3"):
         _check_training_record(saved["configs"][config], opts.steps, section["sizes"]["features"])
-    assert "process_s" in data["sections"]["zero_isolated"]["configs"]["zero3"]  # it ran in a subprocess
+    assert "process_s" in saved["configs"]["zero3"] and "process_s" not in saved["configs"]["zero0"]
     # ZeRO 0 and 3 train the same generator from the same seed on the same batch: same first loss.
-    first = [data["sections"][n]["configs"][c]["losses"][0] for n, c in (("zero", "zero0"), ("zero_isolated", "zero3"))]
+    first = [saved["configs"][c]["losses"][0] for c in ("zero0", "zero3")]
     assert first[0] == pytest.approx(first[1], rel=1e-4)
-    assert "| zero0 | ok |" in format_table(data)
+    table = format_table(data)
+    assert "| zero0 | ok |" in table and "| zero3 | ok |" in table
     assert not (opts.work_dir / "run-zero").exists()  # scratch removed unless --keep
 
 
@@ -116,3 +120,21 @@ def test_offload_prediction_follows_deepspeed_estimators():
     assert offload_model_state_bytes(params, largest, 2, 1)[0] == 2 * params < model_state_bytes(params, largest, 2, 1)
     with pytest.raises(ValueError, match="ZeRO-3"):
         offload_model_state_bytes(params, largest, 2, 1, offload_params=True)
+
+
+def test_largest_section_records_what_fits(tmp_path, tiny_target, one_thread):
+    two_layers = tmp_path / "two.json"
+    tiny_config(layers=2).to_json_file(two_layers)
+    results = ResultsFile(tmp_path / "scale.json")
+    opts = _options(tmp_path, isolate=False)
+    section = bench_scale.section_largest([tiny_target.model, str(two_layers)], tiny_target, ["zero3"], opts,
+                                          results.saver("largest"))  # fmt: skip
+    saved = json.loads((tmp_path / "scale.json").read_text())["sections"]["largest"]
+    assert [t["fits"] for t in saved["targets"]] == [True, True]
+    assert [t["sizes"]["tokens"] for t in saved["targets"]] == [43, 86]  # one layer's tokens, then two layers'
+    assert saved["largest_fit"]["model"] == "two" and saved["largest_fit"]["config"] == "zero3"
+    assert saved["targets"][1]["attempts"]["zero3"]["status"] == "ok"
+    # A later call for another model keeps these entries; the largest fit is the largest of all.
+    previous = {**section, "targets": section["targets"][:1]}
+    bench_scale._update_largest_fit(previous)
+    assert previous["largest_fit"]["model"] == "config"
