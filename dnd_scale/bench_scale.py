@@ -412,7 +412,11 @@ def generate_worker(job: dict) -> dict:
     return record
 
 
-WORKERS: dict[str, Callable[[dict], dict]] = {"train": train_worker, "generate": generate_worker}
+WORKERS: dict[str, Callable[[dict], dict]] = {
+    "train": train_worker,
+    "generate": generate_worker,
+    "environment": lambda job: environment(job.get("git_rev")),
+}
 
 
 def run_isolated(kind: str, job: dict, timeout_s: float, log_path: Path) -> dict:
@@ -678,12 +682,12 @@ class ResultsFile:
     """The benchmark's JSON: loaded if present (sections of an earlier call are kept), rewritten
     atomically whenever a section reports progress."""
 
-    def __init__(self, path: Path, git_rev: str | None = None) -> None:
+    def __init__(self, path: Path, git_rev: str | None = None, env: dict | None = None) -> None:
         from dnd_scale.io import read_json
 
         self.path = path
         self.data = read_json(path, "scale results") if path.is_file() else {"format": RESULTS_FORMAT, "sections": {}}
-        self.data.setdefault("environments", []).append(environment(git_rev))
+        self.data.setdefault("environments", []).append(env or environment(git_rev))
 
     def previous(self, section: str) -> dict | None:
         """The section as an earlier call left it (None if it has none)."""
@@ -815,7 +819,11 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dnd-bench-scale-"))
     opts = BenchOptions(work_dir=work_dir, steps=args.steps, warmup_steps=args.warmup_steps,
                         micro_batch=args.micro_batch, timeout_s=args.timeout, impl=args.impl, keep=args.keep)  # fmt: skip
-    results = ResultsFile(Path(args.out), args.git_rev)
+    env = None
+    if torch.cuda.is_available():  # asked in a worker: this process never holds a CUDA context the workers lack
+        env = run_isolated("environment", {"git_rev": args.git_rev}, 120, work_dir / "logs" / "environment.log")
+        env = None if "status" in env else {k: v for k, v in env.items() if k != "process_s"}
+    results = ResultsFile(Path(args.out), args.git_rev, env)
     log(f"dnd bench scale: sections {args.sections}, results to {args.out}, scratch {work_dir}")
     base = TargetSpec(model=args.model, rank=args.rank, chunk=args.chunk, condition=args.condition,
                       preset=args.preset, max_channels=args.max_channels)  # fmt: skip
