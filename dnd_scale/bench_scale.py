@@ -23,6 +23,11 @@ by prompt index as always). A measured training run is `train()` itself with a m
 (`BenchStream`) that ends the run after the measured steps, so neither the final checkpoint nor
 the export (minutes and tens of GB at these sizes) enter the numbers.
 
+The generation section's generator is auto-sized from the condition (16, 1000, 384) and the 70B
+layout (r = 16, c = 512: 25,280 tokens of (18, 514)) with max_channels 2048: 4.79 B parameters
+(19 GB in fp32), random-init; the conditions come from the real packaged MiniLM encoder (prompts of
+~20 tokens, zero-padded to L = 1000).
+
 Every configuration runs in its own subprocess, so the CUDA caching allocator, DeepSpeed's engine
 and pinned host buffers of one never count towards the next, and an out-of-memory error or a host
 OOM kill ends only that configuration (recorded as "oom" or "killed").
@@ -723,8 +728,11 @@ def _pct(value: float | None) -> str:
 def _summary(record: dict) -> str:
     if record.get("status") != "ok":
         return record.get("error", "")
-    parts = [f"GPU peak {_gib(record.get('gpu_max_allocated_bytes'))} GiB alloc / "
-             f"{_gib(record.get('gpu_max_reserved_bytes'))} reserved", f"host RSS {_gib(record.get('host_peak_rss_bytes'))} GiB"]  # fmt: skip
+    parts = [
+        f"GPU peak {_gib(record.get('gpu_max_allocated_bytes'))} GiB alloc / "
+        f"{_gib(record.get('gpu_max_reserved_bytes'))} reserved",
+        f"host RSS {_gib(record.get('host_peak_rss_bytes'))} GiB",
+    ]
     if record.get("median_step_s") is not None:
         parts.append(f"median step {record['median_step_s']:.3f} s")
     if record.get("median_generate_s") is not None:
@@ -743,9 +751,10 @@ def format_table(data: dict) -> str:
         for name, r in zero["configs"].items():
             p = r["predicted"]
             step = "-" if r.get("median_step_s") is None else f"{r['median_step_s']:.3f}"
-            lines.append(f"| {name} | {r['status']} | {_gib(r.get('gpu_max_allocated_bytes'))} | "
-                         f"{_gib(r.get('gpu_max_reserved_bytes'))} | {_gib(p['gpu_bytes'])} | {_pct(r.get('predicted_error'))} | "
-                         f"{_gib(r.get('host_peak_rss_bytes'))} | {_gib(p['model_states_cpu_bytes'])} | {step} |")  # fmt: skip
+            cells = [name, r["status"], _gib(r.get("gpu_max_allocated_bytes")), _gib(r.get("gpu_max_reserved_bytes")),
+                     _gib(p["gpu_bytes"]), _pct(r.get("predicted_error")), _gib(r.get("host_peak_rss_bytes")),
+                     _gib(p["model_states_cpu_bytes"]), step]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     largest = data["sections"].get("largest")
     if largest:
         lines += ["", "largest: | target | tokens | generator B params | result |", "|---|---|---|---|"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -86,9 +85,10 @@ def test_isolated_worker_timeout(tmp_path):
 def test_generate_section_folder_matches_peft(tmp_path, tiny_target, one_thread):
     encoder = make_tiny_encoder(tmp_path / "encoder", dim=16)
     results = ResultsFile(tmp_path / "scale.json")
-    target = replace(tiny_target, condition=(4, 8, 16))
-    section = bench_scale.section_generate(target, _options(tmp_path, isolate=False, keep=True), warmup=1, repeats=2,
-                                           dtype="bfloat16", encoder=str(encoder), save=results.saver("generate70b"))  # fmt: skip
+    target = tiny_target
+    opts = _options(tmp_path, isolate=False, keep=True)
+    section = bench_scale.section_generate(target, opts, warmup=1, repeats=2, dtype="bfloat16", encoder=str(encoder),
+                                           save=results.saver("generate70b"))  # fmt: skip
     saved = json.loads((tmp_path / "scale.json").read_text())["sections"]["generate70b"]
     assert saved["status"] == "ok" and saved["encoder"] == str(encoder)
     assert len(saved["generate_s"]) == 2 and saved["median_generate_s"] > 0 and saved["median_tokens_s"] > 0
@@ -105,7 +105,8 @@ def test_generate_section_folder_matches_peft(tmp_path, tiny_target, one_thread)
     wrong = peft_key_check(adapter, other, LoraLayout.from_config(other, target.lora_spec()).to_peft_config())
     assert wrong["match"] is False and wrong["num_missing"] == len(layout.matrices)
     # ... and another rank gives every key a wrong shape.
-    wrong_rank = peft_key_check(adapter, target.model, LoraLayout.from_config(target.model, LoraSpec(rank=4)).to_peft_config())
+    rank4 = LoraLayout.from_config(target.model, LoraSpec(rank=4)).to_peft_config()
+    wrong_rank = peft_key_check(adapter, target.model, rank4)
     assert wrong_rank["match"] is False and wrong_rank["num_shape_mismatch"] == len(layout.matrices)
 
 
