@@ -520,7 +520,7 @@ def section_zero(target: TargetSpec, configs: Sequence[str], opts: BenchOptions,
     same = ("target", "micro_batch", "steps", "warmup_steps")
     if previous and all(previous.get(k) == _as_json(result[k]) for k in same):
         result["configs"] = dict(previous["configs"])
-    plan_check = _plan_agrees(target, result["sizes"])
+    plan_check = _plan_agrees(target, result["sizes"], opts.micro_batch)
     result["dnd_plan"] = plan_check
     log(f"zero: {result['sizes']['generator_params'] / 1e9:.2f} B generator parameters, "
         f"{result['sizes']['tokens']} tokens of {tuple(result['sizes']['token_shape'])}")  # fmt: skip
@@ -606,16 +606,18 @@ def section_generate(target: TargetSpec, opts: BenchOptions, warmup: int, repeat
     return result
 
 
-def _plan_agrees(target: TargetSpec, sizes: dict) -> dict:
-    """Whether `dnd plan` (make_plan) sizes the same generator as the one trained here."""
+def _plan_agrees(target: TargetSpec, sizes: dict, micro_batch: int) -> dict:
+    """What `dnd plan` (make_plan) says for this target: whether it sizes the same generator as the
+    one trained here, and its memory per GPU at world size 1 (no offload) per ZeRO stage."""
     from dnd_scale.plan import PlanConfig, make_plan
 
     n, length, dim = target.condition
     plan = make_plan(target.model, target.lora_spec(),
                      PlanConfig(num_prompts=n, max_tokens=length, embed_dim=dim, chunk=target.chunk,
-                                preset=target.preset))  # fmt: skip
+                                preset=target.preset, micro_batch=micro_batch))  # fmt: skip
     return {"features_equal": plan["generator"]["features"] == sizes["features"],
-            "params": plan["generator"]["params"], "tokens": plan["tokens"]["count"]}  # fmt: skip
+            "params": plan["generator"]["params"], "tokens": plan["tokens"]["count"],
+            "memory_world1_bytes": {stage: per_world["1"] for stage, per_world in plan["memory_per_gpu_bytes"].items()}}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ def test_zero_section_trains_through_train_and_writes_results(tmp_path, tiny_tar
     assert list(saved["configs"]) == ["zero0", "zero3"] and saved["environment"] == env
     assert [saved["configs"][c]["environment_index"] for c in ("zero0", "zero3")] == [0, 1]
     assert saved["dnd_plan"]["features_equal"] is True
+    for config, stage in (("zero0", "zero0"), ("zero3", "zero3")):  # the prediction is `dnd plan`'s own number
+        assert saved["configs"][config]["predicted"]["gpu_bytes"] == saved["dnd_plan"]["memory_world1_bytes"][stage]
     for config in ("zero0", "zero3"):
         _check_training_record(saved["configs"][config], opts.steps, section["sizes"]["features"])
     assert "process_s" in saved["configs"]["zero3"] and "process_s" not in saved["configs"]["zero0"]
