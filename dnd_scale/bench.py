@@ -1,4 +1,4 @@
-"""`dnd bench data|kernels ...`: throughput benchmarks (results go to benchmarks/results/)."""
+"""`dnd bench data|kernels|scale ...`: throughput benchmarks (results go to benchmarks/results/)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "data": "dnd_scale.bench_data",
     "kernels": "dnd_kernels.bench",
+    "scale": "dnd_scale.bench_scale",
 }
 
 

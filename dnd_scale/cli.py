@@ -9,7 +9,7 @@
     dnd eval      accuracy of base / training LoRAs / generated adapters
     dnd demo      the whole pipeline at tiny scale on CPU
     dnd experiment  a leave-one-out study: do generated adapters help on unseen tasks?
-    dnd bench     data | kernels: throughput benchmarks
+    dnd bench     data | kernels | scale: throughput and scale benchmarks
 
 Each stage is a module with a `main(argv)`; this file only dispatches, so `dnd <stage> --help`
 documents the stage next to its code.

@@ -81,6 +81,30 @@ def model_state_bytes(params: int, largest_stage: int, stage: int, world: int) -
     )[1])
 
 
+def offload_model_state_bytes(
+    params: int, largest_stage: int, stage: int, world: int, offload_params: bool = False
+) -> tuple[int, int]:
+    """(GPU bytes per GPU, CPU bytes per node) of model states with the optimizer states offloaded to
+    CPU (ZeRO 1-3) and, with `offload_params`, the parameters too (ZeRO-3 only), as DeepSpeed's own
+    estimators give them (their CPU side includes DeepSpeed's 1.5x buffer factor)."""
+    gpus, nodes = min(world, 8), max(1, world // 8)  # 8 GPUs a node
+    if offload_params and stage != 3:
+        raise ValueError(f"parameter offload needs ZeRO-3, got stage {stage}")
+    if stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        cpu, gpu = estimate_zero2_model_states_mem_needs(params, gpus, nodes, cpu_offload=True)
+        return int(gpu), int(cpu)
+    if stage != 3:
+        raise ValueError(f"optimizer offload needs ZeRO 1, 2 or 3, got stage {stage}")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        params, largest_stage, gpus, nodes, cpu_offload=True, cpu_offload_params=offload_params
+    )
+    return int(gpu), int(cpu)
+
+
 def make_plan(model_config: Any, spec: LoraSpec, config: PlanConfig | None = None) -> dict[str, Any]:
     config = config or PlanConfig()
     layout = LoraLayout.from_config(model_config, spec)

@@ -337,6 +337,12 @@ class ConditionSource:
         return torch.stack(rows)  # each row (N, L, D)
 
 
+def condition_cache_dir(run_dir: Path, encoder_name: str, length: int, cache_dtype: str) -> Path:
+    """The folder of a run's prompt-pool caches for one (encoder, L, dtype): runs that share a run
+    folder and encoder share the cache."""
+    return Path(run_dir) / CONDITIONS_DIR / sha256_text(encoder_name, str(length), cache_dtype)[:16]
+
+
 def condition_source(
     config: EncoderConfig, length: int, pools: Mapping[str, list[str]], run_dir: Path, rank: int, device: torch.device
 ) -> ConditionSource:
@@ -346,8 +352,7 @@ def condition_source(
     if not config.cache:
         return ConditionSource(encoder=ConditionEncoder(config.name, length, device, config.batch_size))
     name, _ = resolve_encoder_path(config.name)
-    # One folder per (encoder, L, dtype): runs that share a run folder and encoder share the cache.
-    folder = run_dir / CONDITIONS_DIR / sha256_text(name, str(length), config.cache_dtype)[:16]
+    folder = condition_cache_dir(run_dir, name, length, config.cache_dtype)
     paths = {task: folder / f"{task}.safetensors" for task in pools}
     if rank == 0:
         encoder = None
