@@ -46,6 +46,8 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     [[ ${#hosts[@]} -gt 0 ]] || die "HOSTFILE=$HOSTFILE names no node; write one 'hostname slots=GPUS' line per node"
     # Before any rank starts: a name no node can resolve would only show up as a rendezvous timeout.
     for host in "${hosts[@]}"; do
+        [[ $(printf '%s\n' "${hosts[@]}" | grep -cxF -- "$host") -eq 1 ]] ||
+            die "host '$host' is named twice in $HOSTFILE: name each node once (two launchers on one machine need two of its names, e.g. localhost and 127.0.0.1)"
         getent ahosts "$host" >/dev/null ||
             die "host '$host' in $HOSTFILE does not resolve to an address: write the name or IP by which the nodes reach it, or add it to DNS or /etc/hosts"
     done

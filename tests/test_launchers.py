@@ -182,6 +182,7 @@ def test_a_node_rank_out_of_range_is_refused(tmp_path, node_rank):
     (None, {"HOSTFILE": "no-such-hostfile"}, "HOSTFILE=no-such-hostfile is not a file"),
     ("# only a comment\n", {"NODE_RANK": "0"}, "names no node"),
     (None, {"NODE_RANK": "1"}, "NODE_RANK=1 needs HOSTFILE"),
-], ids=["missing-hostfile", "empty-hostfile", "rank-without-hostfile"])
+    ("localhost slots=1\nlocalhost slots=1\n", {"NODE_RANK": "0"}, "host 'localhost' is named twice in HOSTFILE"),
+], ids=["missing-hostfile", "empty-hostfile", "rank-without-hostfile", "host-twice"])
 def test_other_hostfile_mistakes_are_refused(tmp_path, hosts, env, expected):
     assert expected in _launch_fails(tmp_path, hosts, **env)
