@@ -183,7 +183,6 @@ class TrainConfig:
                 f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}, grad_clip={self.grad_clip}"
             )
 
-
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank: grad_accum_steps, or derived from
         global_batch_size (refusing a world size that does not divide it)."""
