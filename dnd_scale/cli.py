@@ -13,11 +13,16 @@
 
 Each stage is a module with a `main(argv)`; this file only dispatches, so `dnd <stage> --help`
 documents the stage next to its code.
+
+DND_LOG_LEVEL=INFO (or DEBUG) in the environment prints dnd_scale's log records at that level,
+e.g. which shards each rank and loader worker reads.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 STAGES = {
@@ -39,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    level = os.environ.get("DND_LOG_LEVEL", "").upper()
+    if level:
+        if not isinstance(logging.getLevelName(level), int):
+            print(f"dnd: DND_LOG_LEVEL={level!r} is not a log level; use DEBUG, INFO, WARNING or ERROR", file=sys.stderr)
+            return 2
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("dnd_scale").setLevel(level)
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
         print(f"dnd: unknown stage {stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)

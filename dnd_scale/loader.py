@@ -226,6 +226,8 @@ class _PairStream(IterableDataset):
         for ordinal, shard in enumerate(self._shard_stream(worker, num_workers, seed)):
             if ordinal < start.shard:
                 continue  # consumed before the restore: not even opened
+            log.info("rank %d of %d, worker %d, epoch %d: reading shard %s",
+                     self.rank, self.world_size, worker, self.epoch, shard["file"])
             pairs, counts = self._read_shard(shard, derive_seed(seed, ordinal))
             first = start.sample if ordinal == start.shard else 0
             if first == 0:

@@ -105,6 +105,11 @@ class TrainConfig:
     """Pairs per forward/backward pass on each rank."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step; global batch = micro × accumulation × world size."""
+    global_batch_size: int | None = None
+    """Pairs per optimizer step over all ranks. When set, the accumulation is derived from it at
+    launch: global / (micro_batch_size × world size), so the same recipe keeps its batch on any
+    number of GPUs (grad_accum_steps must then stay 1); a world size that does not divide it is
+    refused. None: the global batch is micro × grad_accum_steps × world size."""
     steps: int = 1000
     """Optimizer steps of the whole run (the cosine schedule ends here)."""
     lr: float = 1e-4
@@ -155,6 +160,17 @@ class TrainConfig:
         bad = {k: v for k, v in positive.items() if v < 1}
         if bad:
             raise ValueError(f"these train fields must be >= 1: {bad}")
+        if self.global_batch_size is not None:
+            if self.grad_accum_steps != 1:
+                raise ValueError(
+                    f"set either grad_accum_steps ({self.grad_accum_steps}) or global_batch_size "
+                    f"({self.global_batch_size}), not both: the accumulation is derived from global_batch_size"
+                )
+            if self.global_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
+                raise ValueError(
+                    f"global_batch_size must be a positive multiple of micro_batch_size {self.micro_batch_size}; "
+                    f"got {self.global_batch_size}"
+                )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_params and self.zero_stage != 3:
@@ -167,9 +183,30 @@ class TrainConfig:
                 f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}, grad_clip={self.grad_clip}"
             )
 
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank: grad_accum_steps, or derived from
+        global_batch_size (refusing a world size that does not divide it)."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass == 0:
+            return self.global_batch_size // per_pass
+        micro_batches = self.global_batch_size // self.micro_batch_size
+        worlds = [w for w in range(1, micro_batches + 1) if micro_batches % w == 0]
+        below = self.global_batch_size // per_pass * per_pass
+        batches = [b for b in (below, below + per_pass) if b > 0]
+        raise TrainError(
+            f"train.global_batch_size={self.global_batch_size} cannot be split over {world_size} ranks: it must "
+            f"be a multiple of micro_batch_size {self.micro_batch_size} x world size {world_size} = {per_pass}. "
+            f"Launch on a world size that divides {micro_batches} micro-batches ({', '.join(map(str, worlds))} "
+            f"ranks), or set train.global_batch_size to a multiple of {per_pass} (e.g. "
+            f"{' or '.join(map(str, batches))}), or change train.micro_batch_size"
+        )
+
 
 def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON of a run: derived from `config` only, never edited by hand."""
+    accumulation = config.accumulation_steps(world_size)
     zero: dict[str, Any] = {"stage": config.zero_stage}
     pin = torch.cuda.is_available()  # pinned host memory only helps host<->GPU copies
     if config.offload_optimizer:
@@ -177,9 +214,9 @@ def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     if config.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return {
-        "train_batch_size": config.micro_batch_size * config.grad_accum_steps * world_size,
+        "train_batch_size": config.micro_batch_size * accumulation * world_size,
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
-        "gradient_accumulation_steps": config.grad_accum_steps,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": config.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": config.bf16},
@@ -705,6 +742,7 @@ def _train(
     out_dir = Path(config.output_dir) if os.path.isabs(config.output_dir) else run_dir / config.output_dir
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
     rank, _, world = init_distributed()
+    ds_config = deepspeed_config(config, world)  # first: a world size the global batch refuses stops here
     device = torch.device(get_accelerator().current_device_name())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
@@ -720,7 +758,6 @@ def _train(
     length = condition_length(config)
     conditions = condition_source(config.encoder, length, data.pools, run_dir, rank, device)
     condition_shape = (data.num_prompts, length, conditions.dim)
-    ds_config = deepspeed_config(config, world)
     engine, model = build_engine(config, ds_config, condition_shape, data.targets.token_shape, data.targets.num_tokens)
     stream = make_stream(data, config, rank, world)
 
@@ -784,7 +821,8 @@ def _fit(
     mask = targets.mask.to(device)  # (T, H, W)
     weights = targets.weights.to(device)  # (T,)
     log = MetricsLog(out_dir, start_step, enabled=rank == 0)
-    samples_per_step = config.micro_batch_size * config.grad_accum_steps * world
+    accumulation = config.accumulation_steps(world)
+    samples_per_step = config.micro_batch_size * accumulation * world
     step = start_step
     bar = tqdm(total=config.steps, initial=start_step, desc="dnd train", unit="step", disable=rank != 0)
     with StopRequest() as stop:
@@ -792,7 +830,7 @@ def _fit(
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]  # the LR this step's update uses
             loss_sum = torch.zeros((), device=device)
-            for _ in range(config.grad_accum_steps):
+            for _ in range(accumulation):
                 batch = next(stream)
                 cond = conditions(batch).to(device, dtype)  # (B, N, L, D)
                 target = batch["tokens"].to(device)  # (B, T, H, W)
@@ -802,7 +840,7 @@ def _fit(
                 loss_sum += loss.detach().float()
             step += 1
             # One collective per step: the mean loss over ranks, and whether any rank got SIGTERM.
-            stats = torch.stack([loss_sum / config.grad_accum_steps, torch.tensor(float(stop.requested), device=device)])
+            stats = torch.stack([loss_sum / accumulation, torch.tensor(float(stop.requested), device=device)])
             dist.all_reduce(stats)
             loss_value, stopping = stats[0].item() / world, stats[1].item() > 0
             bar.update(1)

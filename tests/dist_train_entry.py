@@ -2,8 +2,8 @@
 
 Runs `dnd_scale.trainer.train` once per entry of --runs, in one process, so one launch pays the
 torch/DeepSpeed start-up once for several trainings. Each entry is a JSON object of train-section
-overrides plus "stream": "loader" (the production shard loader, the default) or "global" (see
-`GlobalOrderStream`).
+overrides plus "stream": "loader" (the production shard loader, the default), "global" (see
+`GlobalOrderStream`) or "loader_of_2_ranks" (see `RanksReplayStream`).
 
     python tests/dist_train_entry.py --run RUN --config RECIPE --runs '[{"output_dir": "z2", "zero_stage": 2}]'
 """
@@ -57,7 +57,40 @@ class GlobalOrderStream:
         self.position = int(state["position"])
 
 
-STREAMS = {"loader": pair_stream, "global": GlobalOrderStream}
+class RanksReplayStream:
+    """In one process, the production loader streams of every rank of a `ranks`-rank world, in turn.
+
+    Micro-batch i comes from rank (i mod ranks)'s own `pair_stream` (its share of the shards, its
+    seeds). A 1-rank run with accumulation A × ranks therefore averages, at every step, exactly the
+    micro-batches a `ranks`-rank launch with accumulation A trains on: the reference for a real
+    multi-rank launch that reads through the production loader.
+    """
+
+    def __init__(self, data: TrainingData, config: TrainConfig, rank: int, world_size: int, ranks: int) -> None:
+        if world_size != 1:
+            raise ValueError(f"a replay of {ranks} ranks runs in a world of one, not {world_size}")
+        self.streams = [pair_stream(data, config, r, ranks) for r in range(ranks)]
+        self.position = 0
+
+    def __next__(self) -> dict:
+        batch = next(self.streams[self.position % len(self.streams)])
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.position = int(state["position"])
+        for stream, saved in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(saved)
+
+
+STREAMS = {
+    "loader": pair_stream,
+    "global": GlobalOrderStream,
+    "loader_of_2_ranks": lambda data, config, rank, world: RanksReplayStream(data, config, rank, world, ranks=2),
+}
 
 
 def main(argv: list[str]) -> int:

@@ -1,9 +1,9 @@
 """Multi-process trainer tests: the real `deepspeed` launcher with 2 CPU ranks (gloo), and kill/resume.
 
 One tiny run folder (real targets, shards and a tiny sentence-transformers encoder) serves every
-test. Launches are shared through module fixtures: one single-process launch runs the reference
-and the uninterrupted loader run, one 2-rank launch runs ZeRO-2 and ZeRO-3, and the resume test
-adds three short launches (killed, terminated, finished).
+test. Launches are shared through fixtures: one single-process launch (conftest.py's
+`single_process`, shared with test_launchers.py) runs the references, one 2-rank launch runs ZeRO-2
+and ZeRO-3, and the resume test adds three short launches (killed, terminated, finished).
 """
 
 from __future__ import annotations
@@ -12,98 +12,48 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from dnd_scale.trainer import deepspeed_config, load_train_config
-from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
+from launching import (
+    BIN,
+    CHECKPOINT_EVERY,
+    ENTRY,
+    LAUNCH_TIMEOUT_S,
+    REPO,
+    RESUME_STEPS,
+    STEPS,
+    free_port,
+    launch_env,
+    run_logged,
+    step_losses,
+    wait_for_step,
+)
+from tinyrun import tiny_features
 
 pytestmark = pytest.mark.distributed
 
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = REPO / "tests" / "dist_train_entry.py"
-BIN = Path(sys.executable).parent
-STEPS = 12  # per-step losses compared over these
-RESUME_STEPS = 30
-CHECKPOINT_EVERY = 4
-LAUNCH_TIMEOUT_S = 400
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    # One intra-op thread per rank: two ranks on two cores otherwise fight over the cores.
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-4000:]}"
-
-
-def _losses(out_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
-
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(run folder, recipe) of a tiny run: 3 tasks × 4 checkpoints, 8 shards, N=4 prompts, L=8, D=16."""
-    root = tmp_path_factory.mktemp("dist")
-    encoder = make_tiny_encoder(root / "encoder")
-    run = make_tiny_run(root / "run")
-    recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"train": {
-        "generator": {"preset": None, "features": [list(s) for s in tiny_features()], "kernel_size": 3},
-        "encoder": {"name": str(encoder), "max_length": 8},
-        "micro_batch_size": 2, "grad_accum_steps": 2, "steps": STEPS, "lr": 1e-2, "warmup_steps": 2,
-        "checkpoint_every": CHECKPOINT_EVERY, "log_every": 1, "num_workers": 0, "seed": 0,
-    }}))
-    return run, recipe
-
-
-@pytest.fixture(scope="module")
-def single_process(tiny):
-    """One process, world size 1: the reference (same global batch 8 as the 2-rank runs: micro 2 ×
-    accumulation 4) and the uninterrupted production-loader run the resume test compares with."""
-    run, recipe = tiny
-    runs = [
-        {"stream": "global", "output_dir": "single", "zero_stage": 0, "grad_accum_steps": 4},
-        {"stream": "loader", "output_dir": "uninterrupted", "zero_stage": 2, "steps": RESUME_STEPS, "num_workers": 2},
-    ]
-    _run([sys.executable, str(ENTRY), "--run", str(run), "--config", str(recipe), "--runs", json.dumps(runs)],
-         run / "single.log")
-    return run
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tiny):
+def two_ranks(launch_run):
     """`deepspeed --num_gpus 2` on CPU: ZeRO-2 then ZeRO-3, micro 2 × accumulation 2 × 2 ranks."""
-    run, recipe = tiny
+    run, recipe = launch_run
     runs = [{"stream": "global", "output_dir": f"zero{s}", "zero_stage": s} for s in (2, 3)]
-    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--no_local_rank",
-          str(ENTRY), "--run", str(run), "--config", str(recipe), "--runs", json.dumps(runs)], run / "two_ranks.log")
+    run_logged([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
+                str(ENTRY), "--run", str(run), "--config", str(recipe), "--runs", json.dumps(runs)], run / "two_ranks.log")
     return run
 
 
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_zero_losses_match_single_process(single_process, two_ranks, stage):
-    reference = _losses(single_process / "single")
-    zero = _losses(two_ranks / f"zero{stage}")
+    reference = step_losses(single_process / "single")
+    zero = step_losses(two_ranks / f"zero{stage}")
     assert sorted(reference) == sorted(zero) == list(range(1, STEPS + 1))
     errors = {step: abs(zero[step] - reference[step]) for step in reference}
     assert max(errors.values()) <= 1e-5, f"per-step |loss difference| vs the single process: {errors}"
@@ -156,8 +106,8 @@ def test_export_serves_dnd_generate(two_ranks):
         torch.testing.assert_close(model(generator.encoder.encode(prompts)[None])[0], tokens)
 
 
-def test_deepspeed_json_is_generated_from_config(tiny, two_ranks):
-    _, recipe = tiny
+def test_deepspeed_json_is_generated_from_config(launch_run, two_ranks):
+    _, recipe = launch_run
     saved = json.loads((two_ranks / "zero3" / "deepspeed_config.json").read_text())
     config = load_train_config(str(recipe), ["--train.zero_stage=3"])
     assert saved == deepspeed_config(config, world_size=2)
@@ -165,18 +115,18 @@ def test_deepspeed_json_is_generated_from_config(tiny, two_ranks):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_deepspeed_on_gpu_triton_stages_match_torch(tiny):
+def test_deepspeed_on_gpu_triton_stages_match_torch(launch_run):
     """`deepspeed --num_gpus 1` on a GPU (NCCL, ZeRO-2): the fused Triton stages (the GPU default) and
     the PyTorch stages train the same curve; a bf16 run with the Triton stages learns too."""
-    run, recipe = tiny
+    run, recipe = launch_run
     generator = {"preset": None, "features": [list(s) for s in tiny_features()], "kernel_size": 3}
     runs = [{"stream": "global", "output_dir": f"gpu_{impl}", "zero_stage": 2, "generator": {**generator, "impl": impl},
              "cudnn_benchmark": impl == "auto"} for impl in ("auto", "torch")]  # fmt: skip
     runs.append({"stream": "global", "output_dir": "gpu_bf16", "zero_stage": 2, "bf16": True})
-    env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
+    env = {k: v for k, v in launch_env().items() if k != "DS_ACCELERATOR"}
     with open(run / "gpu.log", "w") as out:
         proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-                               str(_free_port()), "--no_local_rank", str(ENTRY), "--run", str(run), "--config",
+                               str(free_port()), "--no_local_rank", str(ENTRY), "--run", str(run), "--config",
                                str(recipe), "--runs", json.dumps(runs)],
                               cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
     assert proc.returncode == 0, (run / "gpu.log").read_text()[-4000:]
@@ -184,7 +134,7 @@ def test_deepspeed_on_gpu_triton_stages_match_torch(tiny):
     assert [i["impl"] for i in info.values()] == ["triton", "torch", "triton"]
     assert [i["cudnn_benchmark"] for i in info.values()] == [True, False, True]  # the field, and its default
     assert all(i["device"].startswith("cuda") for i in info.values())
-    fused, reference, bf16 = (_losses(run / name) for name in info)
+    fused, reference, bf16 = (step_losses(run / name) for name in info)
     assert sorted(fused) == sorted(reference) == list(range(1, STEPS + 1))
     # fp32 parameters; both paths may round GEMM operands to TF32 on the GPU (~1e-3 relative).
     gaps = {step: abs(fused[step] - reference[step]) / reference[step] for step in reference}
@@ -198,30 +148,21 @@ def _launch(run: Path, recipe: Path, out: str, log: Path, resume: bool) -> subpr
     # Own session: the signal goes to the whole group, DataLoader workers included, as SLURM and
     # the deepspeed launcher deliver it.
     with open(log, "w") as out:
-        return subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=REPO, env=_env(), stdout=out,
+        return subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=REPO, env=launch_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _signal_at(proc: subprocess.Popen, metrics: Path, step: int, signum: int) -> int:
     """Send `signum` to the process group once `metrics` logs `step`; returns the last logged step then."""
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}; it was meant to be interrupted"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        logged = [json.loads(line)["step"] for line in lines[:-1]]  # the last line may be half written
-        if lines and lines[-1].endswith("}"):
-            logged.append(json.loads(lines[-1])["step"])
-        if logged and logged[-1] >= step:
-            os.killpg(proc.pid, signum)
-            return logged[-1]
-        time.sleep(0.01)
-    raise TimeoutError(f"step {step} never logged in {metrics}")
+    logged = wait_for_step(proc, metrics, step)
+    os.killpg(proc.pid, signum)
+    return logged
 
 
-def test_resume_after_sigkill_and_sigterm_reproduces_the_run(tiny, single_process):
+def test_resume_after_sigkill_and_sigterm_reproduces_the_run(launch_run, single_process):
     """SIGKILL after a checkpoint, resume; SIGTERM (checkpoint at the step boundary), resume; the
     per-step losses equal the uninterrupted run's, which needs the data position restored too."""
-    run, recipe = tiny
+    run, recipe = launch_run
     rng = random.Random(4)
     metrics = run / "resumed" / "metrics.jsonl"
 
@@ -244,7 +185,7 @@ def test_resume_after_sigkill_and_sigterm_reproduces_the_run(tiny, single_proces
     assert finished.wait(timeout=LAUNCH_TIMEOUT_S) == 0, (run / "finished.log").read_text()[-3000:]
     assert json.loads((run / "resumed" / "train_info.json").read_text())["resumed_from"] == stopped
 
-    expected, resumed = _losses(single_process / "uninterrupted"), _losses(run / "resumed")
+    expected, resumed = step_losses(single_process / "uninterrupted"), step_losses(run / "resumed")
     assert sorted(resumed) == sorted(expected) == list(range(1, RESUME_STEPS + 1))
     errors = {step: abs(resumed[step] - expected[step]) for step in expected}
     assert max(errors.values()) <= 1e-6, f"killed at {kill_step}, terminated at {term_step}: {errors}"

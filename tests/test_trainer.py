@@ -73,6 +73,35 @@ def test_bad_train_configs_are_rejected(kwargs, message):
         TrainConfig(**kwargs)
 
 
+@pytest.mark.parametrize("world, accum", [(1, 6), (2, 3), (3, 2), (6, 1)], ids=lambda v: str(v))
+def test_global_batch_size_derives_the_accumulation(world, accum):
+    config = TrainConfig(micro_batch_size=2, global_batch_size=12)
+    assert config.accumulation_steps(world) == accum
+    ds = deepspeed_config(config, world)
+    assert ds["train_batch_size"] == 12 and ds["gradient_accumulation_steps"] == accum
+
+
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused():
+    config = TrainConfig(micro_batch_size=2, global_batch_size=12)
+    message = (r"global_batch_size=12 cannot be split over 4 ranks: it must be a multiple of micro_batch_size 2 "
+               r"x world size 4 = 8\. Launch on a world size that divides 6 micro-batches \(1, 2, 3, 6 ranks\), or "
+               r"set train.global_batch_size to a multiple of 8 \(e.g. 8 or 16\)")
+    with pytest.raises(TrainError, match=message):
+        deepspeed_config(config, 4)
+    with pytest.raises(TrainError, match=r"multiple of 16 \(e.g. 16\)"):  # no zero-sized suggestion
+        TrainConfig(micro_batch_size=2, global_batch_size=12).accumulation_steps(8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"global_batch_size": 10, "micro_batch_size": 4}, "positive multiple of micro_batch_size 4; got 10"),
+    ({"global_batch_size": 0}, "positive multiple"),
+    ({"global_batch_size": 16, "grad_accum_steps": 2}, r"either grad_accum_steps \(2\) or global_batch_size \(16\)"),
+], ids=["not-a-multiple", "zero", "both"])
+def test_bad_global_batch_sizes_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
 def test_warmup_cosine_schedule():
     f = WarmupCosine(warmup=4, total=20, min_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
