@@ -24,17 +24,19 @@ lines and files first — so the result equals that of an uninterrupted run (bit
 training is deterministic for a seed).
 
 Several processes: under a launcher that sets RANK, WORLD_SIZE and LOCAL_RANK (`deepspeed
---num_gpus N $(which dnd) collect ...`, with or without `--no_local_rank`, torchrun, or srun as in
-`launchers/slurm_train.sh`), every rank loads the base model on its own device (cuda:LOCAL_RANK for
-device "auto" or "cuda") and the tasks are split across the ranks:
+--num_gpus N $(which dnd) collect ...`, with or without `--no_local_rank`; torchrun; srun with the
+variables exported as `launchers/slurm_train.sh` does for `dnd train`), every rank loads the base
+model on its own device (cuda:LOCAL_RANK for device "auto" or "cuda") and the tasks are split
+across the ranks:
 
 1. Rank 0 alone prepares the run folder exactly as a single process does (lock, leftovers, base
    model, collect.json, manifest repair) and lists the unfinished tasks in the order given; it sends
    that list (or the reason it could not start) to every rank. Nobody writes before that.
-2. The unfinished tasks are dealt round robin in that order — rank r trains the r-th, (r+N)-th, ...
-   of them. Every task trains the same number of steps at the same batch size, so counts balance the
-   work, and the split is a pure function of the folder's state and the world size. Only the rank
-   that owns a task writes into `<task>/`; no rank appends to manifest.jsonl meanwhile.
+2. The unfinished tasks are dealt round robin in that order — rank r of N trains the tasks at
+   positions r, r+N, r+2N, ... of the list (from 0). Every task trains the same number of steps at
+   the same batch size, so counts balance the work, and the split is a pure function of the
+   folder's state and the world size. Only the rank that owns a task writes into `<task>/`; no rank
+   appends to manifest.jsonl meanwhile.
 3. When every rank is done, rank 0 gathers the new manifest lines and rewrites manifest.jsonl once,
    atomically: the lines it already held, then the tasks of this job in the order given — the very
    file a single process writes for the same tasks, whichever rank finished first.
@@ -43,8 +45,9 @@ A task's LoRA does not depend on who trains it: the init seed is `seed` and the 
 dropout seed derive from (seed, task name), never from the rank. If a job dies before step 3, the
 finished tasks keep their checkpoints and complete.json (lines included): the next run, with any
 number of processes, merges them in and trains only what is left. Coordination goes through a gloo
-process group (MASTER_ADDR and MASTER_PORT from the launcher) on CPU memory, whatever the device;
-the run folder must be on a filesystem that every node sees at the same path.
+process group (MASTER_ADDR and MASTER_PORT from the launcher) on CPU memory, whatever the device; a
+rank that dies makes the others fail at their next message rather than wait. The run folder must be
+on a filesystem that every node sees at the same path.
 """
 
 from __future__ import annotations
@@ -435,8 +438,10 @@ def _reconcile_manifest(
     kept = [r for r in records if r["task"] in finished]
     missing = {}
     for marker in sorted(checkpoints.glob(f"*/{COMPLETE}")):
+        if marker.parent.name in finished:
+            continue
         lines = read_json(marker, "task completion marker").get("manifest")
-        if marker.parent.name not in finished and lines is not None:  # None: a marker without lines
+        if lines is not None:  # None: a marker without lines, which _is_finished reports
             missing[marker.parent.name] = lines
     foreign = [r for r in [*kept, *(r for lines in missing.values() for r in lines)]
                if r["layout_fingerprint"] != fingerprint]
@@ -580,7 +585,8 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
                 continue
             # Leftovers of an interrupted attempt: their manifest lines were dropped above.
             shutil.rmtree(checkpoints / task.name, ignore_errors=True)
-            model, _ = _train_task(model, base.tokenizer, layout, task, config, checkpoints, ranks, checkpoints / MANIFEST)
+            model, _ = _train_task(model, base.tokenizer, layout, task, config, checkpoints, ranks,
+                                   manifest=checkpoints / MANIFEST)
     return [record for record in read_manifest(run_dir) if record["task"] in names]
 
 
@@ -628,7 +634,7 @@ def _collect_as_rank(config: CollectConfig, tasks: Sequence[Task], run_dir: Path
         # 3. Rank 0 writes the manifest once: the lines it kept, then this job's tasks in the order given.
         #    The lines travel through the process group, not the filesystem, so a shared filesystem that
         #    shows another node's new files late cannot drop them.
-        parts: list[Any] = [None] * ranks.world_size if ranks.rank == 0 else None
+        parts: list[Any] | None = [None] * ranks.world_size if ranks.rank == 0 else None
         dist.gather_object(collected, parts, dst=0)
         if ranks.rank != 0:
             return [record for lines in collected.values() for record in lines]
@@ -699,5 +705,6 @@ def main(argv: list[str] | None = None) -> int:
     if ranks.rank == 0:
         print(f"dnd collect: {len(tasks)} tasks, {len(records)} checkpoints -> {Path(args.run) / CHECKPOINTS}")
     else:
-        print(f"dnd collect: rank {ranks.rank} of {ranks.world_size} collected {len({r['task'] for r in records})} tasks")
+        collected = len({record["task"] for record in records})
+        print(f"dnd collect: rank {ranks.rank} of {ranks.world_size} collected {collected} tasks")
     return 0
