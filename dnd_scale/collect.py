@@ -24,10 +24,11 @@ lines and files first — so the result equals that of an uninterrupted run (bit
 training is deterministic for a seed).
 
 Several processes: under a launcher that sets RANK, WORLD_SIZE and LOCAL_RANK (`deepspeed
---num_gpus N $(which dnd) collect ...`, with or without `--no_local_rank`; torchrun; srun with the
-variables exported as `launchers/slurm_train.sh` does for `dnd train`), every rank loads the base
-model on its own device (cuda:LOCAL_RANK for device "auto" or "cuda") and the tasks are split
-across the ranks:
+--num_gpus N $(which dnd) collect ...`, with or without `--no_local_rank`; `torchrun --nproc_per_node
+N -- $(which dnd) collect ...`, the `--` keeping torchrun from reading `--run` as its `--run-path`;
+srun with the variables exported as `launchers/slurm_train.sh` does for `dnd train`), every rank
+loads the base model on its own device (cuda:LOCAL_RANK for device "auto" or "cuda") and the tasks
+are split across the ranks:
 
 1. Rank 0 alone prepares the run folder exactly as a single process does (lock, leftovers, base
    model, collect.json, manifest repair) and lists the unfinished tasks in the order given; it sends
