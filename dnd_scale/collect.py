@@ -128,7 +128,8 @@ class CollectConfig:
     derived from seed and task name) and of a random-init base model."""
     device: str = "auto"
     """"auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ... Under a launcher with several
-    ranks, "auto" and "cuda" mean each rank's own GPU, cuda:LOCAL_RANK; an explicit index is taken as is."""
+    ranks, "auto" and "cuda" mean each rank's own GPU (cuda:LOCAL_RANK, or cuda:0 when each rank sees only
+    its own); an explicit index is taken as is."""
     dtype: str = "auto"
     """Base model dtype: "auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16",
     "float16". LoRA parameters and checkpoints are float32 in every case."""
@@ -290,17 +291,20 @@ class Ranks:
         return ranks
 
     def device(self, device: str) -> str:
-        """The device this rank trains on: with several ranks, "auto" and "cuda" mean cuda:LOCAL_RANK."""
+        """The device this rank trains on: with several ranks, "auto" and "cuda" mean cuda:LOCAL_RANK,
+        or cuda:0 where the launcher shows each rank only its own GPU (srun --gpus-per-task=1)."""
         if self.world_size == 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
             return device  # "auto" without a GPU is the CPU; "cuda" without one fails in resolve_device
         count = torch.cuda.device_count()
-        if self.local_rank >= count:
+        index = 0 if count == 1 else self.local_rank
+        if index >= count:
             raise RuntimeError(
-                f"rank {self.rank} has LOCAL_RANK {self.local_rank}, but its node shows {count} GPUs; "
-                f"start at most {count} ranks per node (one per GPU)"
+                f"rank {self.rank} has LOCAL_RANK {self.local_rank}, but it sees {count} GPUs "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {count} "
+                "ranks per node, one per GPU, or show each rank only its own GPU"
             )
-        torch.cuda.set_device(self.local_rank)  # stray allocations land on this rank's GPU too
-        return f"cuda:{self.local_rank}"
+        torch.cuda.set_device(index)  # stray allocations land on this rank's GPU too
+        return f"cuda:{index}"
 
 
 @contextlib.contextmanager
