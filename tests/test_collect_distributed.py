@@ -1,10 +1,11 @@
 """`dnd collect` split across 2 CPU ranks by the real deepspeed launcher (gloo).
 
 Four tiny tasks on a random-init Qwen2, dealt round robin: rank 0 trains add_numbers and
-largest_number_mc, rank 1 parity_tf and uppercase. Two launches serve every test: the first is
-killed (each rank SIGKILLs itself in its second task, once both first tasks are finished), the
-second, through `deepspeed $(which dnd) collect`, restarts it. A single process in this process is
-the reference: same checkpoint bytes, same manifest.
+largest_number_mc, rank 1 parity_tf and uppercase. Two launches serve the launcher tests: the
+first is killed (each rank SIGKILLs itself in its second task, once both first tasks are finished),
+the second, through `deepspeed $(which dnd) collect`, restarts it. A single process in this process
+is the reference: same checkpoint bytes, same manifest. Rank 0's preparation and the rank
+environment are checked in this process too.
 """
 
 from __future__ import annotations
