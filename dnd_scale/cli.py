@@ -41,6 +41,10 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
+        # `deepspeed $(which dnd) <stage> ...` without --no_local_rank puts the flag before the stage;
+        # the stages that run under a launcher (train, collect) take it, after their name.
+        argv = [*argv[1:2], argv[0], *argv[2:]]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

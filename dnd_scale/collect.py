@@ -10,7 +10,9 @@ prompt/response records, with the loss on the response tokens only, and the adap
                                 {task, step, loss, seed, layout_fingerprint, file, sha256}
     <task>/<step>.safetensors   the adapter: PEFT keys exactly as `get_peft_model_state_dict` (and
                                 `save_pretrained`) give them, float32
-    <task>/complete.json        written after the task's last checkpoint: the task is finished
+    <task>/complete.json        written after the task's last checkpoint: the task is finished. It
+                                also holds the task's manifest lines and which rank (of how many,
+                                on which host) collected it.
 
 A random-init base model (source = a config.json) is also written to `<run>/base_model` so that the
 later stages load the very weights the checkpoints were trained on.
@@ -20,6 +22,33 @@ appended only after its checkpoint file exists; `complete.json` only after the t
 re-run skips finished tasks and restarts an unfinished one from scratch — dropping its manifest
 lines and files first — so the result equals that of an uninterrupted run (bit for bit on CPU, where
 training is deterministic for a seed).
+
+Several processes: under a launcher that sets RANK, WORLD_SIZE and LOCAL_RANK (`deepspeed
+--num_gpus N $(which dnd) collect ...`, with or without `--no_local_rank`; `torchrun --nproc_per_node
+N -- $(which dnd) collect ...`, the `--` keeping torchrun from reading `--run` as its `--run-path`;
+srun with the variables exported as `launchers/slurm_train.sh` does for `dnd train`), every rank
+loads the base model on its own device (cuda:LOCAL_RANK for device "auto" or "cuda") and the tasks
+are split across the ranks:
+
+1. Rank 0 alone prepares the run folder exactly as a single process does (lock, leftovers, base
+   model, collect.json, manifest repair) and lists the unfinished tasks in the order given; it sends
+   that list (or the reason it could not start) to every rank. Nobody writes before that.
+2. The unfinished tasks are dealt round robin in that order — rank r of N trains the tasks at
+   positions r, r+N, r+2N, ... of the list (from 0). Every task trains the same number of steps at
+   the same batch size, so counts balance the work, and the split is a pure function of the
+   folder's state and the world size. Only the rank that owns a task writes into `<task>/`; no rank
+   appends to manifest.jsonl meanwhile.
+3. When every rank is done, rank 0 gathers the new manifest lines and rewrites manifest.jsonl once,
+   atomically: the lines it already held, then the tasks of this job in the order given — the very
+   file a single process writes for the same tasks, whichever rank finished first.
+
+A task's LoRA does not depend on who trains it: the init seed is `seed` and the data order and
+dropout seed derive from (seed, task name), never from the rank. If a job dies before step 3, the
+finished tasks keep their checkpoints and complete.json (lines included): the next run, with any
+number of processes, merges them in and trains only what is left. Coordination goes through a gloo
+process group (MASTER_ADDR and MASTER_PORT from the launcher) on CPU memory, whatever the device; a
+rank that dies makes the others fail at their next message rather than wait. The run folder must be
+on a filesystem that every node sees at the same path.
 """
 
 from __future__ import annotations
@@ -33,11 +62,14 @@ import logging
 import math
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from peft import get_peft_model, get_peft_model_state_dict
 from tqdm.auto import tqdm
 
@@ -96,7 +128,9 @@ class CollectConfig:
     """Seed of the LoRA initialization (the same for every task), of data order and dropout (per task,
     derived from seed and task name) and of a random-init base model."""
     device: str = "auto"
-    """"auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    """"auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ... Under a launcher with several
+    ranks, "auto" and "cuda" mean each rank's own GPU (cuda:LOCAL_RANK, or cuda:0 when each rank sees only
+    its own); an explicit index is taken as is."""
     dtype: str = "auto"
     """Base model dtype: "auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16",
     "float16". LoRA parameters and checkpoints are float32 in every case."""
@@ -217,6 +251,87 @@ def _task_seed(seed: int, task_name: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# ranks: one process, or one of several started by a launcher
+
+# How long a rank waits for the others: at the end, for the slowest rank's share (the shares differ
+# by at most one task, but a task at 70B can take hours). Gloo fails at once when a peer process
+# dies (its sockets close), so this only bounds a peer that hangs alive.
+PEER_TIMEOUT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes of one `dnd collect` job."""
+
+    rank: int = 0
+    """RANK: 0 prepares the run folder and writes the merged manifest."""
+    local_rank: int = 0
+    """LOCAL_RANK: the rank's index on its node, which picks its GPU."""
+    world_size: int = 1
+    """WORLD_SIZE: how many processes share the tasks."""
+
+    @classmethod
+    def from_environment(cls) -> Ranks:
+        """What the deepspeed launcher, torchrun and srun (launchers/) export; a world of one without them."""
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        found = {name: os.environ[name] for name in names if name in os.environ}
+        if not found:
+            return cls()
+        if "RANK" not in found or "WORLD_SIZE" not in found:
+            raise RuntimeError(
+                f"the environment sets {', '.join(f'{k}={v}' for k, v in found.items())} but not both RANK and "
+                "WORLD_SIZE; start several ranks through deepspeed, torchrun or srun with RANK, WORLD_SIZE and "
+                "LOCAL_RANK exported (see launchers/), or unset them to collect in one process"
+            )
+        try:
+            ranks = cls(int(found["RANK"]), int(found.get("LOCAL_RANK", 0)), int(found["WORLD_SIZE"]))
+        except ValueError:
+            raise RuntimeError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {found}") from None
+        if not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
+            raise RuntimeError(f"RANK must be in [0, WORLD_SIZE) and LOCAL_RANK >= 0, got {found}")
+        return ranks
+
+    def device(self, device: str) -> str:
+        """The device this rank trains on: with several ranks, "auto" and "cuda" mean cuda:LOCAL_RANK,
+        or cuda:0 where the launcher shows each rank only its own GPU (srun --gpus-per-task=1)."""
+        if self.world_size == 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
+            return device  # "auto" without a GPU is the CPU; "cuda" without one fails in resolve_device
+        count = torch.cuda.device_count()
+        index = 0 if count == 1 else self.local_rank
+        if index >= count:
+            raise RuntimeError(
+                f"rank {self.rank} has LOCAL_RANK {self.local_rank}, but it sees {count} GPUs "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {count} "
+                "ranks per node, one per GPU, or show each rank only its own GPU"
+            )
+        torch.cuda.set_device(index)  # stray allocations land on this rank's GPU too
+        return f"cuda:{index}"
+
+
+@contextlib.contextmanager
+def _process_group(ranks: Ranks) -> Iterator[None]:
+    """A gloo process group over the ranks: the few messages collect sends are small Python objects
+    in CPU memory, and unlike NCCL gloo waits for a slow peer without a watchdog killing the job."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"rank {ranks.rank} of {ranks.world_size}: {' and '.join(missing)} not set; the ranks meet at "
+            "MASTER_ADDR:MASTER_PORT (the deepspeed launcher and torchrun set them; under srun export them, "
+            "see launchers/slurm_train.sh)"
+        )
+    dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=PEER_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _deal(pending: Sequence[str], ranks: Ranks) -> list[str]:
+    """This rank's share of the unfinished tasks: round robin over their order."""
+    return list(pending[ranks.rank :: ranks.world_size])
+
+
+# ----------------------------------------------------------------------------------------------------
 # run folder bookkeeping
 
 
@@ -303,25 +418,49 @@ def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run
     })
 
 
-def _reconcile_manifest(checkpoints: Path, fingerprint: str) -> list[dict[str, Any]]:
-    """Keep the manifest lines of finished tasks only (an interrupted task is collected again)."""
+def _write_manifest(checkpoints: Path, records: list[dict[str, Any]]) -> None:
+    """Replace manifest.jsonl atomically; the same serialization as append_jsonl, so an unchanged
+    manifest is left untouched."""
+    path = checkpoints / MANIFEST
+    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+    if not path.exists() or path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+def _reconcile_manifest(
+    checkpoints: Path, fingerprint: str, names: Sequence[str]
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """(manifest lines kept, lines to add per task): keep the lines of finished tasks only (an
+    interrupted task is collected again), and find the finished tasks the manifest lacks.
+
+    A task lacks its lines when a multi-process job stopped before rank 0 merged them; its
+    complete.json holds them. Those of the tasks in `names` are returned, to be added at their place
+    in `names`; any others are added now, by name, after the kept lines.
+    """
     path = checkpoints / MANIFEST
     records = read_jsonl(path)
     finished = {task for task in {r["task"] for r in records} if (checkpoints / task / COMPLETE).is_file()}
     kept = [r for r in records if r["task"] in finished]
-    foreign = [r for r in kept if r["layout_fingerprint"] != fingerprint]
+    missing = {}
+    for marker in sorted(checkpoints.glob(f"*/{COMPLETE}")):
+        if marker.parent.name in finished:
+            continue
+        lines = read_json(marker, "task completion marker").get("manifest")
+        if lines is not None:  # None: a marker without lines, which _is_finished reports
+            missing[marker.parent.name] = lines
+    foreign = [r for r in [*kept, *(r for lines in missing.values() for r in lines)]
+               if r["layout_fingerprint"] != fingerprint]
     if foreign:
         raise LayoutError(
             f"{path}: {len(foreign)} checkpoints (e.g. task {foreign[0]['task']!r} step {foreign[0]['step']}) have "
             f"layout {foreign[0]['layout_fingerprint'][:12]}, not this run's {fingerprint[:12]}; "
             "the folder mixes runs — collect into a new run folder"
         )
-    # Same serialization as append_jsonl, so an intact manifest is left untouched.
-    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept)
-    if path.exists() and path.read_text() != text:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
-    return kept
+    kept += [r for task in sorted(set(missing) - set(names)) for r in missing.pop(task)]
+    if path.exists() or kept:
+        _write_manifest(checkpoints, kept)
+    return kept, missing
 
 
 def _is_finished(task: Task, config: CollectConfig, checkpoints: Path, manifest: list[dict[str, Any]]) -> bool:
@@ -348,9 +487,12 @@ def _is_finished(task: Task, config: CollectConfig, checkpoints: Path, manifest:
 
 
 def _train_task(
-    model: torch.nn.Module, tokenizer: Any, layout: LoraLayout, task: Task, config: CollectConfig, checkpoints: Path
-) -> torch.nn.Module:
-    """Train one LoRA on `model`, save its trajectory, and return the base model with the LoRA removed."""
+    model: torch.nn.Module, tokenizer: Any, layout: LoraLayout, task: Task, config: CollectConfig, checkpoints: Path,
+    ranks: Ranks, manifest: Path | None,
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """Train one LoRA on `model` and save its trajectory; return the base model with the LoRA removed
+    and the task's manifest lines. Each line is appended to `manifest` (a single process) as soon as
+    its checkpoint exists; with several ranks `manifest` is None and rank 0 merges the lines later."""
     examples = encode_task(tokenizer, task, config.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = next(model.parameters()).device
@@ -371,8 +513,9 @@ def _train_task(
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         order = _index_stream(len(examples), torch.Generator().manual_seed(task_seed))
         peft_model.train()
-        losses, skipped = [], []
-        with tqdm(total=config.steps, desc=f"collect {task.name}", unit="step") as bar:
+        losses, skipped, lines = [], [], []
+        desc = f"collect {task.name}" if ranks.world_size == 1 else f"[rank {ranks.rank}] collect {task.name}"
+        with tqdm(total=config.steps, desc=desc, unit="step") as bar:
             for step in range(1, config.steps + 1):
                 batch = _collate([examples[next(order)] for _ in range(config.batch_size)], pad_id, device)
                 loss = peft_model(**batch, use_cache=False).loss  # mean over the batch's response tokens
@@ -402,27 +545,34 @@ def _train_task(
                 # than one key would make the bytes (and the sha256) differ between identical runs.
                 save_safetensors(state, path, {"format": "pt"})
                 # `loss` is the training loss of this step's batch, computed before its update.
-                append_jsonl(checkpoints / MANIFEST, {
+                lines.append({
                     "task": task.name, "step": step, "loss": losses[-1], "seed": config.seed,
                     "layout_fingerprint": fingerprint, "file": f"{task.name}/{step}.safetensors",
                     "sha256": sha256_file(path),
                 })
+                if manifest is not None:
+                    append_jsonl(manifest, lines[-1])
         write_json(task_dir / COMPLETE, {
             "task": task.name, "source": task.source, "task_fingerprint": task.fingerprint(),
             "num_records": len(task.records), "steps": config.checkpoint_steps(), "losses": losses,
             "skipped_steps": skipped,
+            "manifest": lines,
+            "collected_by": {"rank": ranks.rank, "world_size": ranks.world_size, "host": socket.gethostname()},
         })
     finally:
         # The next task starts from the untouched base whether or not this one succeeded.
         model = peft_model.unload()
         model.eval()
-    return model
+    return model, lines
 
 
 def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Collect the checkpoint trajectory of every task into `<run_dir>/checkpoints`; return their manifest lines.
 
-    Finished tasks are skipped; an interrupted task is collected again from scratch.
+    Finished tasks are skipped; an interrupted task is collected again from scratch. Under a launcher
+    (WORLD_SIZE > 1) every rank calls this with the same arguments and trains its share of the tasks
+    (see the module docstring); rank 0 returns the manifest lines of all `tasks`, another rank those
+    of the tasks it trained.
     """
     names = [task.name for task in tasks]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -430,6 +580,9 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
         raise ValueError(f"task names must be unique within a run, found duplicates {duplicates}")
     if not config.base_model:
         raise ValueError("collect needs base_model: a model folder, a .gguf file or a model config.json")
+    ranks = Ranks.from_environment()
+    if ranks.world_size > 1:
+        return _collect_as_rank(config, tasks, Path(run_dir), ranks)
     run_dir = Path(run_dir)
     checkpoints = run_dir / CHECKPOINTS
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -438,16 +591,73 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
         base = load_base_model(config.base_model, dtype=config.dtype, device=config.device, seed=config.seed)
         layout = LoraLayout.from_config(base.model.config, config.lora)
         _prepare_run(config, base, layout, run_dir)
-        manifest = _reconcile_manifest(checkpoints, layout.fingerprint())
+        manifest, missing = _reconcile_manifest(checkpoints, layout.fingerprint(), names)
         model = base.model
         for task in tasks:
-            if _is_finished(task, config, checkpoints, manifest):
+            if _is_finished(task, config, checkpoints, manifest + missing.get(task.name, [])):
                 logger.info("task %s: already collected, skipped", task.name)
+                for record in missing.get(task.name, []):  # finished by a rank of a job that stopped early
+                    append_jsonl(checkpoints / MANIFEST, record)
                 continue
             # Leftovers of an interrupted attempt: their manifest lines were dropped above.
             shutil.rmtree(checkpoints / task.name, ignore_errors=True)
-            model = _train_task(model, base.tokenizer, layout, task, config, checkpoints)
+            model, _ = _train_task(model, base.tokenizer, layout, task, config, checkpoints, ranks,
+                                   manifest=checkpoints / MANIFEST)
     return [record for record in read_manifest(run_dir) if record["task"] in names]
+
+
+def _collect_as_rank(config: CollectConfig, tasks: Sequence[Task], run_dir: Path, ranks: Ranks) -> list[dict[str, Any]]:
+    """One rank's part of a multi-process collect: rank 0 prepares, every rank trains its share, rank 0 merges."""
+    checkpoints = run_dir / CHECKPOINTS
+    names = [task.name for task in tasks]
+    device = ranks.device(config.device)
+    with _process_group(ranks), contextlib.ExitStack() as held:
+        # 1. Rank 0 prepares the folder as a single process would; the others load the base meanwhile
+        #    and wait for its list of unfinished tasks, so nobody writes into an unprepared folder.
+        plan: list[Any] = [None]
+        if ranks.rank == 0:
+            try:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                held.enter_context(_exclusive(checkpoints))  # held until the merged manifest is written
+                _remove_temporaries(run_dir)
+                base = load_base_model(config.base_model, dtype=config.dtype, device=device, seed=config.seed)
+                layout = LoraLayout.from_config(base.model.config, config.lora)
+                _prepare_run(config, base, layout, run_dir)
+                manifest, missing = _reconcile_manifest(checkpoints, layout.fingerprint(), names)
+                pending = [task.name for task in tasks
+                           if not _is_finished(task, config, checkpoints, manifest + missing.get(task.name, []))]
+                plan = [{"pending": pending}]
+            except Exception as error:
+                dist.broadcast_object_list([{"error": f"{type(error).__name__}: {error}"}], src=0)
+                raise
+            dist.broadcast_object_list(plan, src=0)
+        else:
+            base = load_base_model(config.base_model, dtype=config.dtype, device=device, seed=config.seed)
+            layout = LoraLayout.from_config(base.model.config, config.lora)
+            dist.broadcast_object_list(plan, src=0)
+            if "error" in plan[0]:
+                raise RuntimeError(f"rank 0 could not start the collection in {checkpoints}: {plan[0]['error']}")
+        pending = plan[0]["pending"]
+
+        # 2. This rank's share; only the owner of a task writes into its folder.
+        by_name = {task.name: task for task in tasks}
+        model, collected = base.model, {}
+        for name in _deal(pending, ranks):
+            shutil.rmtree(checkpoints / name, ignore_errors=True)  # leftovers of an interrupted attempt
+            model, collected[name] = _train_task(model, base.tokenizer, layout, by_name[name], config, checkpoints,
+                                                 ranks, manifest=None)
+
+        # 3. Rank 0 writes the manifest once: the lines it kept, then this job's tasks in the order given.
+        #    The lines travel through the process group, not the filesystem, so a shared filesystem that
+        #    shows another node's new files late cannot drop them.
+        parts: list[Any] | None = [None] * ranks.world_size if ranks.rank == 0 else None
+        dist.gather_object(collected, parts, dst=0)
+        if ranks.rank != 0:
+            return [record for lines in collected.values() for record in lines]
+        new = {name: lines for part in parts for name, lines in part.items()}
+        manifest += [record for name in names for record in missing.get(name, new.get(name, []))]
+        _write_manifest(checkpoints, manifest)
+    return [record for record in manifest if record["task"] in names]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,11 +708,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="task specs (default: the recipe's tasks): file.json, file.jsonl, hf:name[:split], "
                              "synthetic:family")
     parser.add_argument("--synthetic-records", type=int, default=256, help="records per synthetic task")
+    # The deepspeed launcher appends --local_rank unless given --no_local_rank; the rank comes from
+    # the environment either way.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args, config, recipe = parse_stage_args(parser, argv, CollectConfig, "collect")
     specs = args.tasks or list(recipe.get("tasks") or [])
     if not specs:
         parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")
     tasks = load_tasks(specs, num_records=args.synthetic_records, seed=config.seed)
     records = collect(config, tasks, args.run)
-    print(f"dnd collect: {len(tasks)} tasks, {len(records)} checkpoints -> {Path(args.run) / CHECKPOINTS}")
+    ranks = Ranks.from_environment()
+    if ranks.rank == 0:
+        print(f"dnd collect: {len(tasks)} tasks, {len(records)} checkpoints -> {Path(args.run) / CHECKPOINTS}")
+    else:
+        collected = len({record["task"] for record in records})
+        print(f"dnd collect: rank {ranks.rank} of {ranks.world_size} collected {collected} tasks")
     return 0
