@@ -145,7 +145,7 @@ class _Position:
 class _PairStream(IterableDataset):
     """One rank's batches for one run of the DataLoader, produced inside its workers.
 
-    Each worker yields messages: a batch (see `_batch`) plus `_worker`, `_next` (position after the
+    Each worker yields messages: the batch's pairs (`_pairs`, see `_message`) and tokens, plus `_worker`, `_next` (position after the
     batch), `_done` and `_skipped` (counts since the worker's previous message). The last message
     of a worker has `_done` and may carry no pairs, only the counts of trailing skips.
     """
@@ -238,24 +238,18 @@ class _PairStream(IterableDataset):
         pairs = PairBlock(*(getattr(pairs, f.name)[order] for f in fields(PairBlock)))
         return pairs, [int(bool(errors) or lost > 0), lost, bad]
 
-    def _batch(self, rows: PairBlock) -> dict:
-        """{"prompt_ids": (B, N) long, "task": B names, "checkpoint": (B,) long, "pair_id": (B,) long,
-        and unless the loader reads indices only, "tokens": (B, T, H, W) float32}."""
-        tasks = [self.task_names[t] for t in rows.task.tolist()]
-        batch = {
-            "prompt_ids": torch.from_numpy(rows.prompt_ids),  # (B, N)
-            "task": tasks,
-            "checkpoint": torch.from_numpy(rows.checkpoint),  # (B,)
-            "pair_id": torch.from_numpy(rows.pair_id),  # (B,)
-        }
-        if self.targets is not None:
-            batch["tokens"] = self.targets.gather(tasks, rows.checkpoint.tolist())  # (B, T, H, W)
-        return batch
-
     def _message(self, pending: list[PairBlock], worker: int, position: tuple[int, int], done: bool, skipped: list[int]) -> dict:
         message = {"_worker": worker, "_next": position, "_done": done, "_skipped": skipped}
         if pending:
-            message.update(self._batch(_concat(pending, self.num_prompts)))
+            rows = _concat(pending, self.num_prompts)
+            # The indices travel as one bytes object: pickled through the worker's pipe, it costs
+            # less than a tensor per field (each would go through its own shared-memory segment),
+            # and the DataLoader passes bytes on untouched. See `_unpack_pairs`.
+            packed = np.concatenate([rows.pair_id[:, None], rows.task[:, None], rows.checkpoint[:, None], rows.prompt_ids], axis=1)
+            message["_pairs"] = packed.astype(np.int64).tobytes()  # (B, 3 + N) int64
+            if self.targets is not None:
+                tasks = [self.task_names[t] for t in rows.task.tolist()]
+                message["tokens"] = self.targets.gather(tasks, rows.checkpoint.tolist())  # (B, T, H, W)
         return message
 
     def __iter__(self) -> Iterator[dict]:
@@ -290,6 +284,22 @@ class _PairStream(IterableDataset):
                     yield self._message(pending, worker, position, False, skipped)
                     pending, pending_pairs, skipped = [], 0, [0] * len(SKIP_KINDS)
         yield self._message(pending, worker, position, True, skipped)
+
+
+def _unpack_pairs(data: bytes, num_prompts: int, task_names: Sequence[str]) -> dict:
+    """A worker's `_pairs` bytes as batch fields: {"prompt_ids": (B, N) long, "task": B names,
+    "checkpoint": (B,) long, "pair_id": (B,) long}."""
+    rows = torch.from_numpy(np.frombuffer(data, dtype=np.int64).reshape(-1, 3 + num_prompts).copy())  # (B, 3 + N)
+    return {
+        "prompt_ids": rows[:, 3:],  # (B, N)
+        "task": [task_names[t] for t in rows[:, 1].tolist()],
+        "checkpoint": rows[:, 2],  # (B,)
+        "pair_id": rows[:, 0],  # (B,)
+    }
+
+
+def _as_is(message: dict) -> dict:
+    return message
 
 
 def _concat(blocks: list[PairBlock], num_prompts: int) -> PairBlock:
@@ -357,6 +367,9 @@ class PairLoader:
                 "shard_size spreads the work", num_shards, world_size, config.num_workers,
             )
         self.pools = load_prompt_pools(self.shards_dir, self.index)
+        # The pools as object arrays: a batch's B x N strings are then B fancy-index calls, not B x N
+        # Python lookups (these run in the training process, for every batch).
+        self._pool_arrays = {task: np.array(pool, dtype=object) for task, pool in self.pools.items()}
         self._num_workers = max(config.num_workers, 1)  # the number of worker roles in the stream
         self.epoch = 0
         self._positions = [_Position() for _ in range(self._num_workers)]
@@ -403,6 +416,7 @@ class PairLoader:
         loader = DataLoader(
             stream,
             batch_size=None,  # the workers batch: a batch never mixes workers, so positions stay per worker
+            collate_fn=_as_is,  # messages are ready: default_convert would walk every field of every one
             num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
         )  # in order (the default): the round robin over workers is part of the stream's definition
@@ -413,8 +427,12 @@ class PairLoader:
             self._first_worker = (worker + 1) % self._num_workers
             for kind, count in zip(SKIP_KINDS, message.pop("_skipped")):
                 self._skipped[kind] += count
+            if "_pairs" in message:
+                pairs = _unpack_pairs(message.pop("_pairs"), self.index["num_prompts"], self.index["encoding"]["task_names"])
+                message = {**pairs, **message}
             if message and self.gather_tokens:
-                message["prompts"] = gather_prompts(message["task"], message["prompt_ids"], self.pools)
+                prompt_ids = message["prompt_ids"].numpy()  # (B, N)
+                message["prompts"] = [self._pool_arrays[t][ids].tolist() for t, ids in zip(message["task"], prompt_ids)]
                 message["mask"] = self.targets.mask  # (T, H, W)
                 message["weights"] = self.targets.weights  # (T,)
             if message:
