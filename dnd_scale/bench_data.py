@@ -274,7 +274,7 @@ def _read_ranks(scratch: Path, targets: Path, config: LoaderConfig, world_size: 
         job = {"shards": str(scratch / "shards"), "targets": str(targets), "config": asdict(config), "rank": r,
                "world_size": world_size, "gather_tokens": gather_tokens, "max_pairs": max_pairs_per_rank,
                "count_pairs": count_pairs, "out": outs[r]}
-        code = f"import json, sys; from dnd_scale.bench_data import _rank_process; _rank_process(json.loads(sys.argv[1]))"
+        code = "import json, sys; from dnd_scale.bench_data import _rank_process; _rank_process(json.loads(sys.argv[1]))"
         ranks.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(job)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for r, p in enumerate(ranks):

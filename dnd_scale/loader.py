@@ -12,8 +12,8 @@ ordinal), so the stream is a pure function of the configuration.
 Damaged data is logged, counted and skipped, counted in pairs ("samples"): an unreadable or
 truncated shard (read error, or fewer pairs than index.json lists) counts in `corrupt_shards` and
 the pairs it lost in `lost_samples`; a tar member that is not a valid block counts all its pairs in
-`bad_samples`, as does a single pair with an index out of range or repeated prompts. Workers send their
-counts along with their batches, so `PairLoader.skipped` holds exactly the skips behind the batches
+`bad_samples`, as does a single pair with an index out of range or repeated prompts. Workers send
+their counts along with their batches, so `PairLoader.skipped` holds exactly the skips behind the batches
 handed out so far, summed over workers, and survives save/restore without double counting.
 
 Position: after each batch the loader records, per worker, the next (shard ordinal, sample) and
@@ -145,8 +145,9 @@ class _Position:
 class _PairStream(IterableDataset):
     """One rank's batches for one run of the DataLoader, produced inside its workers.
 
-    Each worker yields messages: the batch's pairs (`_pairs`, see `_message`) and tokens, plus `_worker`, `_next` (position after the
-    batch), `_done` and `_skipped` (counts since the worker's previous message). The last message
+    Each worker yields messages: the batch's pairs (`_pairs`, see `_message`) and tokens, plus
+    `_worker`, `_next` (position after the batch), `_done` and `_skipped` (counts since the worker's
+    previous message). The last message
     of a worker has `_done` and may carry no pairs, only the counts of trailing skips.
     """
 
@@ -245,8 +246,8 @@ class _PairStream(IterableDataset):
             # The indices travel as one bytes object: pickled through the worker's pipe, it costs
             # less than a tensor per field (each would go through its own shared-memory segment),
             # and the DataLoader passes bytes on untouched. See `_unpack_pairs`.
-            packed = np.concatenate([rows.pair_id[:, None], rows.task[:, None], rows.checkpoint[:, None], rows.prompt_ids], axis=1)
-            message["_pairs"] = packed.astype(np.int64).tobytes()  # (B, 3 + N) int64
+            columns = [rows.pair_id[:, None], rows.task[:, None], rows.checkpoint[:, None], rows.prompt_ids]
+            message["_pairs"] = np.concatenate(columns, axis=1).astype(np.int64).tobytes()  # (B, 3 + N) int64
             if self.targets is not None:
                 tasks = [self.task_names[t] for t in rows.task.tolist()]
                 message["tokens"] = self.targets.gather(tasks, rows.checkpoint.tolist())  # (B, T, H, W)
