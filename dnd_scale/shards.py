@@ -154,17 +154,17 @@ def encode_block(task: np.ndarray, checkpoint: np.ndarray, prompt_ids: np.ndarra
     `prompt_bytes` (B, bits // 8, N) uint8, one plane per whole byte, and `prompt_bits`
     (B, bits % 8, ceil(N / 8)) uint8, the remaining bit planes packed 8 indices to a byte.
     """
-    ids = prompt_ids.astype(np.uint64)  # (B, N)
+    ids = prompt_ids.astype(np.uint64)[:, None, :]  # (B, 1, N)
     whole, rest = divmod(bits, 8)
-    byte_planes = np.stack([(ids >> np.uint64(8 * j)) & np.uint64(0xFF) for j in range(whole)], axis=1) if whole else (
-        np.empty((len(ids), 0, ids.shape[1]), dtype=np.uint64))
-    bit_planes = np.stack([(ids >> np.uint64(8 * whole + k)) & np.uint64(1) for k in range(rest)], axis=1) if rest else (
-        np.empty((len(ids), 0, ids.shape[1]), dtype=np.uint64))
+    byte_shifts = (8 * np.arange(whole, dtype=np.uint64))[None, :, None]  # (1, bits // 8, 1)
+    bit_shifts = (8 * whole + np.arange(rest, dtype=np.uint64))[None, :, None]  # (1, bits % 8, 1)
+    byte_planes = ((ids >> byte_shifts) & np.uint64(0xFF)).astype(np.uint8)  # (B, bits // 8, N)
+    bit_planes = ((ids >> bit_shifts) & np.uint64(1)).astype(np.uint8)  # (B, bits % 8, N)
     return safetensors.numpy.save({
         "task": task.astype(_uint_dtype(num_tasks)),
         "checkpoint": checkpoint.astype(_uint_dtype(num_checkpoints)),
-        "prompt_bytes": np.ascontiguousarray(byte_planes.astype(np.uint8)),  # (B, bits // 8, N)
-        "prompt_bits": np.packbits(bit_planes.astype(np.uint8), axis=2, bitorder="little"),  # (B, bits % 8, ceil(N/8))
+        "prompt_bytes": byte_planes,
+        "prompt_bits": np.packbits(bit_planes, axis=2, bitorder="little"),  # (B, bits % 8, ceil(N / 8))
     })
 
 
