@@ -2,17 +2,18 @@
 
 Each rank builds a `PairLoader`. Per epoch the shard list is shuffled with a seed shared by all
 ranks, split by rank, then by DataLoader worker; with `resampled=True` every worker instead draws
-shards with replacement forever. Every worker reads whole shards (a few MB), checks each sample,
-shuffles the shard's samples, gathers target tokens from the memory-mapped packed targets and
-batches; the training process then looks the prompt strings up in its own copy of the pools
-(sending B x N strings from a worker costs more than reading the shard). All randomness derives
-from (seed, epoch, rank, worker, shard ordinal), so the stream is a pure function of the
-configuration.
+shards with replacement forever. Every worker reads whole shards (a few MB), decodes their blocks
+of pairs (`dnd_scale.shards.decode_block`), checks every pair, shuffles all pairs of the shard,
+gathers target tokens from the memory-mapped packed targets and batches; the training process then
+looks the prompt strings up in its own copy of the pools (sending B x N strings from a worker costs
+more than reading the shard). All randomness derives from (seed, epoch, rank, worker, shard
+ordinal), so the stream is a pure function of the configuration.
 
-Damaged data is logged, counted and skipped: an unreadable or truncated shard (read error, or
-fewer samples than index.json lists) counts in `corrupt_shards`, the samples it lost in
-`lost_samples`, and a sample with a missing or invalid field in `bad_samples`. Workers send their
-counts along with their batches, so `PairLoader.skipped` holds exactly the skips behind the batches
+Damaged data is logged, counted and skipped, counted in pairs ("samples"): an unreadable or
+truncated shard (read error, or fewer pairs than index.json lists) counts in `corrupt_shards` and
+the pairs it lost in `lost_samples`; a tar member that is not a valid block counts all its pairs in
+`bad_samples`, as does a single pair with an index out of range or repeated prompts. Workers send
+their counts along with their batches, so `PairLoader.skipped` holds exactly the skips behind the batches
 handed out so far, summed over workers, and survives save/restore without double counting.
 
 Position: after each batch the loader records, per worker, the next (shard ordinal, sample) and
@@ -24,13 +25,12 @@ next: the resumed stream is batch for batch the rest of the uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dnd_scale.shards import ShardsError, load_prompt_pools, read_shard_index, shard_set_id
+from dnd_scale.shards import (
+    BLOCK_SUFFIX,
+    PairBlock,
+    ShardsError,
+    decode_block,
+    load_prompt_pools,
+    parse_block_key,
+    read_shard_index,
+    shard_set_id,
+)
 from dnd_scale.targets import PackedTargets
 
 log = logging.getLogger(__name__)
@@ -88,44 +97,27 @@ def worker_share(order: Sequence[int], rank: int, world_size: int, worker: int, 
     return list(order)[rank::world_size][worker::num_workers]
 
 
-def parse_pair(sample: Mapping, limits: Mapping[str, tuple[int, int]], num_prompts: int) -> Pair:
-    """Decode and check one shard sample; raise ValueError saying what is wrong.
+def check_pairs(block: PairBlock, num_checkpoints: np.ndarray, pool_sizes: np.ndarray) -> np.ndarray:
+    """Which pairs of a decoded block are valid: (B,) bool.
 
-    limits: task -> (number of checkpoints K, prompt pool size M).
+    num_checkpoints, pool_sizes: (num_tasks,) K and M of each task, in the set's task order. A pair
+    is valid if its task exists, its checkpoint is below K, and its N prompt indices are distinct
+    and below M (indices decode as non-negative).
     """
-    if "json" not in sample:
-        found = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"no .json member (found {found})")
-    try:
-        obj = json.loads(sample["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise ValueError(f"payload is not JSON ({exn})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"payload is {type(obj).__name__}, expected an object")
-    task = obj.get("task")
-    if not isinstance(task, str) or task not in limits:
-        raise ValueError(f"task {task!r} is not one of the shard set's tasks")
-    num_checkpoints, pool_size = limits[task]
-    checkpoint = obj.get("checkpoint")
-    if type(checkpoint) is not int or not 0 <= checkpoint < num_checkpoints:
-        raise ValueError(f"checkpoint {checkpoint!r} is not an index below {num_checkpoints}")
-    ids = obj.get("prompt_ids")
-    # Built-in loops only (map, min, max, set): this runs for every sample read.
-    if (
-        not isinstance(ids, list)
-        or len(ids) != num_prompts
-        or set(map(type, ids)) != {int}
-        or min(ids) < 0
-        or max(ids) >= pool_size
-        or len(set(ids)) != num_prompts
-    ):
-        raise ValueError(f"prompt_ids must be {num_prompts} distinct indices below {pool_size}; found {ids!r:.80}")
-    return task, checkpoint, ids
+    known = block.task < len(num_checkpoints)
+    task = np.where(known, block.task, 0)
+    ids = np.sort(block.prompt_ids, axis=1)  # (B, N)
+    return (
+        known
+        & (block.checkpoint < num_checkpoints[task])
+        & (ids[:, -1] < pool_sizes[task])
+        & (ids[:, 1:] != ids[:, :-1]).all(axis=1)
+    )
 
 
 def collate_pairs(pairs: Sequence[Pair], targets: PackedTargets) -> dict:
     """Batch B pairs: {"prompt_ids": (B, N) long, "task": B names, "checkpoint": (B,) long,
-    "tokens": (B, T, H, W) float32}."""
+    "tokens": (B, T, H, W) float32}. The loader's batches hold the same, plus "pair_id"."""
     tasks = [task for task, _, _ in pairs]
     checkpoints = [checkpoint for _, checkpoint, _ in pairs]
     return {
@@ -153,19 +145,25 @@ class _Position:
 class _PairStream(IterableDataset):
     """One rank's batches for one run of the DataLoader, produced inside its workers.
 
-    Each worker yields messages: a `collate_pairs` batch plus `_worker`, `_next` (position after the
-    batch), `_done` and `_skipped` (counts since the worker's previous message). The last message
+    Each worker yields messages: the batch's pairs (`_pairs`, see `_message`) and tokens, plus
+    `_worker`, `_next` (position after the batch), `_done` and `_skipped` (counts since the worker's
+    previous message). The last message
     of a worker has `_done` and may carry no pairs, only the counts of trailing skips.
     """
 
     def __init__(self, loader: PairLoader, positions: list[_Position], first_worker: int):
         self.shards_dir = loader.shards_dir
         self.shards = loader.index["shards"]
-        self.targets = loader.targets
+        self.targets = loader.targets if loader.gather_tokens else None
         self.config = loader.config
         self.rank, self.world_size, self.epoch = loader.rank, loader.world_size, loader.epoch
         self.num_prompts = loader.index["num_prompts"]
-        self.limits = {t: (e["num_checkpoints"], e["pool_size"]) for t, e in loader.index["tasks"].items()}
+        encoding = loader.index["encoding"]
+        self.block_size, self.bits = encoding["block_size"], encoding["prompt_bits"]
+        self.task_names = encoding["task_names"]
+        tasks = loader.index["tasks"]
+        self.num_checkpoints = np.array([tasks[t]["num_checkpoints"] for t in self.task_names], dtype=np.int64)
+        self.pool_sizes = np.array([tasks[t]["pool_size"] for t in self.task_names], dtype=np.int64)
         self.positions = positions
         self.first_worker = first_worker
 
@@ -180,7 +178,30 @@ class _PairStream(IterableDataset):
         order = epoch_shard_order(len(self.shards), self.config.seed, self.epoch)
         return iter([self.shards[i] for i in worker_share(order, self.rank, self.world_size, worker, num_workers)])
 
-    def _read_shard(self, shard: dict, seed: int) -> tuple[list[Pair], list[int]]:
+    def _decode(self, sample: Mapping, shard: dict) -> PairBlock:
+        """A member as a block of this shard, or ValueError; its expected pair count is checked."""
+        if BLOCK_SUFFIX not in sample:
+            found = sorted(k for k in sample if not k.startswith("__"))
+            raise ValueError(f"no .{BLOCK_SUFFIX} member (found {found})")
+        block = decode_block(sample[BLOCK_SUFFIX], parse_block_key(sample["__key__"]), self.bits, self.num_prompts)
+        expected = self._block_pairs(sample["__key__"], shard)
+        if len(block.pair_id) != expected:
+            raise ValueError(f"block holds {len(block.pair_id)} pairs, this shard's layout says {expected}")
+        return block
+
+    def _block_pairs(self, key: str, shard: dict) -> int:
+        """Pairs the member `key` must hold (blocks of block_size from the shard's first pair); 0
+        for a key that is not a block start of this shard."""
+        try:
+            first = parse_block_key(key)
+        except ValueError:
+            return 0
+        offset, end = first - shard["first_pair"], shard["first_pair"] + shard["samples"]
+        if offset < 0 or first >= end or offset % self.block_size:
+            return 0
+        return min(self.block_size, end - first)
+
+    def _read_shard(self, shard: dict, seed: int) -> tuple[PairBlock, list[int]]:
         """All valid pairs of a shard in a seeded order, and the skip counts found reading it."""
         url = str(self.shards_dir / shard["file"])
         errors: list[Exception] = []
@@ -191,25 +212,45 @@ class _PairStream(IterableDataset):
             errors.append(exn)
             return True
 
-        raw = list(wds.tarfile_samples([{"url": url}], handler=on_error))
-        # A tar cut at a header boundary reads as a shorter, valid tar: only the count shows it.
-        lost = max(shard["samples"] - len(raw), 0)
-        if lost and not errors:
-            log.warning("shard %s has %d samples, index.json lists %d: truncated", url, len(raw), shard["samples"])
-        pairs, bad = [], 0
-        for sample in raw:
+        blocks, seen, bad = [], 0, 0
+        for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
             try:
-                pairs.append(parse_pair(sample, self.limits, self.num_prompts))
+                block = self._decode(sample, shard)
             except ValueError as exn:
-                bad += 1
-                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), url, exn)
-        random.Random(seed).shuffle(pairs)
+                lost_here = self._block_pairs(sample.get("__key__", ""), shard)
+                bad += lost_here
+                seen += lost_here
+                log.warning("skipping block %s of %s (%d pairs): %s", sample.get("__key__"), url, lost_here, exn)
+                continue
+            valid = check_pairs(block, self.num_checkpoints, self.pool_sizes)  # (B,) bool
+            seen += len(valid)
+            if not valid.all():
+                bad += int((~valid).sum())
+                log.warning("skipping %d pairs of block %s of %s: task, checkpoint or prompt index out of range, "
+                            "or repeated prompts", int((~valid).sum()), sample["__key__"], url)
+                block = PairBlock(*(getattr(block, f.name)[valid] for f in fields(PairBlock)))
+            blocks.append(block)
+        # A tar cut at a header boundary reads as a shorter, valid tar: only the count shows it.
+        lost = max(shard["samples"] - seen, 0)
+        if lost and not errors:
+            log.warning("shard %s has %d pairs, index.json lists %d: truncated", url, seen, shard["samples"])
+        pairs = _concat(blocks, self.num_prompts)
+        order = np.random.default_rng(seed).permutation(len(pairs.pair_id))
+        pairs = PairBlock(*(getattr(pairs, f.name)[order] for f in fields(PairBlock)))
         return pairs, [int(bool(errors) or lost > 0), lost, bad]
 
-    def _message(self, pending: list[Pair], worker: int, position: tuple[int, int], done: bool, skipped: list[int]) -> dict:
+    def _message(self, pending: list[PairBlock], worker: int, position: tuple[int, int], done: bool, skipped: list[int]) -> dict:
         message = {"_worker": worker, "_next": position, "_done": done, "_skipped": skipped}
         if pending:
-            message.update(collate_pairs(pending, self.targets))
+            rows = _concat(pending, self.num_prompts)
+            # The indices travel as one bytes object: pickled through the worker's pipe, it costs
+            # less than a tensor per field (each would go through its own shared-memory segment),
+            # and the DataLoader passes bytes on untouched. See `_unpack_pairs`.
+            columns = [rows.pair_id[:, None], rows.task[:, None], rows.checkpoint[:, None], rows.prompt_ids]
+            message["_pairs"] = np.concatenate(columns, axis=1).astype(np.int64).tobytes()  # (B, 3 + N) int64
+            if self.targets is not None:
+                tasks = [self.task_names[t] for t in rows.task.tolist()]
+                message["tokens"] = self.targets.gather(tasks, rows.checkpoint.tolist())  # (B, T, H, W)
         return message
 
     def __iter__(self) -> Iterator[dict]:
@@ -220,7 +261,9 @@ class _PairStream(IterableDataset):
         if start.done:
             return
         seed = derive_seed(self.config.seed, self.epoch, self.rank, worker)
-        pending: list[Pair] = []
+        batch_size = self.config.batch_size
+        pending: list[PairBlock] = []
+        pending_pairs = 0
         skipped = [0] * len(SKIP_KINDS)
         position = (start.shard, start.sample)
         for ordinal, shard in enumerate(self._shard_stream(worker, num_workers, seed)):
@@ -229,27 +272,58 @@ class _PairStream(IterableDataset):
             log.info("rank %d of %d, worker %d, epoch %d: reading shard %s",
                      self.rank, self.world_size, worker, self.epoch, shard["file"])
             pairs, counts = self._read_shard(shard, derive_seed(seed, ordinal))
-            first = start.sample if ordinal == start.shard else 0
-            if first == 0:
+            j = start.sample if ordinal == start.shard else 0
+            if j == 0:
                 # The skips of a partly consumed shard went out with its first batch, before the save.
                 skipped = [a + b for a, b in zip(skipped, counts)]
-            for j in range(first, len(pairs)):
-                pending.append(pairs[j])
-                position = (ordinal, j + 1)
-                if len(pending) == self.config.batch_size:
+            n = len(pairs.pair_id)
+            while j < n:
+                take = min(batch_size - pending_pairs, n - j)
+                pending.append(PairBlock(*(getattr(pairs, f.name)[j : j + take] for f in fields(PairBlock))))
+                pending_pairs += take
+                j += take
+                position = (ordinal, j)
+                if pending_pairs == batch_size:
                     yield self._message(pending, worker, position, False, skipped)
-                    pending, skipped = [], [0] * len(SKIP_KINDS)
+                    pending, pending_pairs, skipped = [], 0, [0] * len(SKIP_KINDS)
         yield self._message(pending, worker, position, True, skipped)
+
+
+def _unpack_pairs(data: bytes, num_prompts: int, task_names: Sequence[str]) -> dict:
+    """A worker's `_pairs` bytes as batch fields: {"prompt_ids": (B, N) long, "task": B names,
+    "checkpoint": (B,) long, "pair_id": (B,) long}."""
+    rows = torch.from_numpy(np.frombuffer(data, dtype=np.int64).reshape(-1, 3 + num_prompts).copy())  # (B, 3 + N)
+    return {
+        "prompt_ids": rows[:, 3:],  # (B, N)
+        "task": [task_names[t] for t in rows[:, 1].tolist()],
+        "checkpoint": rows[:, 2],  # (B,)
+        "pair_id": rows[:, 0],  # (B,)
+    }
+
+
+def _as_is(message: dict) -> dict:
+    return message
+
+
+def _concat(blocks: list[PairBlock], num_prompts: int) -> PairBlock:
+    """One block of the pairs of several, in order (an empty one for none)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    if not blocks:
+        empty = np.empty(0, dtype=np.int64)
+        return PairBlock(empty, empty, empty, np.empty((0, num_prompts), dtype=np.int64))
+    return PairBlock(*(np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(PairBlock)))
 
 
 class PairLoader:
     """Batches of pairs for one rank, resumable; iterate it once per epoch.
 
     Iteration yields {"prompts": B lists of N strings, "prompt_ids": (B, N) long, "task": B names,
-    "checkpoint": (B,) long, "tokens": (B, T, H, W) float32, "mask": (T, H, W) bool,
-    "weights": (T,) float32}; mask and weights are the same tensors in every batch. A full pass
-    advances `epoch`; breaking out keeps the position, and the next iteration (or a restored
-    `state_dict`) continues there. With `resampled=True` iteration never ends.
+    "checkpoint": (B,) long, "pair_id": (B,) long, "tokens": (B, T, H, W) float32, "mask": (T, H, W)
+    bool, "weights": (T,) float32}; mask and weights are the same tensors in every batch. pair_id is
+    the pair's position in the order `dnd shard` wrote the set: unique, so an epoch can be audited.
+    A full pass advances `epoch`; breaking out keeps the position, and the next iteration (or a
+    restored `state_dict`) continues there. With `resampled=True` iteration never ends.
     """
 
     def __init__(
@@ -259,8 +333,14 @@ class PairLoader:
         config: LoaderConfig,
         rank: int | None = None,
         world_size: int | None = None,
+        gather_tokens: bool = True,
     ):
-        """rank / world_size default to torch.distributed's when it is initialized, else 0 / 1."""
+        """rank / world_size default to torch.distributed's when it is initialized, else 0 / 1.
+
+        gather_tokens=False: batches hold the indices only (prompt_ids, task, checkpoint, pair_id;
+        no tokens, mask, weights or prompt strings), for audits and benchmarks of the index path.
+        The stream (order, positions, skips) is the same either way.
+        """
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else 0
@@ -274,6 +354,7 @@ class PairLoader:
         self.shards_dir = Path(shards_dir)
         self.config = config
         self.rank, self.world_size = rank, world_size
+        self.gather_tokens = gather_tokens
         self.index = read_shard_index(self.shards_dir)
         self.targets = targets if isinstance(targets, PackedTargets) else PackedTargets(targets)
         self._check_targets()
@@ -289,6 +370,9 @@ class PairLoader:
                 "shard_size spreads the work", num_shards, world_size, config.num_workers,
             )
         self.pools = load_prompt_pools(self.shards_dir, self.index)
+        # The pools as object arrays: a batch's B x N strings are then B fancy-index calls, not B x N
+        # Python lookups (these run in the training process, for every batch).
+        self._pool_arrays = {task: np.array(pool, dtype=object) for task, pool in self.pools.items()}
         self._num_workers = max(config.num_workers, 1)  # the number of worker roles in the stream
         self.epoch = 0
         self._positions = [_Position() for _ in range(self._num_workers)]
@@ -335,6 +419,7 @@ class PairLoader:
         loader = DataLoader(
             stream,
             batch_size=None,  # the workers batch: a batch never mixes workers, so positions stay per worker
+            collate_fn=_as_is,  # messages are ready: default_convert would walk every field of every one
             num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
         )  # in order (the default): the round robin over workers is part of the stream's definition
@@ -345,10 +430,15 @@ class PairLoader:
             self._first_worker = (worker + 1) % self._num_workers
             for kind, count in zip(SKIP_KINDS, message.pop("_skipped")):
                 self._skipped[kind] += count
-            if message:
-                message["prompts"] = gather_prompts(message["task"], message["prompt_ids"], self.pools)
+            if "_pairs" in message:
+                pairs = _unpack_pairs(message.pop("_pairs"), self.index["num_prompts"], self.index["encoding"]["task_names"])
+                message = {**pairs, **message}
+            if message and self.gather_tokens:
+                prompt_ids = message["prompt_ids"].numpy()  # (B, N)
+                message["prompts"] = [self._pool_arrays[t][ids].tolist() for t, ids in zip(message["task"], prompt_ids)]
                 message["mask"] = self.targets.mask  # (T, H, W)
                 message["weights"] = self.targets.weights  # (T,)
+            if message:
                 yield message
         self.epoch += 1
         self._positions = [_Position() for _ in range(self._num_workers)]

@@ -1,14 +1,21 @@
 """`dnd shard`: pair prompt batches with checkpoints and write them as WebDataset tar shards.
 
 A pair is (task, checkpoint index, N prompt indices). It references the checkpoint's tokens in the
-packed targets and the prompts in the task's prompt pool, so a sample is a few hundred bytes of
-JSON however large the model or the prompts are. Output, under `<run>/shards/`:
+packed targets and the prompts in the task's prompt pool, so a pair costs about N x log2(pool size)
+bits however large the model or the prompts are. Output, under `<run>/shards/`:
 
     prompts/<task>.jsonl    the task's prompt pool, one {"prompt": ...} per line (no answers), stored once
-    pairs-000000.tar ...    WebDataset shards; sample key = global pair index, one file `<key>.json`:
-                            {"task": str, "checkpoint": int, "prompt_ids": [N ints]}
-    index.json              shards with their sample counts and sha256, tasks with pool size, pool
-                            sha256 and checkpoint count, N, seed, and the config that made them
+    pairs-000000.tar ...    WebDataset shards of blocks: one tar member `<key>.safetensors` holds
+                            `block_size` consecutive pairs as arrays (see `encode_block`); key = the
+                            global index of the block's first pair, so pair i of the set has id i
+    index.json              format, the block encoding, shards with their pair counts, first pair
+                            id and sha256, tasks with pool size, pool sha256 and checkpoint count, N,
+                            seed, and the config that made them
+
+Format 1 stored one JSON tar member per pair (~1.5 KB each: a 512-byte tar header plus a padded
+payload); a block of 1024 pairs shares one header, and N prompt indices below a pool of M cost
+N x ceil(log2 M) bits (160 bytes for N = 128, M = 1000). A format-1 set is refused with a message
+to re-run `dnd shard`.
 
 Pairs of all tasks are interleaved in a seeded random order before they are cut into shards, so
 every shard mixes tasks and a loader that shuffles shards sees a mixed stream.
@@ -22,20 +29,22 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 import webdataset as wds
 from tqdm import tqdm
 
 from dnd_scale.io import ArtifactError, read_json, sha256_file, write_json
 from dnd_scale.targets import INDEX_FILE, PackedTargets, canonical_json_sha256, check_task_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PROMPTS_DIR = "prompts"
 SHARD_PATTERN = "pairs-%06d.tar"
+BLOCK_SUFFIX = "safetensors"  # tar member `<key>.safetensors`
 
 
 class ShardsError(ArtifactError):
@@ -51,8 +60,11 @@ class ShardConfig:
     pairs_per_task: int = 1000
     """Pairs written for every task; checkpoints of a task are used equally often (±1)."""
     shard_size: int = 10000
-    """Pairs per tar shard (webdataset.ShardWriter maxcount). Use enough shards that every rank and
-    DataLoader worker gets several: at least world_size × num_workers."""
+    """Pairs per tar shard. Use enough shards that every rank and DataLoader worker gets several: at
+    least world_size × num_workers."""
+    block_size: int = 1024
+    """Pairs per tar member (a block of arrays). Larger blocks spread the 512-byte tar header and the
+    safetensors header over more pairs; a damaged member loses its whole block."""
     seed: int = 0
     """Seed for prompt sampling, checkpoint assignment and the interleaving of tasks."""
 
@@ -63,35 +75,168 @@ def _task_seed(seed: int, task: str) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, name_key])
 
 
-def _task_pairs(
-    task: str, num_checkpoints: int, pool_size: int, config: ShardConfig
-) -> Iterator[tuple[int, list[int]]]:
-    """Yield `pairs_per_task` (checkpoint index, N prompt indices) for one task, deterministically.
+class _TaskPairs:
+    """The pairs of one task, deterministically, taken in chunks: `take(count)` gives the next
+    `count` (checkpoint indices (count,), prompt indices (count, N)).
 
-    Prompt indices come from consecutive N-wide groups of a fresh random permutation of the pool:
-    each group is a uniform N-subset without replacement, every prompt is used equally often, and
-    the cost is O(N) per pair whatever the pool size.
+    Checkpoints come from consecutive random permutations of range(K), so they are used equally
+    often (±1). Prompt indices come from consecutive N-wide groups of fresh random permutations of
+    the pool: each group is a uniform N-subset without replacement and every prompt is used equally
+    often. Both streams are drawn in fixed-size refills from their own generators, so what a task
+    gets does not depend on how its pairs are interleaved with other tasks'.
     """
-    rng = np.random.default_rng(_task_seed(config.seed, task))
-    n = config.num_prompts
-    groups_per_perm = pool_size // n
-    ckpt_order: np.ndarray = np.empty(0, dtype=np.int64)
-    groups: np.ndarray = np.empty((0, n), dtype=np.int64)
-    for _ in range(config.pairs_per_task):
-        if len(ckpt_order) == 0:
-            ckpt_order = rng.permutation(num_checkpoints)
-        if len(groups) == 0:
-            groups = rng.permutation(pool_size)[: groups_per_perm * n].reshape(groups_per_perm, n)
-        yield int(ckpt_order[0]), groups[0].tolist()
-        ckpt_order, groups = ckpt_order[1:], groups[1:]
+
+    _REFILL_ELEMENTS = 1 << 18  # ~ numbers permuted per refill: few numpy calls, small memory
+
+    def __init__(self, task: str, num_checkpoints: int, pool_size: int, num_prompts: int, seed: int):
+        checkpoint_seed, prompt_seed = _task_seed(seed, task).spawn(2)
+        self._checkpoint_rng = np.random.default_rng(checkpoint_seed)
+        self._prompt_rng = np.random.default_rng(prompt_seed)
+        self._k, self._m, self._n = num_checkpoints, pool_size, num_prompts
+        self._checkpoints = np.empty(0, dtype=np.int64)
+        self._groups = np.empty((0, num_prompts), dtype=np.int64)
+
+    def _checkpoint_refill(self) -> np.ndarray:
+        rows = max(1, self._REFILL_ELEMENTS // self._k)
+        return self._checkpoint_rng.permuted(np.tile(np.arange(self._k, dtype=np.int64), (rows, 1)), axis=1).reshape(-1)
+
+    def _group_refill(self) -> np.ndarray:
+        rows = max(1, self._REFILL_ELEMENTS // self._m)
+        groups_per_perm = self._m // self._n
+        perms = self._prompt_rng.permuted(np.tile(np.arange(self._m, dtype=np.int64), (rows, 1)), axis=1)
+        return perms[:, : groups_per_perm * self._n].reshape(rows * groups_per_perm, self._n)
+
+    @staticmethod
+    def _take(buffer: np.ndarray, count: int, refill) -> tuple[np.ndarray, np.ndarray]:
+        parts, have = [buffer], len(buffer)
+        while have < count:
+            parts.append(refill())
+            have += len(parts[-1])
+        joined = np.concatenate(parts) if len(parts) > 1 else buffer
+        return joined[:count], joined[count:]
+
+    def take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        checkpoints, self._checkpoints = self._take(self._checkpoints, count, self._checkpoint_refill)
+        groups, self._groups = self._take(self._groups, count, self._group_refill)
+        return checkpoints, groups
+
+
+def prompt_bits(pool_sizes: Iterable[int]) -> int:
+    """Bits per stored prompt index: enough for the largest pool (at least 1)."""
+    return max(1, (max(pool_sizes) - 1).bit_length())
+
+
+def _uint_dtype(limit: int) -> type:
+    """The smallest unsigned dtype holding values below `limit`."""
+    return next(d for d in (np.uint8, np.uint16, np.uint32, np.uint64) if limit <= np.iinfo(d).max + 1)
+
+
+@dataclass
+class PairBlock:
+    """Consecutive pairs of a shard set as arrays (what one tar member holds)."""
+
+    pair_id: np.ndarray
+    """(B,) int64: the pairs' positions in the order `dnd shard` wrote them (unique in the set)."""
+    task: np.ndarray
+    """(B,) int64: index into the shard set's sorted task names."""
+    checkpoint: np.ndarray
+    """(B,) int64: checkpoint index within the task."""
+    prompt_ids: np.ndarray
+    """(B, N) int64: prompt indices into the task's pool."""
+
+
+def encode_block(task: np.ndarray, checkpoint: np.ndarray, prompt_ids: np.ndarray, bits: int,
+                 num_tasks: int, num_checkpoints: int) -> bytes:
+    """One tar member: the pairs as safetensors arrays (no pickle anywhere).
+
+    task (B,) and checkpoint (B,) in the smallest unsigned dtype below num_tasks / num_checkpoints
+    (the largest task's count); prompt_ids (B, N) cut into `bits`-bit little-endian numbers stored as
+    `prompt_bytes` (B, bits // 8, N) uint8, one plane per whole byte, and `prompt_bits`
+    (B, bits % 8, ceil(N / 8)) uint8, the remaining bit planes packed 8 indices to a byte.
+    """
+    ids = prompt_ids.astype(np.uint64)[:, None, :]  # (B, 1, N)
+    whole, rest = divmod(bits, 8)
+    byte_shifts = (8 * np.arange(whole, dtype=np.uint64))[None, :, None]  # (1, bits // 8, 1)
+    bit_shifts = (8 * whole + np.arange(rest, dtype=np.uint64))[None, :, None]  # (1, bits % 8, 1)
+    byte_planes = ((ids >> byte_shifts) & np.uint64(0xFF)).astype(np.uint8)  # (B, bits // 8, N)
+    bit_planes = ((ids >> bit_shifts) & np.uint64(1)).astype(np.uint8)  # (B, bits % 8, N)
+    return safetensors.numpy.save({
+        "task": task.astype(_uint_dtype(num_tasks)),
+        "checkpoint": checkpoint.astype(_uint_dtype(num_checkpoints)),
+        "prompt_bytes": byte_planes,
+        "prompt_bits": np.packbits(bit_planes, axis=2, bitorder="little"),  # (B, bits % 8, ceil(N / 8))
+    })
+
+
+def decode_block(data: bytes, first_pair: int, bits: int, num_prompts: int) -> PairBlock:
+    """The pairs of one tar member; ValueError saying what is wrong if it is not a block of this set.
+
+    Ranges (task, checkpoint, prompt indices against their pools) are the reader's to check.
+    """
+    try:
+        arrays = safetensors.numpy.load(data)
+    except Exception as exn:  # safetensors raises its own SafetensorError (an Exception) on bad bytes
+        raise ValueError(f"not a safetensors block ({exn})") from None
+    expected = {"task", "checkpoint", "prompt_bytes", "prompt_bits"}
+    if set(arrays) != expected:
+        raise ValueError(f"block holds arrays {sorted(arrays)}, expected {sorted(expected)}")
+    task, checkpoint, byte_planes, packed = (arrays[k] for k in ("task", "checkpoint", "prompt_bytes", "prompt_bits"))
+    size = len(task)
+    whole, rest = divmod(bits, 8)
+    shapes = {
+        "task": (task.shape, (size,)),
+        "checkpoint": (checkpoint.shape, (size,)),
+        "prompt_bytes": (byte_planes.shape, (size, whole, num_prompts)),
+        "prompt_bits": (packed.shape, (size, rest, -(-num_prompts // 8))),
+    }
+    wrong = {k: found for k, (found, want) in shapes.items() if found != want}
+    if wrong or byte_planes.dtype != np.uint8 or packed.dtype != np.uint8 or size == 0:
+        raise ValueError(f"block arrays have shapes {wrong or shapes} (dtypes {byte_planes.dtype}, {packed.dtype}); "
+                         f"expected {size} > 0 pairs of N = {num_prompts} indices of {bits} bits")
+    if task.dtype.kind != "u" or checkpoint.dtype.kind != "u":
+        raise ValueError(f"task / checkpoint arrays are {task.dtype} / {checkpoint.dtype}, expected unsigned integers")
+    out_dtype = np.int64
+    ids = np.zeros((size, num_prompts), dtype=out_dtype)  # (B, N)
+    for j in range(whole):
+        ids |= byte_planes[:, j, :].astype(out_dtype) << (8 * j)
+    if rest:
+        planes = np.unpackbits(packed, axis=2, count=num_prompts, bitorder="little")  # (B, rest, N)
+        for k in range(rest):
+            ids |= planes[:, k, :].astype(out_dtype) << (8 * whole + k)
+    return PairBlock(
+        pair_id=np.arange(first_pair, first_pair + size, dtype=np.int64),
+        task=task.astype(np.int64),
+        checkpoint=checkpoint.astype(np.int64),
+        prompt_ids=ids,
+    )
+
+
+def block_key(first_pair: int) -> str:
+    return f"{first_pair:010d}"
+
+
+def parse_block_key(key: str) -> int:
+    """The first pair id of a member from its key; ValueError if the key is not one `dnd shard` writes."""
+    if not (len(key) == 10 and key.isdigit()):
+        raise ValueError(f"member key {key!r} is not a 10-digit pair id")
+    return int(key)
+
+
+def iter_blocks(shards_dir: str | os.PathLike, index: dict) -> Iterator[tuple[dict, PairBlock]]:
+    """Every block of a shard set in the order written, with its shard's index entry (no
+    shuffling, no range checks: for audits and tools; training reads through the loader)."""
+    shards_dir = Path(shards_dir)
+    encoding = index["encoding"]
+    for shard in index["shards"]:
+        for sample in wds.tarfile_samples([{"url": str(shards_dir / shard["file"])}]):
+            first = parse_block_key(sample["__key__"])
+            yield shard, decode_block(sample[BLOCK_SUFFIX], first, encoding["prompt_bits"], index["num_prompts"])
 
 
 def _validate(num_checkpoints: Mapping[str, int], prompt_pools: Mapping[str, list[str]], config: ShardConfig) -> None:
-    if config.num_prompts < 1 or config.pairs_per_task < 1 or config.shard_size < 1:
-        raise ShardsError(
-            f"num_prompts, pairs_per_task and shard_size must be >= 1; found {config.num_prompts}, "
-            f"{config.pairs_per_task}, {config.shard_size}"
-        )
+    sizes = (config.num_prompts, config.pairs_per_task, config.shard_size, config.block_size)
+    if min(sizes) < 1:
+        raise ShardsError(f"num_prompts, pairs_per_task, shard_size and block_size must be >= 1; found {sizes}")
     if not prompt_pools:
         raise ShardsError("no tasks given: pass at least one task's prompt pool")
     unpacked = sorted(set(prompt_pools) - set(num_checkpoints))
@@ -165,26 +310,37 @@ def build_shards(
         # Interleave: position i of the stream takes the next pair of task order[i].
         order = np.repeat(np.arange(len(tasks)), config.pairs_per_task)
         np.random.default_rng(config.seed).shuffle(order)
-        streams = [_task_pairs(t, num_checkpoints[t], len(prompt_pools[t]), config) for t in tasks]
+        streams = [_TaskPairs(t, num_checkpoints[t], len(prompt_pools[t]), config.num_prompts, config.seed) for t in tasks]
+        bits = prompt_bits(len(prompt_pools[t]) for t in tasks)
+        max_checkpoints = max(num_checkpoints[t] for t in tasks)
 
         shards: list[dict] = []
-
-        def finish_shard(fname: str) -> None:
-            shards.append({"file": Path(fname).name, "samples": writer.count, "sha256": sha256_file(fname)})
-
-        # mtime=0 makes the tar bytes a function of the content only: same seed, same shards.
-        writer = wds.ShardWriter(
-            str(staging / SHARD_PATTERN), maxcount=config.shard_size, maxsize=float("inf"),
-            post=finish_shard, verbose=0, mtime=0,
-        )
-        with writer:
-            for key, task_id in enumerate(tqdm(order.tolist(), desc="dnd shard", unit="pair", disable=not progress)):
-                checkpoint, prompt_ids = next(streams[task_id])
-                payload = {"task": tasks[task_id], "checkpoint": checkpoint, "prompt_ids": prompt_ids}
-                writer.write({"__key__": f"{key:09d}", "json": json.dumps(payload, separators=(",", ":")).encode()})
+        with tqdm(total=len(order), desc="dnd shard", unit="pair", disable=not progress) as bar:
+            for start in range(0, len(order), config.shard_size):
+                task = order[start : start + config.shard_size]  # (S,)
+                checkpoint = np.empty(len(task), dtype=np.int64)  # (S,)
+                prompt_ids = np.empty((len(task), config.num_prompts), dtype=np.int64)  # (S, N)
+                for t in np.unique(task):
+                    rows = np.flatnonzero(task == t)
+                    checkpoint[rows], prompt_ids[rows] = streams[t].take(len(rows))
+                path = staging / (SHARD_PATTERN % len(shards))
+                # mtime=0 makes the tar bytes a function of the content only: same seed, same shards.
+                with wds.TarWriter(str(path), mtime=0, encoder=False) as writer:
+                    for a in range(0, len(task), config.block_size):
+                        b = slice(a, a + config.block_size)
+                        member = encode_block(task[b], checkpoint[b], prompt_ids[b], bits, len(tasks), max_checkpoints)
+                        writer.write({"__key__": block_key(start + a), BLOCK_SUFFIX: member})
+                shards.append({"file": path.name, "samples": len(task), "first_pair": start, "sha256": sha256_file(path)})
+                bar.update(len(task))
 
         index = {
             "format": FORMAT_VERSION,
+            "encoding": {
+                "member": f"<10-digit first pair id>.{BLOCK_SUFFIX}",
+                "block_size": config.block_size,
+                "prompt_bits": bits,
+                "task_names": tasks,
+            },
             "shards": shards,
             "num_samples": int(len(order)),
             "num_prompts": config.num_prompts,
@@ -219,8 +375,11 @@ def read_shard_index(shards_dir: str | os.PathLike) -> dict:
     with open(path, encoding="utf-8") as f:
         index = json.load(f)
     if index.get("format") != FORMAT_VERSION:
+        found = index.get("format")
+        what = " (one JSON tar member per pair)" if found == 1 else ""
         raise ShardsError(
-            f"{path} has format {index.get('format')!r}, this code reads format {FORMAT_VERSION}; re-run `dnd shard`"
+            f"the shard set at {shards_dir} has format {found!r}{what}; this version reads format "
+            f"{FORMAT_VERSION} (blocks of pairs as safetensors arrays); re-run `dnd shard` to rewrite it"
         )
     missing = [s["file"] for s in index["shards"] if not (shards_dir / s["file"]).exists()]
     missing += [t["prompts"] for t in index["tasks"].values() if not (shards_dir / t["prompts"]).exists()]

@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-import webdataset as wds
-
 from dnd_scale.config import from_dict, to_dict
-from dnd_scale.loader import collate_pairs, gather_prompts, parse_pair
+from dnd_scale.loader import collate_pairs, gather_prompts
+from dnd_scale.shards import iter_blocks
 from dnd_scale.trainer import TrainConfig, TrainingData, load_train_config, pair_stream, train
 
 
@@ -34,9 +33,12 @@ class GlobalOrderStream:
 
     def __init__(self, data: TrainingData, config: TrainConfig, rank: int, world_size: int) -> None:
         self.data = data
-        limits = {t: (e["num_checkpoints"], e["pool_size"]) for t, e in data.shard_index["tasks"].items()}
-        urls = [{"url": str(data.shards_dir / s["file"])} for s in data.shard_index["shards"]]
-        self.pairs = [parse_pair(sample, limits, data.num_prompts) for sample in wds.tarfile_samples(urls)]
+        names = data.shard_index["encoding"]["task_names"]
+        self.pairs = [
+            (names[task], checkpoint, ids)
+            for _, block in iter_blocks(data.shards_dir, data.shard_index)
+            for task, checkpoint, ids in zip(block.task.tolist(), block.checkpoint.tolist(), block.prompt_ids.tolist())
+        ]  # in written order
         self.micro, self.accum = config.micro_batch_size, config.grad_accum_steps
         self.rank, self.world = rank, world_size
         self.position = 0  # micro-batches this rank has taken

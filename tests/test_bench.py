@@ -2,7 +2,9 @@
 
 import json
 
-from dnd_scale.bench_data import bench_data, report
+import numpy as np
+
+from dnd_scale.bench_data import bench_data, bench_data_ranks, pair_checksum, report
 from dnd_scale.cli import main
 
 
@@ -13,6 +15,29 @@ def test_bench_data_measures_write_and_read(tmp_path):
     assert "pairs_per_s" in text and (tmp_path / "results").is_dir()
     assert any(p.suffix == ".json" for p in (tmp_path / "results").iterdir())
     assert "bytes per pair" in report(result)
+
+
+def test_bench_data_ranks_sees_every_pair_once(tmp_path):
+    result = bench_data_ranks(tmp_path / "run", pairs=1200, ranks=2, workers=2, tasks=3, pool_size=50, num_prompts=8,
+                              batch_size=16, shard_size=100, block_size=32, gather_pairs_per_rank=64,
+                              resampled_pairs_per_rank=96, results_dir=tmp_path / "results", results_name="r")
+    once = result["exactly_once"]
+    assert once["passed"] and once["pairs_read"] == 1200 and once["checksum_read"] == once["checksum_written"]
+    assert [r["pairs"] for r in result["resampled_index_only"]["per_rank"]] == [96, 96]
+    assert result["partial_epoch_with_tokens_and_prompts"]["pairs"] == 128
+    assert "Exactly once over one epoch: **passed**" in (tmp_path / "results" / "r.md").read_text()
+
+
+def test_pair_checksum_sees_contents_move_between_pairs():
+    rng = np.random.default_rng(0)
+    pair_id, task, checkpoint, prompts = np.arange(6), rng.integers(0, 3, 6), rng.integers(0, 4, 6), rng.integers(0, 50, (6, 5))
+    reference = pair_checksum(pair_id, task, checkpoint, prompts)
+    order = rng.permutation(6)
+    assert pair_checksum(pair_id[order], task[order], checkpoint[order], prompts[order]) == reference  # order-free
+    swapped = prompts.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert pair_checksum(pair_id, task, checkpoint, swapped) != reference
+    assert pair_checksum(pair_id, task, checkpoint, prompts[:, ::-1]) != reference  # prompt order counts
 
 
 def test_bench_cli_rejects_unknown_bench(capsys):

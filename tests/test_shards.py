@@ -1,20 +1,30 @@
 """`dnd shard`: pair sampling, shard files, index, input errors."""
 
 import collections
-import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
 from dnd_scale.io import write_json
-from dnd_scale.shards import ShardConfig, ShardsError, build_shards, load_prompt_pools, main, read_shard_index
+from dnd_scale.shards import (
+    ShardConfig,
+    ShardsError,
+    build_shards,
+    decode_block,
+    encode_block,
+    iter_blocks,
+    load_prompt_pools,
+    main,
+    read_shard_index,
+)
 from dnd_scale.targets import write_common, write_task_targets
 from dnd_scale.tasks import load_task
 
 CHECKPOINTS = {"alpha": 3, "beta": 2, "gamma": 4}
 POOL_SIZES = {"alpha": 12, "beta": 9, "gamma": 15}
-CONFIG = ShardConfig(num_prompts=4, pairs_per_task=10, shard_size=4, seed=7)
+CONFIG = ShardConfig(num_prompts=4, pairs_per_task=10, shard_size=4, block_size=3, seed=7)
 
 
 def records(task, size):
@@ -27,12 +37,14 @@ def prompt_pools():
 
 
 def read_pairs(shards_dir, index):
-    """Every sample of the set as (shard file, key, payload), straight from the tar files."""
+    """Every pair of the set as (shard file, pair id, {"task", "checkpoint", "prompt_ids"}), in written order."""
+    names = index["encoding"]["task_names"]
     out = []
-    for shard in index["shards"]:
-        with tarfile.open(shards_dir / shard["file"]) as tar:
-            for member in tar.getmembers():
-                out.append((shard["file"], member.name, json.loads(tar.extractfile(member).read())))
+    for shard, block in iter_blocks(shards_dir, index):
+        for row, pair_id in enumerate(block.pair_id.tolist()):
+            payload = {"task": names[block.task[row]], "checkpoint": int(block.checkpoint[row]),
+                       "prompt_ids": block.prompt_ids[row].tolist()}
+            out.append((shard["file"], pair_id, payload))
     return out
 
 
@@ -42,8 +54,12 @@ def test_pairs_reference_their_task_and_index_matches(tmp_path):
     pairs = read_pairs(tmp_path, index)
     assert len(pairs) == index["num_samples"] == 30
     assert [s["samples"] for s in index["shards"]] == [4] * 7 + [2]
+    assert [pair_id for _, pair_id, _ in pairs] == list(range(30))
     per_shard = collections.Counter(f for f, _, _ in pairs)
     assert all(per_shard[s["file"]] == s["samples"] for s in index["shards"])
+    with tarfile.open(tmp_path / "pairs-000001.tar") as tar:  # blocks of 3 pairs: 3 + 1
+        assert [m.name for m in tar.getmembers()] == ["0000000004.safetensors", "0000000007.safetensors"]
+    assert index["shards"][1]["first_pair"] == 4 and index["encoding"]["prompt_bits"] == 4  # pools <= 15
     uses = collections.Counter()
     for _, _, pair in pairs:
         task, ids = pair["task"], pair["prompt_ids"]
@@ -66,6 +82,36 @@ def test_no_answer_text_in_any_file(tmp_path):
         data = path.read_bytes()
         assert b"ANSWER" not in data, f"answer text leaked into {path.name}"
     assert b"question 3" in (tmp_path / "prompts" / "alpha.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 10, 16, 17])
+def test_block_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    prompt_ids = rng.integers(0, 1 << bits, (5, 13))
+    data = encode_block(rng.integers(0, 3, 5), rng.integers(0, 300, 5), prompt_ids, bits, 3, 300)
+    block = decode_block(data, 40, bits, 13)
+    assert block.pair_id.tolist() == list(range(40, 45)) and np.array_equal(block.prompt_ids, prompt_ids)
+    with pytest.raises(ValueError, match="expected 5 > 0 pairs of N = 12"):
+        decode_block(data, 40, bits, 12)
+    with pytest.raises(ValueError, match="not a safetensors block"):
+        decode_block(b"garbage" + data, 40, bits, 13)
+
+
+def test_a_pair_costs_its_index_bits(tmp_path):
+    # N = 128 prompts of a 1000-prompt pool: 128 x 10 bits = 160 B, + 1 B task, + 1 B checkpoint;
+    # the member headers and the tar's end record add ~3 B a pair at 4096 pairs per shard.
+    pools = {"alpha": [f"prompt {i}" for i in range(1000)]}
+    config = ShardConfig(num_prompts=128, pairs_per_task=4096, shard_size=4096, block_size=1024)
+    index = build_shards({"alpha": 16}, pools, tmp_path, config, progress=False)
+    per_pair = (tmp_path / index["shards"][0]["file"]).stat().st_size / 4096
+    assert 162 <= per_pair < 166, per_pair
+
+
+def test_old_format_is_refused_with_what_to_do(tmp_path):
+    index = build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    write_json(tmp_path / "index.json", {**index, "format": 1})
+    with pytest.raises(ShardsError, match=r"format 1 \(one JSON tar member per pair\).*re-run `dnd shard`"):
+        read_shard_index(tmp_path)
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
