@@ -13,7 +13,9 @@ them, so a configuration "fits" a GPU when the estimate stays under USABLE_FRACT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -294,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                             default=default)
     parser.add_argument("--lora-experts", action="store_true", help="MoE models: also plan the routed experts' LoRAs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--out", help="also write the plans as JSON to this file (e.g. benchmarks/results/plans.json)")
     args = parser.parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is for the plan
+        import deepspeed.runtime.zero.stage3  # noqa: F401
     spec = LoraSpec.parse(args.lora)
     if args.lora_experts:
         spec = replace(spec, experts=True)
@@ -306,4 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_plan(plans[model], display_name(model)), end="\n\n")
     if args.json:
         print(json.dumps(plans, indent=2))
+    if args.out:
+        from dnd_scale.io import write_json
+
+        write_json(args.out, plans)
     return 0

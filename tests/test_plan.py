@@ -165,3 +165,26 @@ def test_train_refuses_before_building_anything(tmp_path, one_thread):
     with pytest.raises(PlanError, match="needs ~.* GiB per GPU"):
         train(config, run)
     assert not (run / "generator").exists()
+
+
+@pytest.mark.parametrize("name", ["plans.json", "plans_moe_experts.json"])
+def test_committed_plans_are_what_the_code_computes(name):
+    """benchmarks/results/plans*.json (docs/scaling.md's numbers) must be what `dnd plan` gives today."""
+    root = MODELS[0].parents[2]
+    committed = json.loads((root / "benchmarks" / "results" / name).read_text())
+    for model, plan in committed.items():
+        lora = plan["lora"]
+        spec = LoraSpec(rank=lora["rank"], alpha=lora["alpha"], target_modules=tuple(lora["modules"]),
+                        experts=lora["experts"])
+        fresh = make_plan(root / model, spec, PlanConfig(chunk=plan["tokens"]["chunk"]))
+        assert json.loads(json.dumps(fresh)) == plan, f"{model}: rerun the commands in docs/scaling.md"
+
+
+def test_scaling_doc_tables_are_rendered_from_the_committed_plans():
+    import subprocess
+    import sys
+
+    root = MODELS[0].parents[2]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "plans_doc.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
