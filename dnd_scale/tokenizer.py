@@ -131,9 +131,11 @@ class WeightTokenizer:
         self.layout.check_state_dict(state_dict, source)
         r, c = self.rank, self.chunk
         mean_cells, std_cells = border_masks(r, c)
-        out = []
+        out, w, key = [], None, None
         for seg in self.segments:
-            w = state_dict[seg.matrix.key].detach().to("cpu", torch.float64)
+            if seg.matrix.key != key:  # an experts matrix has E consecutive segments: convert it once
+                key = seg.matrix.key
+                w = state_dict[key].detach().to("cpu", torch.float64)
             experts, e = seg.matrix.experts, seg.expert
             if seg.matrix.kind == "A":
                 view = w.view(experts, r, -1)[e]  # (E·r, in) -> expert e's (r, in)

@@ -34,7 +34,7 @@ LAYOUTS = {
     "tiny-phi3-fused-r4-c16": (tiny_config("phi3"), LoraSpec(rank=4), 16),
     "tiny-mixtral-experts-r3-c7": (tiny_config("mixtral"), LoraSpec(rank=3, experts=True), 7),
     "tiny-qwen2moe-shared+experts-r4-c16": (tiny_config("qwen2_moe"), LoraSpec(rank=4, experts=True), 16),
-    "qwen3-30b-a3b-experts-r16-c512-L5": (MODELS / "qwen3-30b-a3b.json", LoraSpec(16, target_modules="attention", experts=True, layers=(5,)), 512),
+    "qwen3-30b-a3b-experts-r2-c512-L5": (MODELS / "qwen3-30b-a3b.json", LoraSpec(2, target_modules="attention", experts=True, layers=(5,)), 512),
 }
 
 
