@@ -179,7 +179,7 @@ class LoraMatrix:
     shape: tuple[int, int]
     """Tensor shape."""
     experts: int = 1
-    """E > 1 for a routed-experts parameter: its rank axis stacks E LoRAs of rank r (peft's
+    """E for a routed-experts parameter: its rank axis stacks E LoRAs of rank r (peft's
     ParamWrapper: lora_A rows expert-major, (E, r, in); lora_B columns rank-major, (out, r, E))."""
 
     @property
@@ -236,11 +236,6 @@ class ModelGeometry:
             i = self.intermediate
             mlp = {n: (f"mlp.{n}", a, b, 1) for n, a, b in (("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h))}
         return {**attention, **mlp}
-
-    def linear_shape(self, name: str, layer: int = 0) -> tuple[int, int]:
-        """(in, out) of one linear layer of a decoder layer."""
-        _, fan_in, fan_out, _ = self.layer_modules(layer)[name]
-        return fan_in, fan_out
 
     @property
     def num_params(self) -> int:
@@ -347,15 +342,12 @@ def load_config_dict(config: Any) -> dict[str, Any]:
 
 def _chosen_modules(geometry: ModelGeometry, spec: LoraSpec) -> set[str]:
     """The module names of `spec` this model has, or a LayoutError that lists the ones it has."""
-    family: dict[str, int] = {}
-    for layer in range(geometry.num_layers):
-        for name, (_, _, _, experts) in geometry.layer_modules(layer).items():
-            family[name] = experts
+    family = list(dict.fromkeys(n for layer in range(geometry.num_layers) for n in geometry.layer_modules(layer)))
     attention = [n for n in family if n in ATTENTION_MODULES + ("qkv_proj",)]
     if spec.target_modules == "attention":
         chosen = set(attention)
     elif spec.target_modules == "all-linear":
-        chosen = {n for n, experts in family.items() if experts == 1}
+        chosen = {n for n in family if n not in EXPERT_PARAMETERS}
     else:
         chosen = set(spec.target_modules)
         missing = sorted(chosen - set(family))
@@ -395,8 +387,8 @@ def _chosen_modules(geometry: ModelGeometry, spec: LoraSpec) -> set[str]:
 class LoraLayout:
     """The ordered list of every LoRA matrix of one (model, LoRA spec) pair.
 
-    Order: layer by layer, module by module in model order (`ModelGeometry.layer_modules`), lora_A before lora_B — the order
-    the weight tokenizer walks and the exported adapter is written in.
+    Order: layer by layer, module by module in model order (`ModelGeometry.layer_modules`), lora_A
+    before lora_B — the order the weight tokenizer walks and the exported adapter is written in.
     """
 
     geometry: ModelGeometry
@@ -420,12 +412,13 @@ class LoraLayout:
             # peft nests a module's targeted parameters (ParamWrapper inside ParamWrapper) in the order
             # the module defines them: the first one ends up deepest, under one `base_layer.` per
             # parameter wrapped after it (checked against peft in tests/test_layout.py).
-            params = [n for n in names if available[n][3] > 1]
+            params = [n for n in names if n in EXPERT_PARAMETERS]
             for name in names:
                 path, fan_in, fan_out, experts = available[name]
                 module = f"{prefix}.{layer}.{path}"
-                owner = module.rpartition(".")[0] if experts > 1 else module
-                wrapped = "base_layer." * (len(params) - 1 - params.index(name)) if experts > 1 else ""
+                owner, wrapped = module, ""
+                if name in EXPERT_PARAMETERS:  # a parameter of mlp.experts, which carries its LoRA
+                    owner, wrapped = module.rpartition(".")[0], "base_layer." * (len(params) - 1 - params.index(name))
                 rows = spec.rank * experts
                 for kind, shape in (("A", (rows, fan_in)), ("B", (fan_out, rows))):
                     key = f"base_model.model.{owner}.{wrapped}lora_{kind}.weight"
@@ -468,7 +461,7 @@ class LoraLayout:
         from peft import LoraConfig
 
         prefix = _LAYER_PREFIX[self.geometry.model_type]
-        linear = [m for m in self.matrices if m.experts == 1 and m.kind == "A"]
+        linear = [m for m in self.matrices if m.name not in EXPERT_PARAMETERS and m.kind == "A"]
         # module paths inside a decoder layer, e.g. self_attn.q_proj, mlp.shared_expert.up_proj
         paths = "|".join(re.escape(p) for p in dict.fromkeys(m.module[len(prefix) + 1:].split(".", 1)[1] for m in linear))
         layers = "|".join(str(i) for i in sorted({m.layer for m in linear}))
@@ -486,7 +479,7 @@ class LoraLayout:
             # names such as "q_proj", which widens a layer subset to every layer); exact module paths
             # pass through that rewrite unchanged.
             kwargs["target_modules"] = [m.module for m in linear] or None
-        experts = [m.module for m in self.matrices if m.experts > 1 and m.kind == "A"]
+        experts = [m.module for m in self.matrices if m.name in EXPERT_PARAMETERS and m.kind == "A"]
         if experts:  # routed experts are 3-D parameters: peft adapts them by exact parameter name
             kwargs["target_parameters"] = experts
         kwargs.update(overrides)
