@@ -117,12 +117,17 @@ def offload_cpu_bytes(params: int, largest_stage: int, world: int) -> int:
 
 
 def gpu_memory_estimate(features: list[tuple[int, int, int]], kernel_size: int, zero_stage: int, world: int,
-                        micro_batch: int, offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, int]:
-    """Bytes per GPU of one training configuration: {"model_states", "activations", "total"}."""
+                        micro_batch: int, offload_optimizer: bool = False, offload_params: bool = False,
+                        bf16: bool = True) -> dict[str, int]:
+    """Bytes per GPU of one training configuration: {"model_states", "activations", "total"}.
+
+    Model states are DeepSpeed's mixed-precision estimates either way (an fp32 run holds 16 rather
+    than 20 B per parameter without ZeRO, so they err on the safe side); activations are 4 B per value
+    without bf16."""
     params = count_parameters(features, kernel_size)
     largest = max(stage_parameters(a, b, kernel_size) for a, b in zip(features, features[1:]))
     states = model_state_bytes(params, largest, zero_stage, world, offload_optimizer, offload_params)
-    activations = activation_bytes_per_sample(features) * micro_batch
+    activations = activation_bytes_per_sample(features, 2 if bf16 else 4) * micro_batch
     return {"model_states": states, "activations": activations, "total": states + activations}
 
 
@@ -156,20 +161,20 @@ def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: i
     kernel = gen.kernel_size or (PRESETS[gen.preset].kernel_size if gen.preset in PRESETS else DEFAULT_KERNEL_SIZE)
     micro = config.micro_batch_size
     estimate = gpu_memory_estimate(features, kernel, config.zero_stage, world, micro,
-                                   config.offload_optimizer, config.offload_params)
+                                   config.offload_optimizer, config.offload_params, config.bf16)
     usable = USABLE_FRACTION * capacity
     if estimate["total"] <= usable:
         return estimate["total"]
     name = _config_name(config.zero_stage, config.offload_optimizer, config.offload_params)
     others = {_config_name(stage, offload, offload): gpu_memory_estimate(
-        features, kernel, stage, world, micro, offload, offload)["total"] for stage, offload in _COLUMNS}
+        features, kernel, stage, world, micro, offload, offload, config.bf16)["total"] for stage, offload in _COLUMNS}
     options = [f"{key} {value / GIB:.1f}" for key, value in others.items()]
     fitting = [key for key, value in others.items() if value <= usable]
     per_sample = estimate["activations"] / micro / GIB
     raise PlanError(
         f"train config needs ~{estimate['total'] / GIB:.1f} GiB per GPU ({name} on {world} GPU(s): model states "
         f"{estimate['model_states'] / GIB:.1f} GiB + activations {estimate['activations'] / GIB:.1f} GiB at "
-        f"micro_batch_size {micro}), but {where} leaves {usable / GIB:.1f} GiB usable ({USABLE_FRACTION:.0%}). "
+        f"micro_batch_size {micro}, {'bf16' if config.bf16 else 'fp32'}), but {where} leaves {usable / GIB:.1f} GiB usable ({USABLE_FRACTION:.0%}). "
         f"Estimates per GPU at this world size (GiB): {', '.join(options)}. "
         + (f"Configurations that fit: {', '.join(fitting)}; " if fitting else "No ZeRO configuration fits; ")
         + f"or lower train.micro_batch_size (activations ~{per_sample:.2f} GiB per sample), train on more GPUs, "

@@ -141,10 +141,13 @@ def test_check_gpu_memory_refuses_with_the_plans_numbers():
     message = str(err.value)
     assert "zero2 on 8 GPU(s)" in message and "train.gpu_memory_gib = 0.0001" in message
     assert "zero3+offload" in message and "micro_batch_size" in message
-    config, features = _declared(80.0)
-    fits = check_gpu_memory(config, features, world=1, device="cpu")
     from dnd_scale.plan import gpu_memory_estimate
+
+    config, features = _declared(80.0, bf16=True)
+    fits = check_gpu_memory(config, features, world=1, device="cpu")
     assert fits == gpu_memory_estimate(features, 3, 2, 1, config.micro_batch_size)["total"]
+    fp32 = check_gpu_memory(_declared(80.0)[0], features, world=1, device="cpu")  # fp32 activations: twice the bytes
+    assert fp32 - fits == gpu_memory_estimate(features, 3, 2, 1, config.micro_batch_size)["activations"]
     config, features = _declared(None)
     assert check_gpu_memory(config, features, world=1, device="cpu") is None  # CPU, undeclared: no check
 
