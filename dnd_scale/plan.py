@@ -177,6 +177,7 @@ def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: i
         f"micro_batch_size {micro}, {'bf16' if config.bf16 else 'fp32'}), but {where} leaves {usable / GIB:.1f} GiB usable ({USABLE_FRACTION:.0%}). "
         f"Estimates per GPU at this world size (GiB): {', '.join(options)}. "
         + (f"Configurations that fit: {', '.join(fitting)}; " if fitting else "No ZeRO configuration fits; ")
+        + ("(zero3+offload = zero_stage 3 with offload_optimizer and offload_params) " if "zero3+offload" in fitting else "")
         + f"or lower train.micro_batch_size (activations ~{per_sample:.2f} GiB per sample), train on more GPUs, "
         "or pick a smaller generator (generator.max_channels). `dnd plan` prints the same numbers; "
         "set train.gpu_memory_gib only to the memory the GPU really has."
