@@ -127,7 +127,7 @@ def write_flat_adapter(
     if not bool(finite):
         raise LayoutError("the detokenized adapter contains NaN/Inf (a statistics code out of range); "
                           "the generator output is unusable (check its training)")  # fmt: skip
-    entries = [(seg.matrix.key, seg.matrix.shape, seg.flat_offset) for seg in tokenizer.segments]
+    entries = tokenizer.flat_entries()
     return _write_folder(
         tokenizer.layout, out_dir, lambda path: save_flat_safetensors(host, entries, path, metadata=_METADATA),
         flat.dtype, base_model, {**(provenance or {}), "tokenizer": tokenizer.state_dict_config()},

@@ -9,7 +9,8 @@ N axis with a k×k convolution (N → N'); a stage whose output shape equals its
 
 The feature list comes from one of three places:
 
-- a named preset: the paper's settings for Qwen2.5-0.5B / 1.5B / 7B (``PRESETS``);
+- a named preset: the paper's settings for Qwen2.5-0.5B / 1.5B / 7B, and the sizing rule's lists for
+  Qwen2.5-7B-72B and Llama-3.1-70B at r=16, chunk 512 (``PRESETS``);
 - ``preset="auto"``: the sizing rule ``features_for`` derives a list for any condition and token
   geometry (14B-70B targets have 10k-40k+ tokens, no hand-made list exists for them);
 - an explicit ``features`` list.
@@ -41,14 +42,15 @@ TRITON_MODULE = "dnd_kernels.hyperconv.function"
 
 @dataclass(frozen=True)
 class GeneratorPreset:
-    """A feature list and kernel size published with the DnD paper's code, recorded as data."""
+    """A feature list and kernel size recorded as data: published with the DnD paper's code, or made
+    once by the sizing rule `features_for` for a target no paper list exists for."""
 
     features: tuple[Shape, ...]
     """(N, H, W) per stage boundary: first = condition, last = (num_tokens, r + 2, c + 2)."""
     kernel_size: int
     """k of every k×k convolution in the generator."""
     source: str
-    """Where the numbers come from (the paper's training script that used them)."""
+    """Where the numbers come from (the paper's training script that used them, or the rule call)."""
 
 
 # The paper's settings, from its public training scripts (Drag-and-Drop-LLMs, workspace/main/tasks/).
@@ -113,13 +115,97 @@ PRESETS: dict[str, GeneratorPreset] = {
     ),
 }
 
+# Presets made by the sizing rule (not the paper's): large targets with all-linear LoRA at the paper's
+# large setting, r=16 and chunk 512 (its 7B script), from the condition the default encoder gives
+# without the paper's learned token projection, 128 prompts x 384 tokens x 384 dims. Each list is
+# `features_for((128, 384, 384), (18, 514), T)` with the default 8 stages and max_channels 2048, T
+# being the tokenizer's count for that model's layout; recorded as data so that a run names its
+# generator, and re-derived in tests/test_generator.py so that a list never drifts from the rule.
+# Only the last stage differs (2048 -> T); k = 9 is the rule's default (the paper's 7B used 11).
+PRESETS["qwen2.5-7b-rule"] = GeneratorPreset(
+    features=(
+        (128, 384, 384),
+        (192, 192, 398),
+        (280, 96, 413),
+        (424, 48, 428),
+        (624, 24, 444),
+        (928, 18, 461),
+        (1376, 18, 478),
+        (2048, 18, 496),
+        (4928, 18, 514),
+    ),
+    kernel_size=9,
+    source="features_for((128, 384, 384), (18, 514), 4928): qwen2.5-7b, LoRA r=16 all-linear, chunk 512",
+)
+PRESETS["qwen2.5-14b-rule"] = GeneratorPreset(
+    features=(
+        (128, 384, 384),
+        (192, 192, 398),
+        (280, 96, 413),
+        (424, 48, 428),
+        (624, 24, 444),
+        (928, 18, 461),
+        (1376, 18, 478),
+        (2048, 18, 496),
+        (8400, 18, 514),
+    ),
+    kernel_size=9,
+    source="features_for((128, 384, 384), (18, 514), 8400): qwen2.5-14b, LoRA r=16 all-linear, chunk 512",
+)
+PRESETS["qwen2.5-32b-rule"] = GeneratorPreset(
+    features=(
+        (128, 384, 384),
+        (192, 192, 398),
+        (280, 96, 413),
+        (424, 48, 428),
+        (624, 24, 444),
+        (928, 18, 461),
+        (1376, 18, 478),
+        (2048, 18, 496),
+        (16384, 18, 514),
+    ),
+    kernel_size=9,
+    source="features_for((128, 384, 384), (18, 514), 16384): qwen2.5-32b, LoRA r=16 all-linear, chunk 512",
+)
+PRESETS["qwen2.5-72b-rule"] = GeneratorPreset(
+    features=(
+        (128, 384, 384),
+        (192, 192, 398),
+        (280, 96, 413),
+        (424, 48, 428),
+        (624, 24, 444),
+        (928, 18, 461),
+        (1376, 18, 478),
+        (2048, 18, 496),
+        (25760, 18, 514),
+    ),
+    kernel_size=9,
+    source="features_for((128, 384, 384), (18, 514), 25760): qwen2.5-72b, LoRA r=16 all-linear, chunk 512",
+)
+PRESETS["llama-3.1-70b-rule"] = GeneratorPreset(
+    features=(
+        (128, 384, 384),
+        (192, 192, 398),
+        (280, 96, 413),
+        (424, 48, 428),
+        (624, 24, 444),
+        (928, 18, 461),
+        (1376, 18, 478),
+        (2048, 18, 496),
+        (25280, 18, 514),
+    ),
+    kernel_size=9,
+    source="features_for((128, 384, 384), (18, 514), 25280): llama-3.1-70b, LoRA r=16 all-linear, chunk 512",
+)
+
 
 @dataclass
 class GeneratorConfig:
     """Which hyper-convolutional generator to build and how to run it."""
 
     preset: str | None = "auto"
-    """A name from PRESETS ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-1.5b-math", "qwen2.5-7b"),
+    """A name from PRESETS ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-1.5b-math", "qwen2.5-7b"; the
+    sizing rule's "qwen2.5-7b-rule" ... "qwen2.5-72b-rule", "llama-3.1-70b-rule"),
     "auto" (derive the stages from the condition and token geometry with `features_for`), or None
     when `features` is given."""
     features: list[Shape] | None = None

@@ -2,26 +2,41 @@
 
 Memory per GPU is the model states DeepSpeed's own estimators give (bf16 weights and gradients,
 fp32 master weights, fp32 gradient copy and Adam moments: 2 + 2 + 16 bytes per parameter, of which
-ZeRO-1 partitions the 16 optimizer bytes, ZeRO-2 also the gradients, ZeRO-3 everything), plus an
-activation estimate: the tensors one hyper-convolution stage keeps for its backward pass, in bf16,
-times the micro-batch.
+ZeRO-1 partitions the 16 optimizer bytes, ZeRO-2 also the gradients, ZeRO-3 everything; ZeRO-3 with
+CPU offload keeps only the gathered largest stage on the GPU), plus an activation estimate: the
+tensors every hyper-convolution stage keeps for its backward pass, in bf16, times the micro-batch.
+These are estimates: the CUDA context, communication buckets and allocator fragmentation are not in
+them, so a configuration "fits" a GPU when the estimate stays under USABLE_FRACTION of its memory.
+`check_gpu_memory` applies the same numbers to a training config before `dnd train` builds anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dnd_scale.generator import PRESETS, GeneratorConfig, count_parameters, resolve_features, stage_flops, stage_parameters
+from dnd_scale.generator import (
+    DEFAULT_KERNEL_SIZE, PRESETS, GeneratorConfig, count_parameters, resolve_features, stage_flops, stage_parameters,
+)
 from dnd_scale.layout import LoraLayout, LoraSpec
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer
 
 WORLD_SIZES = (1, 8, 64)
 ZERO_STAGES = (0, 1, 2, 3)
+# Memory columns, cheapest in communication first (the verdict picks the first that fits).
+MEMORY_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3+offload")
+GPU_SIZES_GIB = (80, 141)  # A100/H100 80 GB, H200 141 GB
+USABLE_FRACTION = 0.9  # of a GPU's memory left to the estimate (a margin, not a measurement)
 GIB = 1024**3
+
+
+class PlanError(ValueError):
+    """A configuration does not fit the GPU memory; the message gives the plan's numbers and what to do."""
 
 
 @dataclass
@@ -63,11 +78,21 @@ def activation_bytes_per_sample(features: list[tuple[int, int, int]], bytes_per_
     return total * bytes_per_value
 
 
-def model_state_bytes(params: int, largest_stage: int, stage: int, world: int) -> int:
-    """Model-state bytes per GPU for ZeRO `stage` on `world` GPUs (no offload)."""
-    gpus, nodes = min(world, 8), max(1, world // 8)  # 8 GPUs a node
+def model_state_bytes(params: int, largest_stage: int, stage: int, world: int, offload_optimizer: bool = False,
+                      offload_params: bool = False) -> int:
+    """Model-state bytes per GPU for ZeRO `stage` on `world` GPUs (8 GPUs a node), DeepSpeed's estimators.
+
+    ZeRO-3 gathers a whole stage's bf16 weights and gradients for its forward and backward (4 bytes per
+    parameter of the largest stage) on top of its partitions; where one stage holds more than half of the
+    parameters (the last mixing convolution of large targets) that costs more than ZeRO-2's replicated
+    2 bytes per parameter, so ZeRO-3 shows more memory than ZeRO-2 there. That is not a bug of the
+    estimate: ZeRO-3 cannot split a stage it has to run whole.
+    """
+    gpus, nodes = min(world, 8), max(1, world // 8)
     if stage == 0:
         return 20 * params
+    if stage in (1, 2) and offload_optimizer:
+        return 2 * params  # bf16 weights only; DeepSpeed's ZeRO-2 offload estimate
     if stage == 1:
         return 4 * params + 16 * params // world
     if stage == 2:
@@ -77,7 +102,8 @@ def model_state_bytes(params: int, largest_stage: int, stage: int, world: int) -
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     return int(estimate_zero3_model_states_mem_needs(
-        params, largest_stage, gpus, nodes, cpu_offload=False, cpu_offload_params=False
+        params, largest_stage, gpus, nodes, cpu_offload=offload_optimizer or offload_params,
+        cpu_offload_params=offload_params,
     )[1])
 
 
@@ -105,6 +131,79 @@ def offload_model_state_bytes(
     return int(gpu), int(cpu)
 
 
+def offload_cpu_bytes(params: int, largest_stage: int, world: int) -> int:
+    """CPU memory per node that ZeRO-3 with optimizer and parameter offload needs (DeepSpeed's estimator)."""
+    return offload_model_state_bytes(params, largest_stage, 3, world, offload_params=True)[1]
+
+
+def gpu_memory_estimate(features: list[tuple[int, int, int]], kernel_size: int, zero_stage: int, world: int,
+                        micro_batch: int, offload_optimizer: bool = False, offload_params: bool = False,
+                        bf16: bool = True) -> dict[str, int]:
+    """Bytes per GPU of one training configuration: {"model_states", "activations", "total"}.
+
+    Model states are DeepSpeed's mixed-precision estimates either way (an fp32 run holds 16 rather
+    than 20 B per parameter without ZeRO, so they err on the safe side); activations are 4 B per value
+    without bf16."""
+    params = count_parameters(features, kernel_size)
+    largest = max(stage_parameters(a, b, kernel_size) for a, b in zip(features, features[1:]))
+    states = model_state_bytes(params, largest, zero_stage, world, offload_optimizer, offload_params)
+    activations = activation_bytes_per_sample(features, 2 if bf16 else 4) * micro_batch
+    return {"model_states": states, "activations": activations, "total": states + activations}
+
+
+_COLUMNS = ((0, False), (1, False), (2, False), (3, False), (3, True))  # MEMORY_CONFIGS as (stage, offload)
+
+
+def _config_name(zero_stage: int, offload_optimizer: bool, offload_params: bool) -> str:
+    return f"zero{zero_stage}" + ("+offload" if offload_params else "+optimizer-offload" if offload_optimizer else "")
+
+
+def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: int,
+                     device: Any = None) -> int | None:
+    """Refuse a training config whose memory estimate does not fit the GPU, before anything is built.
+
+    `config` is a TrainConfig (generator, zero_stage, offload_*, micro_batch_size, gpu_memory_gib).
+    The GPU's size is `config.gpu_memory_gib` when declared, else the total memory torch reports for a
+    CUDA `device`; on any other device, undeclared, nothing is checked (returns None). Returns the
+    estimate in bytes when it fits, raises PlanError with the numbers of every configuration otherwise.
+    """
+    import torch
+
+    declared = getattr(config, "gpu_memory_gib", None)
+    if declared is not None:
+        capacity, where = float(declared) * GIB, f"the declared train.gpu_memory_gib = {declared:g}"
+    elif device is not None and torch.device(device).type == "cuda":
+        capacity = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        where = f"this GPU's {capacity / GIB:.1f} GiB ({torch.cuda.get_device_name(torch.device(device))})"
+    else:
+        return None
+    gen = config.generator
+    kernel = gen.kernel_size or (PRESETS[gen.preset].kernel_size if gen.preset in PRESETS else DEFAULT_KERNEL_SIZE)
+    micro = config.micro_batch_size
+    estimate = gpu_memory_estimate(features, kernel, config.zero_stage, world, micro,
+                                   config.offload_optimizer, config.offload_params, config.bf16)
+    usable = USABLE_FRACTION * capacity
+    if estimate["total"] <= usable:
+        return estimate["total"]
+    name = _config_name(config.zero_stage, config.offload_optimizer, config.offload_params)
+    others = {_config_name(stage, offload, offload): gpu_memory_estimate(
+        features, kernel, stage, world, micro, offload, offload, config.bf16)["total"] for stage, offload in _COLUMNS}
+    options = [f"{key} {value / GIB:.1f}" for key, value in others.items()]
+    fitting = [key for key, value in others.items() if value <= usable]
+    per_sample = estimate["activations"] / micro / GIB
+    raise PlanError(
+        f"train config needs ~{estimate['total'] / GIB:.1f} GiB per GPU ({name} on {world} GPU(s): model states "
+        f"{estimate['model_states'] / GIB:.1f} GiB + activations {estimate['activations'] / GIB:.1f} GiB at "
+        f"micro_batch_size {micro}, {'bf16' if config.bf16 else 'fp32'}), but {where} leaves {usable / GIB:.1f} GiB usable ({USABLE_FRACTION:.0%}). "
+        f"Estimates per GPU at this world size (GiB): {', '.join(options)}. "
+        + (f"Configurations that fit: {', '.join(fitting)}; " if fitting else "No ZeRO configuration fits; ")
+        + ("(zero3+offload = zero_stage 3 with offload_optimizer and offload_params) " if "zero3+offload" in fitting else "")
+        + f"or lower train.micro_batch_size (activations ~{per_sample:.2f} GiB per sample), train on more GPUs, "
+        "or pick a smaller generator (generator.max_channels). `dnd plan` prints the same numbers; "
+        "set train.gpu_memory_gib only to the memory the GPU really has."
+    )
+
+
 def make_plan(model_config: Any, spec: LoraSpec, config: PlanConfig | None = None) -> dict[str, Any]:
     config = config or PlanConfig()
     layout = LoraLayout.from_config(model_config, spec)
@@ -118,46 +217,68 @@ def make_plan(model_config: Any, spec: LoraSpec, config: PlanConfig | None = Non
     flops = sum(stage_flops(a, b, kernel) for a, b in zip(features, features[1:]))
     activations = activation_bytes_per_sample(features) * config.micro_batch
     memory = {
-        f"zero{stage}": {str(world): model_state_bytes(params, largest, stage, world) + activations for world in WORLD_SIZES}
-        for stage in ZERO_STAGES
+        _config_name(stage, offload, offload): {
+            str(world): model_state_bytes(params, largest, stage, world, offload, offload) + activations
+            for world in WORLD_SIZES
+        }
+        for stage, offload in _COLUMNS
     }
+    usable = {str(size): USABLE_FRACTION * size * GIB for size in GPU_SIZES_GIB}
+    fits = {  # per GPU size and world size: the first configuration (least communication) that fits
+        size: {w: next((name for name in MEMORY_CONFIGS if memory[name][w] <= limit), None) for w in map(str, WORLD_SIZES)}
+        for size, limit in usable.items()
+    }
+    notes = [
+        f"model states per DeepSpeed's estimators (bf16 + fp32 Adam) plus ~{activations / GIB:.1f} GiB of stage "
+        f"activations at micro-batch {config.micro_batch}; estimates, not measurements",
+        f"zero3+offload: optimizer and parameters in CPU memory, which then needs "
+        f"~{offload_cpu_bytes(params, largest, 8) / GIB:.0f} GiB per 8-GPU node",
+        f"fits = the first configuration whose estimate is under {USABLE_FRACTION:.0%} of the GPU's memory",
+    ]
+    if any(memory["zero3"][w] > memory["zero2"][w] for w in memory["zero3"]):
+        notes.append(
+            f"zero3 > zero2: ZeRO-3 gathers each stage whole (bf16 weights + gradients, 4 B per parameter) and the "
+            f"largest stage holds {largest / params:.0%} of the generator's parameters, more than the 2 B per "
+            "parameter ZeRO-2 keeps replicated; ZeRO-3 pays off only with offload or where stages are balanced"
+        )
     per_module: dict[str, int] = {}
     for seg in tok.segments:
         per_module[seg.matrix.name] = per_module.get(seg.matrix.name, 0) + seg.count
+    layers = len({m.layer for m in layout.matrices})
     return {
         "model": {**asdict(layout.geometry), "base_params": layout.geometry.num_params},
         "lora": {
-            "rank": spec.rank, "alpha": spec.alpha, "rslora": spec.use_rslora, "modules": list(spec.modules),
-            "layers": len({m.layer for m in layout.matrices}), "matrices": len(layout.matrices),
+            "rank": spec.rank, "alpha": spec.alpha, "rslora": spec.use_rslora, "modules": layout.module_names,
+            "experts": spec.experts, "layers": layers, "matrices": len(layout.matrices),
             "params": layout.num_params,
             "bytes_per_checkpoint": {"fp32": layout.bytes_per_checkpoint(), "bf16": layout.num_params * 2},
             "fingerprint": layout.fingerprint(),
         },
         "tokens": {
             "count": tok.num_tokens, "shape": list(tok.token_shape), "chunk": config.chunk,
-            "per_layer": tok.num_tokens / max(1, len({m.layer for m in layout.matrices})),
+            "per_layer": tok.num_tokens / max(1, layers),
             "per_module": per_module,
             "padding_fraction": 1 - layout.num_params / (tok.num_tokens * spec.rank * config.chunk),
             "packed_bytes_per_checkpoint": tok.num_tokens * tok.token_shape[0] * tok.token_shape[1] * 4,
         },
         "generator": {
             "preset": gen.preset, "kernel_size": kernel, "features": [list(f) for f in features],
-            "params": params, "forward_tflop_per_sample": flops / 1e12,
+            "params": params, "largest_stage_params": largest, "forward_tflop_per_sample": flops / 1e12,
             "train_step_tflop_per_sample": 3 * flops / 1e12,
         },
         "memory_per_gpu_bytes": memory,
-        "memory_notes": (
-            f"model states per DeepSpeed's estimators (bf16 + fp32 Adam, no offload) plus ~"
-            f"{activations / GIB:.1f} GiB of stage activations at micro-batch {config.micro_batch}"
-        ),
+        "offload_cpu_bytes_per_node": {str(w): offload_cpu_bytes(params, largest, w) for w in WORLD_SIZES},
+        "fits_gpu_gib": fits,
+        "memory_notes": notes,
     }
 
 
 def format_plan(plan: dict[str, Any], name: str) -> str:
     m, lora, tok, gen = plan["model"], plan["lora"], plan["tokens"], plan["generator"]
+    moe = f", {m['num_experts']} experts of {m['moe_intermediate']}" if m.get("num_experts") else ""
     lines = [
         f"== {name}: {m['model_type']}, {m['num_layers']} layers, hidden {m['hidden']}, "
-        f"intermediate {m['intermediate']}, heads {m['heads']}/{m['kv_heads']} (head_dim {m['head_dim']}), "
+        f"intermediate {m['intermediate']}{moe}, heads {m['heads']}/{m['kv_heads']} (head_dim {m['head_dim']}), "
         f"~{m['base_params'] / 1e9:.2f} B base parameters",
         f"LoRA   r={lora['rank']} alpha={lora['alpha']:g}{' rsLoRA' if lora['rslora'] else ''} on "
         f"{'+'.join(lora['modules'])} x {lora['layers']} layers: {lora['matrices']} matrices, "
@@ -169,12 +290,25 @@ def format_plan(plan: dict[str, Any], name: str) -> str:
         f"generator preset {gen['preset']} (k={gen['kernel_size']}): {gen['params']:,} parameters, "
         f"{gen['forward_tflop_per_sample']:.2f} TFLOP forward per sample",
         "  stages: " + " -> ".join(str(tuple(f)) for f in gen["features"]),
-        "memory per GPU (GiB)   " + "".join(f"{'world ' + str(w):>12}" for w in WORLD_SIZES),
+        "memory per GPU (GiB)   " + "".join(f"{'world ' + str(w):>14}" for w in WORLD_SIZES),
     ]
-    for stage, per_world in plan["memory_per_gpu_bytes"].items():
-        lines.append(f"  {stage:<21}" + "".join(f"{per_world[str(w)] / GIB:>12.1f}" for w in WORLD_SIZES))
-    lines.append(f"  ({plan['memory_notes']})")
+    for config, per_world in plan["memory_per_gpu_bytes"].items():
+        lines.append(f"  {config:<21}" + "".join(f"{per_world[str(w)] / GIB:>14.1f}" for w in WORLD_SIZES))
+    for size, per_world in plan["fits_gpu_gib"].items():
+        lines.append(f"  {'fits ' + size + ' GB':<21}" + "".join(f"{per_world[str(w)] or 'none':>14}" for w in WORLD_SIZES))
+    lines.extend(f"  ({note})" for note in plan["memory_notes"])
     return "\n".join(lines)
+
+
+def display_name(model: str | Path) -> str:
+    """The name a plan is printed under: a model folder's or config.json's folder name, or a .json file's
+    name without the extension (never cut at a dot inside the name, e.g. Qwen2.5-0.5B-Instruct)."""
+    path = Path(model)
+    if path.name == "config.json":
+        return path.parent.resolve().name
+    if path.suffix == ".json":
+        return path.name[: -len(".json")]
+    return path.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,15 +320,25 @@ def main(argv: list[str] | None = None) -> int:
     for field, default in asdict(PlanConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default) if default is not None else int,
                             default=default)
+    parser.add_argument("--lora-experts", action="store_true", help="MoE models: also plan the routed experts' LoRAs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--out", help="also write the plans as JSON to this file (e.g. benchmarks/results/plans.json)")
     args = parser.parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is for the plan
+        import deepspeed.runtime.zero.stage3  # noqa: F401
     spec = LoraSpec.parse(args.lora)
+    if args.lora_experts:
+        spec = replace(spec, experts=True)
     config = PlanConfig(**{k: getattr(args, k) for k in asdict(PlanConfig())})
     plans = {}
     for model in args.model:
         plans[model] = make_plan(model, spec, config)
         if not args.json:
-            print(format_plan(plans[model], Path(model).stem), end="\n\n")
+            print(format_plan(plans[model], display_name(model)), end="\n\n")
     if args.json:
         print(json.dumps(plans, indent=2))
+    if args.out:
+        from dnd_scale.io import write_json
+
+        write_json(args.out, plans)
     return 0

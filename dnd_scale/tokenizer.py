@@ -16,6 +16,12 @@ encodes them — even columns ``mean · mean_scale``, odd columns ``log(std) + s
 generator predicts the statistics along with the values and a token alone detokenizes. For
 Qwen2.5-0.5B, r = 8, all seven linear modules, c = 128 this gives the paper's 4296 tokens of 8 × 128
 values, token shape (10, 130).
+
+A routed-experts matrix (MoE, ``LoraMatrix.experts = E``) stacks E rank-r LoRAs on its rank axis;
+each expert's r × n view is chunked on its own, expert after expert, so a token never mixes experts.
+peft keeps lora_A expert-major (rows e·r … e·r + r - 1) but lora_B rank-major (column j·E + e), so an
+expert's B^T chunk has row stride E and column stride r·E, which the fused detokenize kernel does not
+write: such layouts detokenize through the PyTorch reference on every device.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class _Segment:
     count: int
     width: int  # n: columns of the r × n view
     flat_offset: int  # offset of the matrix in the flat PEFT buffer
+    expert: int = 0  # which of the matrix's E experts this segment holds (0 for a plain matrix)
 
 
 class WeightTokenizer:
@@ -72,9 +79,12 @@ class WeightTokenizer:
         for matrix in layout.matrices:
             n = matrix.shape[1] if matrix.kind == "A" else matrix.shape[0]
             count = math.ceil(n / self.chunk)
-            segments.append(_Segment(matrix, token, count, n, offset))
-            token += count
+            for expert in range(matrix.experts):
+                segments.append(_Segment(matrix, token, count, n, offset, expert))
+                token += count
             offset += matrix.numel
+        # the fused kernel writes lora_A chunks and plain lora_B chunks (column stride r), not expert B's
+        self._kernel_writes_all = not any(m.experts > 1 and m.kind == "B" for m in layout.matrices)
         self.segments: list[_Segment] = segments
         self.num_tokens = token
         self.flat_numel = offset
@@ -91,14 +101,16 @@ class WeightTokenizer:
         """(T, 4) int64: flat offset of chunk element [0, 0], row stride, column stride, valid width."""
         if self._table is None:
             rows = []
+            r = self.rank
             for seg in self.segments:
+                e, experts = seg.expert, seg.matrix.experts
                 for j in range(seg.count):
                     start = j * self.chunk
                     width = min(self.chunk, seg.width - start)
-                    if seg.matrix.kind == "A":  # A is (r, in): chunk columns are contiguous
-                        rows.append((seg.flat_offset + start, seg.width, 1, width))
-                    else:  # B is (out, r): the view B^T walks rows of B
-                        rows.append((seg.flat_offset + start * self.rank, 1, self.rank, width))
+                    if seg.matrix.kind == "A":  # A is (E·r, in), expert-major: chunk columns are contiguous
+                        rows.append((seg.flat_offset + e * r * seg.width + start, seg.width, 1, width))
+                    else:  # B is (out, r·E), rank-major: the view B^T walks rows of B
+                        rows.append((seg.flat_offset + start * r * experts + e, experts, r * experts, width))
             self._table = torch.tensor(rows, dtype=torch.int64)
         return self._table
 
@@ -126,11 +138,17 @@ class WeightTokenizer:
         r, c = self.rank, self.chunk
         device = torch.device(device)
         mean_cells, std_cells = border_masks(r, c, device)
-        out = []
+        out, w, key = [], None, None
         for seg in self.segments:
-            w = state_dict[seg.matrix.key].detach().to(device, torch.float64)
-            view = w if seg.matrix.kind == "A" else w.t()  # (r, n)
-            padded = torch.zeros(r, seg.count * c, dtype=torch.float64, device=w.device)
+            if seg.matrix.key != key:  # an experts matrix has E consecutive segments: convert it once
+                key = seg.matrix.key
+                w = state_dict[key].detach().to(device, torch.float64)
+            experts, e = seg.matrix.experts, seg.expert
+            if seg.matrix.kind == "A":
+                view = w.view(experts, r, -1)[e]  # (E·r, in) -> expert e's (r, in)
+            else:
+                view = w.view(-1, r, experts)[:, :, e].t()  # (out, r·E) -> expert e's (r, out)
+            padded = torch.zeros(r, seg.count * c, dtype=torch.float64, device=device)
             padded[:, : seg.width] = view
             chunks = padded.view(r, seg.count, c).permute(1, 0, 2)  # (J, r, c)
             columns = torch.arange(c, device=w.device)
@@ -160,21 +178,27 @@ class WeightTokenizer:
         return detokenize(
             tokens.contiguous(), table, self.flat_numel, self.rank, self.chunk,
             self.config.mean_scale, self.config.std_shift, dtype, facts=facts,
+            impl="auto" if self._kernel_writes_all else "torch",
         )
 
-    def _table_on(self, device: torch.device) -> tuple[Tensor, tuple[int, int]]:
-        """The token table on `device` (copied there once) and its ``table_facts`` (read once, on the host)."""
+    def _table_on(self, device: torch.device) -> tuple[Tensor, tuple[int, int] | None]:
+        """The token table on `device` (copied there once) and its ``table_facts`` (read once, on the
+        host; None where the reference detokenizes, which needs none)."""
         if device not in self._device_tables:
-            self._device_tables[device] = (self.token_table().to(device), table_facts(self.token_table(), self.rank))
+            facts = table_facts(self.token_table(), self.rank) if self._kernel_writes_all else None
+            self._device_tables[device] = (self.token_table().to(device), facts)
         return self._device_tables[device]
+
+    def flat_entries(self) -> list[tuple[str, tuple[int, int], int]]:
+        """(PEFT key, shape, offset in the flat buffer) of every matrix, in layout order."""
+        return [(seg.matrix.key, seg.matrix.shape, seg.flat_offset) for seg in self.segments if seg.expert == 0]
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of the flat buffer as the PEFT state dict (layout order)."""
         if flat.numel() != self.flat_numel:
             raise LayoutError(f"flat buffer has {flat.numel()} values, the layout needs {self.flat_numel}")
         return {
-            seg.matrix.key: flat[seg.flat_offset : seg.flat_offset + seg.matrix.numel].view(seg.matrix.shape)
-            for seg in self.segments
+            key: flat[offset : offset + shape[0] * shape[1]].view(shape) for key, shape, offset in self.flat_entries()
         }
 
     def detokenize(self, tokens: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:

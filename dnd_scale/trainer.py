@@ -56,7 +56,7 @@ from dnd_scale.encoder import (
     EncoderConfig,
     resolve_encoder_path,
 )
-from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_impl
+from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_features, resolve_impl
 from dnd_scale.io import (
     ArtifactError,
     append_jsonl,
@@ -69,6 +69,7 @@ from dnd_scale.io import (
     write_json,
 )
 from dnd_scale.loader import LoaderConfig, PairLoader
+from dnd_scale.plan import check_gpu_memory
 from dnd_scale.shards import load_prompt_pools, read_shard_index
 from dnd_scale.targets import PackedTargets
 
@@ -152,6 +153,10 @@ class TrainConfig:
     """On a GPU, let cuDNN time its algorithms on the first use of each convolution shape (training
     shapes are fixed) instead of taking its heuristic pick. `impl: torch` runs every convolution
     through cuDNN; the Triton path some weight gradients, where its autotuner timed cuDNN faster."""
+    gpu_memory_gib: float | None = None
+    """Memory of one GPU in GiB (80 for an 80 GB A100/H100, 141 for an H200): `dnd train` refuses, before
+    building anything, a configuration whose `dnd plan` estimate does not fit it. None: the GPU's own
+    total memory on CUDA, no check on CPU."""
 
     def __post_init__(self) -> None:
         positive = {"micro_batch_size": self.micro_batch_size, "grad_accum_steps": self.grad_accum_steps,
@@ -758,6 +763,8 @@ def _train(
     length = condition_length(config)
     conditions = condition_source(config.encoder, length, data.pools, run_dir, rank, device)
     condition_shape = (data.num_prompts, length, conditions.dim)
+    features = resolve_features(config.generator, condition_shape, data.targets.token_shape, data.targets.num_tokens)
+    check_gpu_memory(config, features, world, device)  # fail before, not during: dnd plan's estimate
     engine, model = build_engine(config, ds_config, condition_shape, data.targets.token_shape, data.targets.num_tokens)
     stream = make_stream(data, config, rank, world)
 

@@ -439,3 +439,20 @@ def test_loss_bad_input_is_refused():
         generator_loss(pred, target, mask, weights[:4])
     with pytest.raises(ValueError, match="no valid element"):
         generator_loss(pred, target, torch.zeros_like(mask), weights)
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "llama-3.1-70b"])
+def test_rule_presets_are_the_sizing_rule_for_their_layout(model):
+    """A rule preset is data: it must equal features_for at its model's r=16, chunk-512 token geometry."""
+    from pathlib import Path
+
+    from dnd_scale.layout import LoraLayout, LoraSpec
+    from dnd_scale.tokenizer import WeightTokenizer
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "models" / f"{model}.json"
+    tok = WeightTokenizer(LoraLayout.from_config(config, LoraSpec(rank=16, target_modules="all-linear")), chunk=512)
+    preset = PRESETS[f"{model}-rule"]
+    assert list(preset.features) == features_for((128, 384, 384), tok.token_shape, tok.num_tokens)
+    assert preset.kernel_size == 9 and str(tok.num_tokens) in preset.source
+    built = resolve_features(GeneratorConfig(preset=f"{model}-rule"), (128, 384, 384), tok.token_shape, tok.num_tokens)
+    assert built == list(preset.features)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict
 
-from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
+from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec, load_config_dict
 from dnd_scale.tokenizer import WeightTokenizer
 from tinymodels import tiny_config, tiny_model
 
@@ -119,3 +119,80 @@ def test_check_state_dict_names_each_problem():
         t = torch.randn(layout.matrices[1].shape); t[0, 0] = bad
         with pytest.raises(LayoutError, match="NaN/Inf"):
             layout.check_state_dict({**good, layout.keys[1]: t})
+
+
+# Larger backbones of other shapes. transformers 5 keeps each MoE block's routed experts as two 3-D
+# parameters (mlp.experts.gate_up_proj (E, 2I, H), mlp.experts.down_proj (E, H, I)); peft adapts those
+# through target_parameters, attention and Qwen2-MoE's shared expert as ordinary nn.Linear modules.
+OTHER_SHAPES = {
+    "phi3-all-linear": ("phi3", LoraSpec(rank=4)),
+    "phi3-qkv-L1": ("phi3", LoraSpec(rank=3, target_modules=("qkv_proj",), layers=(1,))),
+    "mixtral-attention": ("mixtral", LoraSpec(rank=4, target_modules="attention")),
+    "mixtral-attention+experts": ("mixtral", LoraSpec(rank=4, experts=True)),
+    "mixtral-experts-down-L1": ("mixtral", LoraSpec(rank=2, target_modules=("q_proj", "experts.down_proj"), layers=(1,))),
+    "qwen2moe-all-linear": ("qwen2_moe", LoraSpec(rank=4)),
+    "qwen2moe-all+experts": ("qwen2_moe", LoraSpec(rank=4, experts=True)),
+    "qwen3moe-attention": ("qwen3_moe", LoraSpec(rank=4, target_modules="attention")),
+    "qwen3moe-attention+experts-L1": ("qwen3_moe", LoraSpec(rank=4, target_modules="attention", experts=True, layers=(1,))),
+}
+
+
+@pytest.mark.parametrize("name", OTHER_SHAPES)
+def test_fused_and_moe_layouts_equal_peft(name):
+    family, spec = OTHER_SHAPES[name]
+    layout = LoraLayout.from_config(tiny_config(family), spec)
+    assert peft_shapes(tiny_model(family), layout) == {m.key: m.shape for m in layout.matrices}
+    again = LoraLayout.from_dict(json.loads(json.dumps(layout.to_dict())))  # layout.json keeps experts
+    assert again.fingerprint() == layout.fingerprint() and again.matrices == layout.matrices
+    assert LoraLayout.from_config(tiny_config(family), again.spec).keys == layout.keys  # the saved spec rebuilds it
+
+
+def test_phi3_fused_widths():
+    layout = LoraLayout.from_config(MODELS / "phi-3-mini-4k.json", LoraSpec(rank=8))
+    shapes = {m.name + m.kind: m.shape for m in layout.matrices if m.layer == 0}
+    assert layout.module_names == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert shapes["qkv_projB"] == (3 * 3072, 8) and shapes["gate_up_projB"] == (2 * 8192, 8)
+
+
+def test_moe_expert_matrices_stack_the_experts():
+    layout = LoraLayout.from_config(MODELS / "mixtral-8x7b.json", LoraSpec(rank=16, experts=True, layers=(0,)))
+    experts = {m.name + m.kind: m for m in layout.matrices if m.experts > 1}
+    assert experts["experts.gate_up_projA"].shape == (8 * 16, 4096)
+    assert experts["experts.gate_up_projB"].shape == (2 * 14336, 8 * 16)
+    assert experts["experts.down_projA"].shape == (8 * 16, 14336)
+    assert experts["experts.gate_up_projA"].key == "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"
+    qwen3 = LoraLayout.from_config(MODELS / "qwen3-30b-a3b.json", LoraSpec(rank=16, target_modules="attention"))
+    assert qwen3.module_names == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert qwen3.geometry.num_experts == 128 and len(qwen3.geometry.sparse_layers) == 48
+
+
+def test_other_shapes_refuse_what_they_lack():
+    with pytest.raises(LayoutError, match="fuses q/k/v into qkv_proj"):
+        LoraLayout.from_config(tiny_config("phi3"), LoraSpec(target_modules=("q_proj", "v_proj")))
+    with pytest.raises(LayoutError, match="experts are 3-D parameters"):
+        LoraLayout.from_config(tiny_config("mixtral"), LoraSpec(target_modules=("gate_proj",)))
+    with pytest.raises(LayoutError, match="not a MoE model"):
+        LoraLayout.from_config(tiny_config("llama"), LoraSpec(experts=True))
+    with pytest.raises(LayoutError, match="unknown LoRA target modules"):
+        LoraSpec(target_modules=("experts.w1",))
+    qwen3 = {**tiny_config("qwen3_moe").to_dict(), "mlp_only_layers": [1]}
+    with pytest.raises(LayoutError, match="dense MLP layers"):
+        LoraLayout.from_config(qwen3, LoraSpec(target_modules=("q_proj", "down_proj")))
+
+
+def test_spec_parse_experts_and_attention():
+    spec = LoraSpec.parse("r=16,modules=attention,experts")
+    assert spec.experts and spec.target_modules == "attention" and spec.rank == 16
+
+
+def test_missing_tie_key_means_the_family_default():
+    # Gemma ties its embeddings unless told otherwise; its public config.json has no tie key.
+    gemma = LoraLayout.from_config(MODELS / "gemma-2-9b.json").geometry
+    assert gemma.tied_embeddings and abs(gemma.num_params / 1e9 - 9.24) < 0.01
+    llama = {k: v for k, v in load_config_dict(MODELS / "llama-3.1-8b.json").items() if k != "tie_word_embeddings"}
+    assert not LoraLayout.from_config(llama).geometry.tied_embeddings
+
+
+@pytest.mark.parametrize("name,billions", [("mixtral-8x7b", 46.7), ("qwen3-30b-a3b", 30.5), ("phi-3-mini-4k", 3.82)])
+def test_other_shapes_base_parameters(name, billions):
+    assert abs(LoraLayout.from_config(MODELS / f"{name}.json").geometry.num_params / 1e9 - billions) < 0.05

@@ -15,7 +15,8 @@ from peft import get_peft_model
 
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
 from dnd_scale.layout import LoraSpec, load_config_dict
-from dnd_scale.plan import PlanConfig, main, make_plan, model_state_bytes
+from dnd_scale.plan import PlanConfig, PlanError, check_gpu_memory, display_name, main, make_plan, model_state_bytes
+from dnd_scale.trainer import TrainConfig
 
 MODELS = sorted((Path(__file__).resolve().parents[1] / "configs" / "models").glob("*.json"))
 
@@ -41,9 +42,10 @@ def test_plan_counts_match_real_modules(path):
     lora = meta_lora_params(path, spec, layout.to_peft_config())
     assert len(lora) == plan["lora"]["matrices"]
     assert sum(a * b for a, b in lora.values()) == plan["lora"]["params"]
-    # every token holds r x c values and only the last chunk of a matrix is padded
+    # every token holds r x c values and only the last chunk of a matrix (of each expert's) is padded
     tokens = plan["tokens"]
-    assert tokens["count"] == sum(-(-(s[1] if ".lora_A" in n else s[0]) // 128) for n, s in lora.items())
+    assert tokens["count"] == sum(
+        (s[0] // 8) * -(-s[1] // 128) if ".lora_A" in n else (s[1] // 8) * -(-s[0] // 128) for n, s in lora.items())
     assert tokens["shape"] == [10, 130]
     gen = plan["generator"]
     with torch.device("meta"):
@@ -54,6 +56,11 @@ def test_plan_counts_match_real_modules(path):
     for stage in ("zero1", "zero2", "zero3"):  # partitioning never costs memory
         assert mem[stage]["1"] >= mem[stage]["8"] >= mem[stage]["64"]
     assert mem["zero3"]["64"] < mem["zero0"]["64"]
+    assert all(mem["zero3+offload"][w] <= mem["zero3"][w] for w in mem["zero3"])
+    for size, verdict in plan["fits_gpu_gib"].items():  # the verdict is the first column under 90%
+        for w, name in verdict.items():
+            fitting = [c for c in mem if mem[c][w] <= 0.9 * int(size) * 2**30]
+            assert name == (fitting[0] if fitting else None)
 
 
 def test_paper_05b_plan_uses_the_paper_preset():
@@ -78,3 +85,109 @@ def test_cli_prints_every_shipped_model(capsys):
     assert main(["--model", str(MODELS[0]), "--lora", "r=4,modules=q_proj+v_proj"]) == 0
     out = capsys.readouterr().out
     assert "memory per GPU" in out and "zero3" in out
+
+
+def test_model_state_offload_follows_deepspeed():
+    p, largest = 1_000_000, 600_000
+    assert model_state_bytes(p, largest, 2, 8, offload_optimizer=True) == 2 * p
+    assert model_state_bytes(p, largest, 3, 8, offload_optimizer=True, offload_params=True) == 4 * largest
+    # one stage with more than half the parameters: ZeRO-3 gathers it whole, so it costs more than ZeRO-2
+    assert model_state_bytes(p, largest, 3, 8) > model_state_bytes(p, largest, 2, 8)
+
+
+def test_plan_explains_zero3_above_zero2_and_names_folders_whole(capsys, tmp_path):
+    plan = make_plan(MODELS[0].parent / "qwen2.5-72b.json", LoraSpec(rank=16), PlanConfig(chunk=512))
+    mem = plan["memory_per_gpu_bytes"]
+    assert mem["zero3"]["8"] > mem["zero2"]["8"]
+    assert plan["generator"]["preset"] == "qwen2.5-72b-rule"
+    note = next(n for n in plan["memory_notes"] if n.startswith("zero3 > zero2"))
+    share = plan["generator"]["largest_stage_params"] / plan["generator"]["params"]
+    assert f"{share:.0%}" in note
+    folder = tmp_path / "Qwen2.5-0.5B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text((MODELS[0].parent / "qwen2.5-0.5b.json").read_text())
+    assert display_name(folder) == display_name(folder / "config.json") == "Qwen2.5-0.5B-Instruct"
+    assert display_name("configs/models/qwen2.5-0.5b.json") == "qwen2.5-0.5b"
+    assert main(["--model", str(folder)]) == 0
+    assert "== Qwen2.5-0.5B-Instruct:" in capsys.readouterr().out
+
+
+def test_gemma2_without_tie_key_counts_its_embeddings_once():
+    plan = make_plan(MODELS[0].parent / "gemma-2-9b.json", LoraSpec(rank=8))
+    assert plan["model"]["tied_embeddings"] and round(plan["model"]["base_params"] / 1e9, 2) == 9.24
+
+
+def test_moe_plan_with_expert_loras():
+    path = MODELS[0].parent / "qwen3-30b-a3b.json"
+    attention = make_plan(path, LoraSpec(rank=16, target_modules="attention"), PlanConfig(chunk=512))
+    experts = make_plan(path, LoraSpec(rank=16, target_modules="attention", experts=True), PlanConfig(chunk=512))
+    assert experts["lora"]["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"]
+    # 128 experts x 48 layers x (gate_up: r x (2048 + 1536), down: r x (768 + 2048))
+    assert experts["lora"]["params"] - attention["lora"]["params"] == 48 * 128 * 16 * (2048 + 1536 + 768 + 2048)
+    assert experts["tokens"]["per_module"]["experts.down_proj"] == 48 * 128 * (2 + 4)
+
+
+def _declared(gib, **kwargs):
+    features = [(4, 32, 16), (8, 16, 16), (30, 6, 18)]
+    config = TrainConfig(generator=GeneratorConfig(preset=None, features=features, kernel_size=3),
+                         gpu_memory_gib=gib, **kwargs)
+    return config, features
+
+
+def test_check_gpu_memory_refuses_with_the_plans_numbers():
+    config, features = _declared(1e-4, micro_batch_size=4, zero_stage=2)
+    with pytest.raises(PlanError) as err:
+        check_gpu_memory(config, features, world=8, device="cpu")
+    message = str(err.value)
+    assert "zero2 on 8 GPU(s)" in message and "train.gpu_memory_gib = 0.0001" in message
+    assert "zero3+offload" in message and "micro_batch_size" in message
+    from dnd_scale.plan import gpu_memory_estimate
+
+    config, features = _declared(80.0, bf16=True)
+    fits = check_gpu_memory(config, features, world=1, device="cpu")
+    assert fits == gpu_memory_estimate(features, 3, 2, 1, config.micro_batch_size)["total"]
+    fp32 = check_gpu_memory(_declared(80.0)[0], features, world=1, device="cpu")  # fp32 activations: twice the bytes
+    assert fp32 - fits == gpu_memory_estimate(features, 3, 2, 1, config.micro_batch_size)["activations"]
+    config, features = _declared(None)
+    assert check_gpu_memory(config, features, world=1, device="cpu") is None  # CPU, undeclared: no check
+
+
+def test_train_refuses_before_building_anything(tmp_path, one_thread):
+    from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
+
+    from dnd_scale.encoder import EncoderConfig
+    from dnd_scale.trainer import train
+
+    run = make_tiny_run(tmp_path / "run")
+    encoder = make_tiny_encoder(tmp_path / "encoder")
+    config = TrainConfig(
+        generator=GeneratorConfig(preset=None, features=tiny_features(), kernel_size=3),
+        encoder=EncoderConfig(name=str(encoder), max_length=8), micro_batch_size=2, steps=2, warmup_steps=1,
+        zero_stage=0, checkpoint_every=2, num_workers=0, gpu_memory_gib=1e-6,
+    )
+    with pytest.raises(PlanError, match="needs ~.* GiB per GPU"):
+        train(config, run)
+    assert not (run / "generator").exists()
+
+
+@pytest.mark.parametrize("name", ["plans.json", "plans_moe_experts.json"])
+def test_committed_plans_are_what_the_code_computes(name):
+    """benchmarks/results/plans*.json (docs/scaling.md's numbers) must be what `dnd plan` gives today."""
+    root = MODELS[0].parents[2]
+    committed = json.loads((root / "benchmarks" / "results" / name).read_text())
+    for model, plan in committed.items():
+        lora = plan["lora"]
+        spec = LoraSpec(rank=lora["rank"], alpha=lora["alpha"], target_modules=tuple(lora["modules"]),
+                        experts=lora["experts"])
+        fresh = make_plan(root / model, spec, PlanConfig(chunk=plan["tokens"]["chunk"]))
+        assert json.loads(json.dumps(fresh)) == plan, f"{model}: rerun the commands in docs/scaling.md"
+
+
+def test_scaling_doc_tables_are_rendered_from_the_committed_plans():
+    import subprocess
+    import sys
+
+    root = MODELS[0].parents[2]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "plans_doc.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -30,6 +30,11 @@ LAYOUTS = {
     "tiny-qwen2-odd-r4-c16": (tiny_config("qwen2"), LoraSpec(rank=4), 16),
     "tiny-llama-odd-r3-c7": (tiny_config("llama", hidden=40, intermediate=50), LoraSpec(rank=3), 7),
     "gemma270m-r16-c256-qv-L2": (MODELS / "gemma-3-270m.json", LoraSpec(16, target_modules=("q_proj", "v_proj"), layers=(2,), use_rslora=True), 256),
+    # fused projections and MoE experts (E LoRAs stacked on one rank axis, lora_B rank-major)
+    "tiny-phi3-fused-r4-c16": (tiny_config("phi3"), LoraSpec(rank=4), 16),
+    "tiny-mixtral-experts-r3-c7": (tiny_config("mixtral"), LoraSpec(rank=3, experts=True), 7),
+    "tiny-qwen2moe-shared+experts-r4-c16": (tiny_config("qwen2_moe"), LoraSpec(rank=4, experts=True), 16),
+    "qwen3-30b-a3b-experts-r2-c512-L5": (MODELS / "qwen3-30b-a3b.json", LoraSpec(2, target_modules="attention", experts=True, layers=(5,)), 512),
 }
 
 
@@ -68,7 +73,7 @@ def test_mask_covers_exactly_the_padding(name):
     expected_padding = 0
     for m in layout.matrices:
         n = m.shape[1] if m.kind == "A" else m.shape[0]
-        expected_padding += (-n % chunk) * r
+        expected_padding += (-n % chunk) * r * m.experts
     assert int((~mask).sum()) == expected_padding
     assert torch.all(tokens[~mask] == 0)
     assert mask[:, r:, :].all() and mask[:, :, chunk:].all()  # the border always counts
@@ -77,11 +82,12 @@ def test_mask_covers_exactly_the_padding(name):
     for m in layout.matrices:
         n = m.shape[1] if m.kind == "A" else m.shape[0]
         count = -(-n // chunk)
-        last = t + count - 1
-        w = n - (count - 1) * chunk
-        assert mask[last, :r, :w].all() and not mask[last, :r, w:chunk].any()
-        assert mask[t:last, :r, :chunk].all()
-        t += count
+        for _ in range(m.experts):  # an experts matrix: each expert's r x n view is chunked on its own
+            last = t + count - 1
+            w = n - (count - 1) * chunk
+            assert mask[last, :r, :w].all() and not mask[last, :r, w:chunk].any()
+            assert mask[t:last, :r, :chunk].all()
+            t += count
     assert t == tok.num_tokens
 
 
@@ -142,9 +148,25 @@ def test_criterion_weights():
         criterion_weights(stacked[0], tok.mask())
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_peft_saved_adapter_survives_tokenize_detokenize_export(tmp_path, family):
-    layout = LoraLayout.from_config(tiny_config(family), LoraSpec(rank=4, alpha=8))
+def test_expert_tokens_hold_one_expert_each():
+    layout = LoraLayout.from_config(tiny_config("mixtral"), LoraSpec(rank=3, experts=True, layers=(0,)))
+    tok = WeightTokenizer(layout, chunk=7)
+    lora = random_lora(layout)
+    b = next(m for m in layout.matrices if m.experts > 1 and m.kind == "B")
+    lora[b.key] = torch.arange(3.0).repeat(b.shape[1] // 3 * b.shape[0]).view(b.shape) + 1  # column j*E + e holds e + 1
+    tokens, _ = tok.tokenize(lora)
+    segs = [s for s in tok.segments if s.matrix is b]
+    assert [s.expert for s in segs] == [0, 1, 2]
+    for seg in segs:  # each expert's chunk is constant (e + 1): std 1 code, mean code (e + 1) * mean_scale
+        first = tokens[seg.first_token]
+        assert first[3, 0].item() == pytest.approx((seg.expert + 1) * 8.0)
+    assert torch.equal(tok.detokenize(tokens)[b.key], lora[b.key])
+
+
+@pytest.mark.parametrize("family,experts", [("qwen2", False), ("llama", False), ("phi3", False),
+                                            ("mixtral", True), ("qwen2_moe", True), ("qwen3_moe", True)])
+def test_peft_saved_adapter_survives_tokenize_detokenize_export(tmp_path, family, experts):
+    layout = LoraLayout.from_config(tiny_config(family), LoraSpec(rank=4, alpha=8, experts=experts))
     model = get_peft_model(tiny_model(family), layout.to_peft_config(init_lora_weights=False))
     with torch.no_grad():  # make the update large enough to see in the logits
         for name, p in model.named_parameters():
