@@ -319,6 +319,16 @@ def _process_group(ranks: Ranks) -> Iterator[None]:
             "MASTER_ADDR:MASTER_PORT (the deepspeed launcher and torchrun set them; under srun export them, "
             "see launchers/slurm_train.sh)"
         )
+    if dist.is_initialized():
+        # This process already belongs to a group (e.g. an earlier training in the same process): use it
+        # when it is the same world, and leave it as it was found.
+        if (dist.get_rank(), dist.get_world_size()) != (ranks.rank, ranks.world_size):
+            raise RuntimeError(
+                f"this process already is rank {dist.get_rank()} of {dist.get_world_size()} in a process group, "
+                f"but collect was launched as rank {ranks.rank} of {ranks.world_size}; run collect in its own process"
+            )
+        yield
+        return
     dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=PEER_TIMEOUT)
     try:
         yield
