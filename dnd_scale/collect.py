@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -80,6 +79,7 @@ from dnd_scale.io import (
     ArtifactError,
     append_jsonl,
     atomic_path,
+    exclusive_folder,
     load_safetensors,
     read_json,
     read_jsonl,
@@ -345,17 +345,9 @@ def _deal(pending: Sequence[str], ranks: Ranks) -> list[str]:
 # run folder bookkeeping
 
 
-@contextlib.contextmanager
-def _exclusive(checkpoints: Path) -> Iterator[None]:
-    """Refuse a second collect on the same run folder; the OS drops the lock when a process dies."""
-    with open(checkpoints / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"another `dnd collect` is writing to {checkpoints}; wait for it or use another run folder"
-            ) from None
-        yield
+def _exclusive(checkpoints: Path) -> contextlib.AbstractContextManager[None]:
+    """Refuse a second collect on the same run folder."""
+    return exclusive_folder(checkpoints, "dnd collect", "wait for it or use another run folder")
 
 
 def _remove_temporaries(run_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""Artifact I/O: atomic writes, safetensors with clear errors, content hashes, JSONL manifests.
+"""Artifact I/O: atomic writes, safetensors with clear errors, content hashes, JSONL manifests,
+exclusive folder locks.
 
 Every artifact goes through a temporary file in the destination folder and `os.replace`, so an
 interrupted run leaves either the old file or the new one, never half of one.
@@ -7,6 +8,7 @@ interrupted run leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 TMP_SUFFIX = ".tmp"
+LOCK_FILE = ".lock"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -43,6 +46,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds a folder's exclusive lock; the message names the folder and what to do."""
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike, writer: str, remedy: str) -> Iterator[None]:
+    """Hold `folder`'s exclusive lock for the block, or fail at once if another process holds it.
+
+    `writer` names the stage (``dnd collect``) and `remedy` says what to do instead, for the message.
+    An flock on `<folder>/.lock`: the OS drops it when its process dies, so a killed run never
+    leaves a stale lock behind (the file itself stays and means nothing).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusyError(f"another `{writer}` is writing to {folder}; {remedy}") from None
+        yield
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -29,6 +29,7 @@ train --run RUN` runs one rank per GPU (see launchers/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -59,8 +60,10 @@ from dnd_scale.encoder import (
 from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_features, resolve_impl
 from dnd_scale.io import (
     ArtifactError,
+    FolderBusyError,
     append_jsonl,
     atomic_path,
+    exclusive_folder,
     read_json,
     read_jsonl,
     save_safetensors,
@@ -182,10 +185,25 @@ class TrainConfig:
             raise ValueError(f"offload_params needs zero_stage 3 (parameters are only partitioned there), got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0 or self.grad_clip < 0:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        # Optimizer numbers: a NaN or inf here (`--train.lr=.inf`) would train to an all-NaN export.
+        # Every comparison below is False for NaN, so each range is written as "value in range".
+        ranges = {
+            "lr": (self.lr, 0 < self.lr <= 1, "0 < lr <= 1"),
+            "min_lr_ratio": (self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "0 <= min_lr_ratio <= 1"),
+            "weight_decay": (self.weight_decay, 0 <= self.weight_decay <= 1, "0 <= weight_decay <= 1"),
+            "betas": (self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "0 <= beta < 1, two of them"),
+            "adam_eps": (self.adam_eps, 0 < self.adam_eps <= 1, "0 < adam_eps <= 1"),
+            "grad_clip": (self.grad_clip, math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+                          "a finite grad_clip >= 0 (0 disables clipping)"),
+        }
+        bad = {name: (value, rule) for name, (value, ok, rule) in ranges.items() if not ok}
+        if bad:
             raise ValueError(
-                f"need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0; got lr={self.lr}, "
-                f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}, grad_clip={self.grad_clip}"
+                "these train fields are out of range: "
+                + ", ".join(f"{name}={value!r} (need {rule})" for name, (value, rule) in bad.items())
+                + "; fix them in the recipe or the --train.field=value override"
             )
 
     def accumulation_steps(self, world_size: int) -> int:
@@ -731,15 +749,22 @@ def train(
     launch calls it. `make_stream` builds each rank's micro-batch stream (default: the shard loader).
     """
     try:
-        return _train(config, run_dir, resume, export_only, make_stream)
+        with contextlib.ExitStack() as held:
+            return _train(config, run_dir, resume, export_only, make_stream, held)
     finally:
         _drop_standalone_env()
 
 
 def _train(
-    config: TrainConfig, run_dir: str | os.PathLike, resume: bool, export_only: bool, make_stream: StreamFactory
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    resume: bool,
+    export_only: bool,
+    make_stream: StreamFactory,
+    held: contextlib.ExitStack,
 ) -> Path:
-    """The body of `train` (which removes a world-of-one's launcher variables afterwards)."""
+    """The body of `train` (which removes a world-of-one's launcher variables afterwards and releases
+    what `held` holds: the output folder's lock)."""
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -752,6 +777,7 @@ def _train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
 
+    held.enter_context(_own_output(out_dir, rank, device))  # released when train() returns or raises
     if resume or export_only:
         check_resume_config(config, out_dir / "train_config.yaml")
     elif latest_checkpoint(checkpoint_dir) is not None:
@@ -810,6 +836,35 @@ def _train(
     return out_dir
 
 
+@contextlib.contextmanager
+def _own_output(out_dir: Path, rank: int, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds the output folder's exclusive lock for the whole run; collective.
+
+    Two runs writing one folder would interleave their metrics and overwrite each other's config,
+    checkpoints and export. Rank 0 takes the lock before anything is written (the other ranks never
+    write before the barriers that follow), and every rank learns at once whether it got it.
+    """
+    import deepspeed.comm as dist
+
+    with contextlib.ExitStack() as held:
+        busy: FolderBusyError | None = None
+        if rank == 0:
+            try:
+                held.enter_context(exclusive_folder(
+                    out_dir, "dnd train",
+                    "wait for that run to finish, or set train.output_dir to another folder (two runs in one "
+                    "folder would mix their metrics, checkpoints and export)",
+                ))
+            except FolderBusyError as err:
+                busy = err
+        flag = torch.tensor([float(busy is not None)], device=device)
+        dist.all_reduce(flag)  # only rank 0 adds to it
+        if flag.item() > 0:
+            raise TrainError(str(busy) if busy else f"rank 0 could not lock {out_dir}: another `dnd train` writes "
+                             "there (see rank 0's error)")
+        yield
+
+
 def _fit(
     config: TrainConfig,
     engine,
@@ -850,6 +905,18 @@ def _fit(
             stats = torch.stack([loss_sum / accumulation, torch.tensor(float(stop.requested), device=device)])
             dist.all_reduce(stats)
             loss_value, stopping = stats[0].item() / world, stats[1].item() > 0
+            if not math.isfinite(loss_value):
+                # Every rank holds the same all-reduced value, so every rank stops here, before this
+                # step's diverged weights reach a checkpoint or the export.
+                bar.close()
+                log.close()
+                last = latest_checkpoint(checkpoint_dir)
+                raise TrainError(
+                    f"the training loss became {loss_value} at step {step} (a finite loss was expected): the "
+                    f"generator diverged; nothing of step {step} was saved (last checkpoint: {last or 'none'}). "
+                    "Lower train.lr, raise train.warmup_steps or set train.grad_clip, and train into a new "
+                    "train.output_dir; if the targets hold NaN/inf, re-run `dnd pack`"
+                )
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps or stopping:
                 grad_norm = engine.get_global_grad_norm()

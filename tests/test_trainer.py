@@ -31,8 +31,10 @@ from dnd_scale.trainer import (
     pair_stream,
     rng_state,
     set_rng_state,
+    train,
 )
-from tinyrun import make_tiny_encoder, make_tiny_run
+from dnd_scale.io import exclusive_folder, read_jsonl
+from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +202,79 @@ def test_resume_refuses_a_config_that_changes_the_trajectory(tmp_path):
         check_resume_config(TrainConfig(steps=40, lr=2e-3), tmp_path / "train_config.yaml")
     with pytest.raises(TrainError, match=r"encoder.max_length: None -> 8"):
         check_resume_config(TrainConfig(steps=20, lr=1e-3, encoder=EncoderConfig(max_length=8)), tmp_path / "train_config.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.lr=.inf", r"lr=inf \(need 0 < lr <= 1\)"),
+    ("--train.lr=.nan", r"lr=nan"),
+    ("--train.lr=50", r"lr=50.0"),
+    ("--train.weight_decay=.nan", r"weight_decay=nan"),
+    ("--train.betas=[0.9,1.5]", r"betas=\(0.9, 1.5\)"),
+    ("--train.adam_eps=-1e-8", r"adam_eps=-1e-08"),
+    ("--train.grad_clip=.inf", r"grad_clip=inf"),
+    ("--train.min_lr_ratio=.nan", r"min_lr_ratio=nan"),
+], ids=["lr-inf", "lr-nan", "lr-50", "wd-nan", "beta2", "eps-neg", "clip-inf", "min-lr-nan"])
+def test_non_finite_or_absurd_optimizer_numbers_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message + r".*fix them in the recipe"):
+        load_train_config(None, [override])
+
+
+# In-process training (a world of one, ZeRO-0, a few steps): what the trainer refuses or guards.
+
+
+def _tiny_train_config(encoder_dir, output_dir, **overrides) -> TrainConfig:
+    return TrainConfig(**{
+        "generator": GeneratorConfig(preset=None, features=tiny_features(), kernel_size=3),
+        "encoder": EncoderConfig(name=str(encoder_dir), max_length=8),
+        "micro_batch_size": 2, "steps": 4, "lr": 1e-2, "warmup_steps": 1, "zero_stage": 0,
+        "checkpoint_every": 1, "log_every": 1, "num_workers": 0, "output_dir": str(output_dir), **overrides,
+    })
+
+
+class PoisonedStream:
+    """The production stream with NaN targets from micro-batch `at` on (a diverging run)."""
+
+    def __init__(self, inner, at: int) -> None:
+        self.inner, self.at, self.taken = inner, at, 0
+
+    def __next__(self) -> dict:
+        batch = next(self.inner)
+        self.taken += 1
+        if self.taken >= self.at:
+            batch["tokens"] = torch.full_like(batch["tokens"], float("nan"))
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+
+def test_a_non_finite_loss_stops_training_without_saving_the_diverged_state(tiny_run, tmp_path, one_thread):
+    run, encoder_dir = tiny_run
+    config = _tiny_train_config(encoder_dir, tmp_path / "gen")
+    poisoned = lambda data, cfg, rank, world: PoisonedStream(pair_stream(data, cfg, rank, world), at=3)  # noqa: E731
+    with pytest.raises(TrainError, match=r"loss became nan at step 3 .* nothing of step 3 was saved \(last checkpoint: "
+                                         r"step00000002\)\. Lower train.lr"):
+        train(config, run, make_stream=poisoned)
+    checkpoints = sorted(p.name for p in (tmp_path / "gen" / "checkpoints").iterdir() if p.is_dir())
+    assert checkpoints == ["step00000001", "step00000002"]
+    assert (tmp_path / "gen" / "checkpoints" / "latest").read_text() == "step00000002"
+    assert not (tmp_path / "gen" / "export").exists()
+    assert [r["step"] for r in read_jsonl(tmp_path / "gen" / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_second_train_on_a_busy_output_folder_fails_at_once(tiny_run, tmp_path, one_thread):
+    run, encoder_dir = tiny_run
+    out = tmp_path / "gen"
+    config = _tiny_train_config(encoder_dir, out, steps=1)
+    with exclusive_folder(out, "dnd train", "wait"):  # another run is writing there
+        with pytest.raises(TrainError, match=rf"another `dnd train` is writing to {out}; wait for that run to "
+                                             r"finish, or set train.output_dir to another folder"):
+            train(config, run)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"], "the refused run wrote nothing"
+    train(config, run)  # the lock is free again: this run trains, and releases it when done
+    assert (out / "export" / "model.safetensors").is_file()
+    with exclusive_folder(out, "dnd train", "wait"):
+        pass
