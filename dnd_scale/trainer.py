@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -511,7 +512,51 @@ def build_engine(config: TrainConfig, ds_config: dict, condition_shape, token_sh
         optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
     return engine, model
+
+
+def _checkpoint_globals() -> list:
+    """The only non-builtin types DeepSpeed writes into our checkpoints' `.pt` files (ZeRO 0-3, fp32):
+    plain data holders, rebuilt from their saved fields without running any method of theirs beyond
+    an Enum lookup. Everything else a pickle may name (functions, `os.system`, ...) stays refused."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, but loading every `.pt` file with `weights_only=True`.
+
+    `engine.load_checkpoint` reads the model, optimizer and ZeRO files through
+    `engine.checkpoint_engine.load`, whose stock version unpickles with `weights_only=False`: a
+    crafted `mp_rank_00_model_states.pt` would run its code on `--resume` or `--export-only`.
+    Saving is unchanged (the stock engine's `torch.save`).
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:  # decoupled/fast writers: not configured here
+        raise TrainError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
+                         "dnd train only loads checkpoints through the torch engine with weights_only=True")
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_checkpoint_globals()):
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                except pickle.UnpicklingError as err:
+                    reason = str(err).split("WeightsUnpickler error: ")[-1].split(". ")[0]
+                    raise TrainError(
+                        f"checkpoint file {path} holds more than tensors and plain data ({reason}); dnd train "
+                        "loads checkpoints with torch.load(weights_only=True) and never runs code from them. A "
+                        "checkpoint dnd train wrote never needs more: this file was altered or comes from "
+                        "elsewhere. Delete that checkpoint folder (and point checkpoints/latest at an older "
+                        "one), or train into a new train.output_dir"
+                    ) from None
+
+    return WeightsOnlyCheckpointEngine(engine._config)
 
 
 def _local_numel(param: torch.nn.Parameter) -> int:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from dnd_scale.config import ConfigError, save_config
 from dnd_scale.encoder import ConditionCache, ConditionEncoder, EncoderConfig
@@ -278,3 +281,63 @@ def test_a_second_train_on_a_busy_output_folder_fails_at_once(tiny_run, tmp_path
     assert (out / "export" / "model.safetensors").is_file()
     with exclusive_folder(out, "dnd train", "wait"):
         pass
+
+
+class StopAfter:
+    """The production stream, sending this process SIGTERM while it serves micro-batch `at` (a job
+    preempted mid-step: the trainer checkpoints at the step boundary and returns)."""
+
+    def __init__(self, inner, at: int) -> None:
+        self.inner, self.at, self.taken = inner, at, 0
+
+    def __next__(self) -> dict:
+        self.taken += 1
+        if self.taken == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.inner)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+
+def test_an_in_process_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, one_thread):
+    """ZeRO-2: the model, optimizer and ZeRO files all load back with weights_only=True."""
+    run, encoder_dir = tiny_run
+    whole = train(_tiny_train_config(encoder_dir, tmp_path / "whole", zero_stage=2), run)
+    config = _tiny_train_config(encoder_dir, tmp_path / "cut", zero_stage=2, checkpoint_every=10)
+    stopping = lambda data, cfg, rank, world: StopAfter(pair_stream(data, cfg, rank, world), at=2)  # noqa: E731
+    cut = train(config, run, make_stream=stopping)
+    assert (cut / "checkpoints" / "latest").read_text() == "step00000002" and not (cut / "export").exists()
+    train(config, run, resume=True)
+    assert read_jsonl(cut / "metrics.jsonl") and [r["loss"] for r in read_jsonl(cut / "metrics.jsonl")] == [
+        r["loss"] for r in read_jsonl(whole / "metrics.jsonl")]
+    final, reference = load_file(cut / "export" / "model.safetensors"), load_file(whole / "export" / "model.safetensors")
+    assert final.keys() == reference.keys() and all((final[k] == reference[k]).all() for k in final)
+
+
+class WritesMarker:
+    """Unpickling this object calls open(path, "w"): the code a crafted checkpoint would run."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("flags", [{"resume": True}, {"export_only": True}], ids=["resume", "export-only"])
+def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, tmp_path, one_thread, flags):
+    run, encoder_dir = tiny_run
+    config = _tiny_train_config(encoder_dir, tmp_path / "gen", steps=2)
+    out = train(config, run)
+    states = out / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**saved, "module": WritesMarker(marker)}, states)
+    with pytest.raises(TrainError, match=r"mp_rank_00_model_states.pt holds more than tensors and plain data "
+                                         r"\(Unsupported global: GLOBAL io.open.*never runs code from them"):
+        train(config, run, **flags)
+    assert not marker.exists(), "unpickling the checkpoint ran its code"
