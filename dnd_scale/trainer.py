@@ -13,8 +13,10 @@ The whole flow, top to bottom:
 4. Loop: masked, per-token-weighted MSE; one collective per step averages the loss over ranks and
    tells every rank whether any of them received SIGTERM.
 5. Checkpoints every K steps and on SIGTERM (at the step boundary, then a clean exit): the engine's
-   full state plus, per rank, the data-stream position and RNG states. `resume=True` continues the
-   same trajectory; logs are cut back to the checkpoint so they read like one uninterrupted run.
+   full state plus, per rank, the data-stream position and RNG states, and the run they belong to
+   (resolved train config, data identity), checked on resume; loaded with `weights_only=True`.
+   `resume=True` continues the same trajectory; logs are cut back to the checkpoint so they read
+   like one uninterrupted run.
 6. Export: every parameter's fp32 master copy gathered (ZeRO-3 shards included) into one
    `export/model.safetensors` + `export/config.json` (generator, layout, tokenizer, encoder) on rank 0.
 
@@ -75,7 +77,7 @@ from dnd_scale.io import (
 from dnd_scale.loader import LoaderConfig, PairLoader
 from dnd_scale.plan import check_gpu_memory
 from dnd_scale.shards import load_prompt_pools, read_shard_index
-from dnd_scale.targets import PackedTargets
+from dnd_scale.targets import PackedTargets, canonical_json_sha256
 
 TARGETS_DIR = "targets"
 SHARDS_DIR = "shards"
@@ -194,7 +196,7 @@ class TrainConfig:
             "lr": (self.lr, 0 < self.lr <= 1, "0 < lr <= 1"),
             "min_lr_ratio": (self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "0 <= min_lr_ratio <= 1"),
             "weight_decay": (self.weight_decay, 0 <= self.weight_decay <= 1, "0 <= weight_decay <= 1"),
-            "betas": (self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "0 <= beta < 1, two of them"),
+            "betas": (self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two, each 0 <= beta < 1"),
             "adam_eps": (self.adam_eps, 0 < self.adam_eps <= 1, "0 < adam_eps <= 1"),
             "grad_clip": (self.grad_clip, math.isfinite(self.grad_clip) and self.grad_clip >= 0,
                           "a finite grad_clip >= 0 (0 disables clipping)"),
@@ -623,15 +625,51 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, stream: BatchStream, keep: int) -> None:
-    """Full state of every rank at a step boundary; collective (all ranks call it)."""
+def run_identity(config: TrainConfig, data: TrainingData) -> dict:
+    """What a checkpoint belongs to: the resolved train config and the data it was trained on (the
+    packed targets' and the shard set's index.json, which list every file with its sha256).
+
+    Stored inside every checkpoint, so a resumption compares against the checkpoint itself, not
+    against a train_config.yaml that may have been deleted or a generator/ copied from another run.
+    """
+    return {
+        "train_config": to_dict(config),
+        "data": {
+            "targets_index_sha256": canonical_json_sha256(data.targets.index),
+            "shards_index_sha256": canonical_json_sha256(data.shard_index),
+        },
+    }
+
+
+def check_checkpoint_run(saved: Mapping | None, current: Mapping, where: Path) -> None:
+    """Refuse to continue (or export) a checkpoint of another run: a different train config (beyond
+    RESUME_MAY_CHANGE) or different data. Checkpoints written before run binding (no record) pass."""
+    if saved is None:
+        return
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    changed = {
+        key: (flat_saved.get(key), flat_now.get(key))
+        for key in sorted(set(flat_saved) | set(flat_now))
+        if flat_saved.get(key) != flat_now.get(key) and key.removeprefix("train_config.") not in RESUME_MAY_CHANGE
+    }
+    if changed:
+        raise TrainError(
+            f"checkpoint {where} belongs to another run: these differ (checkpoint -> now): "
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            + ". Restore the train fields it was trained with (train.* above) and the run folder's targets/ "
+            "and shards/ it was trained on (data.* above), or train into a new train.output_dir"
+        )
+
+
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, stream: BatchStream, keep: int, run: Mapping) -> None:
+    """Full state of every rank at a step boundary, bound to `run` (`run_identity`); collective."""
     import deepspeed.comm as dist
 
     world = dist.get_world_size()
     mine = {"data": stream.state_dict(), "rng": rng_state()}
     ranks: list = [None] * world
     dist.all_gather_object(ranks, mine)  # rank 0's model-states file carries every rank's position
-    client = {"step": step, "world_size": world, "ranks": ranks}
+    client = {"step": step, "world_size": world, "ranks": ranks, "run": run}
     engine.save_checkpoint(str(checkpoint_dir), tag=_tag(step), client_state=client, save_latest=False)
     dist.barrier()  # every rank's shard is on disk before `latest` may point at it
     if dist.get_rank() == 0:
@@ -644,8 +682,9 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, stream: BatchStream
     dist.barrier()
 
 
-def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream) -> int:
-    """Restore the newest checkpoint on every rank; returns its step."""
+def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream, run: Mapping | None = None) -> int:
+    """Restore the newest checkpoint on every rank, refusing one of another run than `run`
+    (`run_identity`); returns its step."""
     import deepspeed.comm as dist
 
     tag = latest_checkpoint(checkpoint_dir)
@@ -657,6 +696,8 @@ def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream) -> int:
     path, client = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     if path is None:
         raise TrainError(f"--resume: checkpoint {checkpoint_dir / tag} could not be loaded (files missing?)")
+    if run is not None:
+        check_checkpoint_run(client.get("run"), run, checkpoint_dir / tag)
     world = dist.get_world_size()
     if client["world_size"] != world:
         raise TrainError(
@@ -839,7 +880,8 @@ def _train(
     engine, model = build_engine(config, ds_config, condition_shape, data.targets.token_shape, data.targets.num_tokens)
     stream = make_stream(data, config, rank, world)
 
-    start_step = load_checkpoint(engine, checkpoint_dir, stream) if (resume or export_only) else 0
+    run = run_identity(config, data)
+    start_step = load_checkpoint(engine, checkpoint_dir, stream, run) if (resume or export_only) else 0
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "train_config.yaml")
@@ -863,7 +905,7 @@ def _train(
 
     step = start_step
     if not export_only:
-        step = _fit(config, engine, stream, conditions, data.targets, out_dir, start_step)
+        step = _fit(config, engine, stream, conditions, data.targets, out_dir, start_step, run)
     if step >= config.steps or export_only:
         meta = {
             "format": EXPORT_FORMAT,
@@ -918,6 +960,7 @@ def _fit(
     targets: PackedTargets,
     out_dir: Path,
     start_step: int,
+    run: Mapping,
 ) -> int:
     """The training loop; returns the step it stopped at (config.steps, or earlier on SIGTERM)."""
     import deepspeed.comm as dist
@@ -974,7 +1017,7 @@ def _fit(
                 })
                 bar.set_postfix(loss=f"{loss_value:.4g}")
             if step % config.checkpoint_every == 0 or step == config.steps or stopping:
-                save_checkpoint(engine, checkpoint_dir, step, stream, config.keep_checkpoints)
+                save_checkpoint(engine, checkpoint_dir, step, stream, config.keep_checkpoints, run)
             if stopping:
                 if rank == 0:
                     print(f"dnd train: SIGTERM received; checkpoint {_tag(step)} saved, exiting (continue with --resume)",

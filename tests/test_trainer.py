@@ -312,9 +312,9 @@ def test_an_in_process_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_pat
     cut = train(config, run, make_stream=stopping)
     assert (cut / "checkpoints" / "latest").read_text() == "step00000002" and not (cut / "export").exists()
     train(config, run, resume=True)
-    assert read_jsonl(cut / "metrics.jsonl") and [r["loss"] for r in read_jsonl(cut / "metrics.jsonl")] == [
-        r["loss"] for r in read_jsonl(whole / "metrics.jsonl")]
-    final, reference = load_file(cut / "export" / "model.safetensors"), load_file(whole / "export" / "model.safetensors")
+    losses = [[r["loss"] for r in read_jsonl(out / "metrics.jsonl")] for out in (cut, whole)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    final, reference = (load_file(out / "export" / "model.safetensors") for out in (cut, whole))
     assert final.keys() == reference.keys() and all((final[k] == reference[k]).all() for k in final)
 
 
@@ -341,3 +341,29 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, tmp_path, one_thr
                                          r"\(Unsupported global: GLOBAL io.open.*never runs code from them"):
         train(config, run, **flags)
     assert not marker.exists(), "unpickling the checkpoint ran its code"
+
+
+def test_resume_compares_with_the_checkpoint_not_a_deletable_yaml(tiny_run, tmp_path, one_thread):
+    run, encoder_dir = tiny_run
+    config = _tiny_train_config(encoder_dir, tmp_path / "gen", steps=2)
+    out = train(config, run)
+    (out / "train_config.yaml").unlink()
+    changed = _tiny_train_config(encoder_dir, tmp_path / "gen", steps=6, lr=2e-2, weight_decay=0.1, log_every=2)
+    message = (r"checkpoint .*step00000002 belongs to another run: these differ \(checkpoint -> now\): "
+               r"train_config.lr: 0.01 -> 0.02, train_config.steps: 2 -> 6, train_config.weight_decay: 0.01 -> 0.1\. "
+               r"Restore the train fields")  # log_every may change: it does not alter the trajectory
+    for flags in ({"resume": True}, {"export_only": True}):
+        with pytest.raises(TrainError, match=message):
+            train(changed, run, **flags)
+    assert not (out / "train_config.yaml").exists(), "a refused resume records nothing"
+
+
+def test_a_generator_folder_of_another_run_does_not_resume_as_this_one(tiny_run, tmp_path, one_thread):
+    run, encoder_dir = tiny_run
+    other = make_tiny_run(tmp_path / "other", seed=1)  # same recipe, other checkpoints and pairs
+    config = _tiny_train_config(encoder_dir, tmp_path / "gen", steps=2)
+    train(config, run)
+    with pytest.raises(TrainError, match=r"belongs to another run: these differ \(checkpoint -> now\): "
+                                         r"data.shards_index_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}', "
+                                         r"data.targets_index_sha256: .*and shards/ it was trained on"):
+        train(config, other, export_only=True)
