@@ -200,3 +200,39 @@ def test_resume_refuses_a_config_that_changes_the_trajectory(tmp_path):
         check_resume_config(TrainConfig(steps=40, lr=2e-3), tmp_path / "train_config.yaml")
     with pytest.raises(TrainError, match=r"encoder.max_length: None -> 8"):
         check_resume_config(TrainConfig(steps=20, lr=1e-3, encoder=EncoderConfig(max_length=8)), tmp_path / "train_config.yaml")
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_an_edited_shard_is_refused_when_training_opens_the_data(tiny_run, tmp_path):
+    from dnd_scale.shards import ShardConfig, build_shards
+    from dnd_scale.targets import PackedTargets
+
+    copy = _copy_run(tiny_run[0], tmp_path)
+    # A well-formed shard of other pairs (another seed): it decodes and its indices are in range.
+    other = build_shards(PackedTargets(copy / "targets"), TrainingData.open(copy).pools, tmp_path / "other",
+                         ShardConfig(num_prompts=4, pairs_per_task=24, shard_size=9, seed=1), progress=False)
+    assert other["shards"][0]["sha256"] != json.loads((copy / "shards" / "index.json").read_text())["shards"][0]["sha256"]
+    (copy / "shards" / "pairs-000000.tar").write_bytes((tmp_path / "other" / "pairs-000000.tar").read_bytes())
+    with pytest.raises(ValueError, match=r"pairs-000000\.tar.*re-run `dnd shard`"):
+        TrainingData.open(copy)
+
+
+@pytest.mark.parametrize("file", ["common.safetensors", "task1.safetensors"])
+def test_changed_targets_are_refused_when_training_opens_the_data(tiny_run, tmp_path, file):
+    from safetensors.torch import load_file, save_file
+
+    copy = _copy_run(tiny_run[0], tmp_path)
+    tensors = load_file(copy / "targets" / file)
+    name = "weights" if file == "common.safetensors" else "tokens"
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("inf") if name == "weights" else 3.0  # Inf, or finite garbage
+    save_file(tensors, str(copy / "targets" / file))
+    with pytest.raises(ValueError, match=rf"{file}.*re-run `dnd pack`"):
+        TrainingData.open(copy)
