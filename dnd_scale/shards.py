@@ -394,8 +394,9 @@ def verify_shards(shards_dir: str | os.PathLike, index: dict) -> None:
     """Hash every shard file and compare with index.json; raise naming each shard that differs.
 
     An edited shard can still decode (another checkpoint or prompt index in range) and would train
-    silently on pairs `dnd shard` never wrote. Reading the whole set costs about its size at
-    sha256 speed (~0.45 GB/s on one slow core: ~4 s for 10M pairs of N = 128), once per process.
+    silently on pairs `dnd shard` never wrote. Cost, once per process: the set's size at sha256
+    speed. Measured on one CPU core, files in the page cache: 1M pairs of N = 128 over pools of
+    1000 prompts (100 shards, 164 MB) in 0.15 s, so 10M pairs (~1.6 GB) in ~1.5 s.
     """
     shards_dir = Path(shards_dir)
     bad = [s["file"] for s in index["shards"] if sha256_file(shards_dir / s["file"]) != s["sha256"]]
