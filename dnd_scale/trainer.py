@@ -38,6 +38,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
@@ -54,6 +55,7 @@ from dnd_scale.encoder import (
     ConditionCache,
     ConditionEncoder,
     EncoderConfig,
+    encoder_weights_sha256,
     resolve_encoder_path,
 )
 from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_features, resolve_impl
@@ -400,21 +402,25 @@ def condition_source(
 
     if not config.cache:
         return ConditionSource(encoder=ConditionEncoder(config.name, length, device, config.batch_size))
-    name, _ = resolve_encoder_path(config.name)
+    name, path = resolve_encoder_path(config.name)
     folder = condition_cache_dir(run_dir, name, length, config.cache_dtype)
     paths = {task: folder / f"{task}.safetensors" for task in pools}
     if rank == 0:
+        # Keyed by the encoder's content: new weights saved at the same path make every cache stale.
+        weights = encoder_weights_sha256(path, memo=Path(run_dir) / CONDITIONS_DIR / "encoder-sha256.json")
         encoder = None
         for task, pool in pools.items():
             if paths[task].is_file():
                 try:
-                    if ConditionCache(paths[task]).matches(name, length, pool):
+                    cache = ConditionCache(paths[task])  # checks size and offsets
+                    if cache.matches(name, length, pool, weights):
+                        cache.verify()  # its data as built: the cache's size at sha256 speed, once a run
                         continue
-                except (ArtifactError, KeyError):
-                    pass  # unreadable: rebuilt below
+                except ArtifactError as exn:
+                    warnings.warn(f"{exn}. Rebuilding it.", stacklevel=2)
             if encoder is None:
                 encoder = ConditionEncoder(config.name, length, device, config.batch_size)
-            ConditionCache.build(encoder, pool, paths[task], CACHE_DTYPES[config.cache_dtype])
+            ConditionCache.build(encoder, pool, paths[task], CACHE_DTYPES[config.cache_dtype], encoder_sha256=weights)
         write_json(folder / "encoder.json", {"encoder": name, "length": length, "dtype": config.cache_dtype})
     dist.barrier()
     return ConditionSource(caches={task: ConditionCache(path) for task, path in paths.items()})
