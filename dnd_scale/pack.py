@@ -58,8 +58,9 @@ def pack(
     """Tokenize the run's checkpoints into ``<run>/targets``; returns that folder.
 
     `device`: where the tokenizer's arithmetic runs. `reuse`: another targets folder (e.g. of a run
-    sharing this checkpoint store) whose tokens are copied for every task whose checkpoint hashes,
-    layout and token scheme match, instead of tokenizing that task again.
+    sharing this checkpoint store) whose tokens are linked (or copied) for every task whose
+    checkpoint hashes, layout and token scheme match, instead of tokenizing that task again.
+    The new pack replaces the previous one whole: it holds exactly `tasks` (default: all collected).
     """
     run_dir = Path(run_dir)
     config = config or TokenizerConfig()
