@@ -342,7 +342,7 @@ def generate_worker(job: dict) -> dict:
     from dnd_scale.encoder import resolve_encoder_path
     from dnd_scale.generate import AdapterGenerator
     from dnd_scale.generator import HyperConvGenerator, resolve_impl
-    from dnd_scale.io import save_safetensors, write_json
+    from dnd_scale.io import save_safetensors, sha256_file, write_json
     from dnd_scale.trainer import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS
 
     target = TargetSpec(**job["target"])
@@ -363,6 +363,7 @@ def generate_worker(job: dict) -> dict:
         "tokenizer": tok.state_dict_config(),
         "encoder": {"name": encoder_name, "length": target.condition[1], "dim": target.condition[2]},
         "num_prompts": target.condition[0], "base_model": None, "step": 0, "random_init": True,
+        "weights_sha256": sha256_file(export_dir / EXPORT_WEIGHTS),  # checked by AdapterGenerator, as a real export
     })  # fmt: skip
     record: dict[str, Any] = {"features": [list(f) for f in module.features], "kernel_size": module.config.kernel_size,
                               "parameters": sum(p.numel() for p in module.parameters()), "encoder": encoder_name,

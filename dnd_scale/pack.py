@@ -5,12 +5,17 @@ file per checkpoint, the layout). Output: ``<run>/targets/`` — one ``<task>.sa
 (K, T, H, W) per task in step order, the padding mask, the criterion weights (averaged over tasks),
 ``layout.json`` and an index with content hashes. Checkpoints are verified against the manifest's
 hashes and the layout's fingerprint before anything is written; a task whose checkpoints are
-unchanged since the last pack is not tokenized again.
+unchanged since the last pack is not tokenized again (its file is hard-linked). A pack is built
+whole in a staging folder and swapped in for the previous one: all of it or none of it, so a
+killed `dnd pack` never leaves new tokens beside old loss weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +24,7 @@ from tqdm import tqdm
 
 from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
 from dnd_scale.config import parse_stage_args
-from dnd_scale.io import ArtifactError
+from dnd_scale.io import _UMASK, ArtifactError
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, link_task_targets, write_common, write_task_targets
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
@@ -53,8 +58,9 @@ def pack(
     """Tokenize the run's checkpoints into ``<run>/targets``; returns that folder.
 
     `device`: where the tokenizer's arithmetic runs. `reuse`: another targets folder (e.g. of a run
-    sharing this checkpoint store) whose tokens are copied for every task whose checkpoint hashes,
-    layout and token scheme match, instead of tokenizing that task again.
+    sharing this checkpoint store) whose tokens are linked (or copied) for every task whose
+    checkpoint hashes, layout and token scheme match, instead of tokenizing that task again.
+    The new pack replaces the previous one whole: it holds exactly `tasks` (default: all collected).
     """
     run_dir = Path(run_dir)
     config = config or TokenizerConfig()
@@ -71,27 +77,54 @@ def pack(
         earlier.append(_previous_pack(Path(reuse), layout, tokenizer))
     mask = tokenizer.mask()
     weights, hashes = [], {}
-    for task, records in store.items():
-        hashes[task] = [r["sha256"] for r in records]
-        # The first earlier pack that holds this task's very checkpoints (this folder's own first).
-        source = next((packed for packed, previous in earlier if previous.get(task) == hashes[task]), None)
-        if source is not None:
-            if Path(source.directory).resolve() != out.resolve():
-                link_task_targets(out, task, source)
-            stacked = torch.stack([source.get(task, k) for k in range(len(records))])
-        else:
-            stacked = torch.stack([
-                _tokenize_checkpoint(run_dir, record, tokenizer, device)
-                for record in tqdm(records, desc=f"pack {task}", unit="ckpt", leave=False)
-            ])  # (K, T, H, W)
-            write_task_targets(out, task, stacked)
-        weights.append(criterion_weights(stacked, mask))
-    write_common(
-        out, mask, torch.stack(weights).mean(dim=0), {**layout.to_dict(), "fingerprint": layout.fingerprint()},
-        extra={"tokenizer": tokenizer.state_dict_config(), "checkpoint_sha256": hashes},
-        fingerprint=layout.fingerprint(),
-    )
+    # The new pack is built whole in a staging folder beside `out` and swapped in at the end: a run
+    # killed half-way leaves the previous pack as it was (tokens, loss weights and index together).
+    staging = Path(tempfile.mkdtemp(prefix=f".{TARGETS}-staging-", dir=run_dir))
+    try:
+        for task, records in store.items():
+            hashes[task] = [r["sha256"] for r in records]
+            # The first earlier pack that holds this task's very checkpoints (this folder's own first).
+            source = next((packed for packed, previous in earlier if previous.get(task) == hashes[task]), None)
+            if source is not None:
+                link_task_targets(staging, task, source)  # a hard link: the file is not rewritten
+                stacked = torch.stack([source.get(task, k) for k in range(len(records))])
+            else:
+                stacked = torch.stack([
+                    _tokenize_checkpoint(run_dir, record, tokenizer, device)
+                    for record in tqdm(records, desc=f"pack {task}", unit="ckpt", leave=False)
+                ])  # (K, T, H, W)
+                write_task_targets(staging, task, stacked)
+            weights.append(criterion_weights(stacked, mask))
+        write_common(
+            staging, mask, torch.stack(weights).mean(dim=0), {**layout.to_dict(), "fingerprint": layout.fingerprint()},
+            extra={"tokenizer": tokenizer.state_dict_config(), "checkpoint_sha256": hashes},
+            fingerprint=layout.fingerprint(),
+        )
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the complete pack `staging` in place of `out` (two renames on one file system).
+
+    A crash between the renames leaves no `out` at all, which every reader refuses with "run
+    `dnd pack`", never a mix of the old and the new pack.
+    """
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a pack is as readable as any folder
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+    os.rmdir(retired)
+    os.replace(out, retired)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(retired, out)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _previous_pack(

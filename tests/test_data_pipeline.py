@@ -135,3 +135,33 @@ def test_a_subset_pack_reuses_another_packs_tokens_and_weighs_only_its_tasks(run
     monkeypatch.setattr(WeightTokenizer, "tokenize", refuse)
     with pytest.raises(RuntimeError, match="tokenized again"):
         pack(alone, TokenizerConfig(chunk=8), subset, reuse=run_dir / "targets")
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_repack_killed_before_the_loss_weights_leaves_the_previous_pack(run, tmp_path, monkeypatch):
+    import dnd_scale.pack as pack_module
+
+    run_dir, tasks = run
+    (tmp_path / "checkpoints").symlink_to(run_dir / "checkpoints")
+    names = sorted(t.name for t in tasks)
+    pack(tmp_path, TokenizerConfig(chunk=16), names[:2], reuse=run_dir / "targets")
+    before = _files(tmp_path / "targets")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the moment before common.safetensors (the loss weights) is written
+
+    monkeypatch.setattr(pack_module, "write_common", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pack(tmp_path, TokenizerConfig(chunk=16), names, reuse=run_dir / "targets")
+    # all or nothing: the old two-task pack, byte for byte, and no staging folder left behind
+    assert _files(tmp_path / "targets") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "targets"]
+    PackedTargets(tmp_path / "targets").verify()
+    monkeypatch.undo()
+    pack(tmp_path, TokenizerConfig(chunk=16), names, reuse=run_dir / "targets")
+    assert PackedTargets(tmp_path / "targets").tasks == names
+    assert torch.equal(PackedTargets(tmp_path / "targets").weights, PackedTargets(run_dir / "targets").weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "targets"]

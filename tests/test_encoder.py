@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,6 +19,7 @@ from dnd_scale.encoder import (
     EncoderConfig,
     EncoderError,
     PromptTruncationWarning,
+    encoder_weights_sha256,
 )
 from dnd_scale.io import ArtifactError
 
@@ -108,9 +110,11 @@ def test_cache_equals_on_the_fly_encoding(encoder, tmp_path, dtype, atol):
     with pytest.warns(PromptTruncationWarning):
         direct = encoder.encode([pool[i] for i in ids.flatten().tolist()]).view(2, 3, LENGTH, 384)
     torch.testing.assert_close(gathered, direct, atol=atol, rtol=0)
-    assert cache.matches(encoder.name, LENGTH, pool)
-    assert not cache.matches(encoder.name, LENGTH, pool[:-1] + ["another prompt"])
-    assert not cache.matches(encoder.name, LENGTH + 1, pool)
+    weights = encoder_weights_sha256(encoder.path)
+    assert cache.matches(encoder.name, LENGTH, pool, weights)
+    assert not cache.matches(encoder.name, LENGTH, pool[:-1] + ["another prompt"], weights)
+    assert not cache.matches(encoder.name, LENGTH + 1, pool, weights)
+    assert not cache.matches(encoder.name, LENGTH, pool, "0" * 64)
 
 
 def test_cache_file_is_plain_safetensors(encoder, tmp_path):
@@ -133,3 +137,48 @@ def test_cache_errors(encoder, tmp_path):
     with pytest.raises(EncoderError, match="empty"):
         ConditionCache.build(encoder, [], tmp_path / "empty.safetensors")
     assert not (tmp_path / "empty.safetensors").exists()
+
+
+def _data_start(path):
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+@pytest.mark.parametrize("damage", ["nan", "finite", "offsets", "truncated"])
+def test_a_damaged_cache_is_refused(encoder, tmp_path, damage):
+    path = tmp_path / "pool.safetensors"
+    cache = ConditionCache.build(encoder, SHORT, path)
+    cache.verify()  # as built
+    raw = bytearray(path.read_bytes())
+    start = _data_start(path)
+    embeddings = start + 8 * (len(SHORT) + 1)  # the offsets (int64) come first
+    if damage == "nan":
+        raw[embeddings : embeddings + 4] = np.array([np.nan], dtype=np.float32).tobytes()
+    elif damage == "finite":
+        raw[embeddings : embeddings + 4] = np.array([0.5], dtype=np.float32).tobytes()
+    elif damage == "offsets":
+        raw[start + 16 : start + 24] = np.array([1], dtype=np.int64).tobytes()  # offsets[2] < offsets[1]
+    else:
+        del raw[-100:]
+    path.write_bytes(bytes(raw))
+    if damage in ("nan", "finite"):
+        ConditionCache(path)  # its structure is sound: only the data hash tells
+    with pytest.raises(ArtifactError, match="delete it to rebuild"):
+        ConditionCache(path, verify=True)
+
+
+def test_the_encoder_hash_follows_its_files_and_is_remembered(tmp_path, monkeypatch):
+    import dnd_scale.encoder as encoder_module
+
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights one")
+    (folder / "config.json").write_text("{}")
+    memo = tmp_path / "memo.json"
+    first = encoder_weights_sha256(str(folder), memo)
+    hashed = []
+    monkeypatch.setattr(encoder_module, "sha256_file", lambda p: hashed.append(p) or "h")
+    assert encoder_weights_sha256(str(folder), memo) == first and hashed == []  # nothing read again
+    monkeypatch.undo()
+    (folder / "model.safetensors").write_bytes(b"weights two")  # new weights at the same path
+    assert encoder_weights_sha256(str(folder), memo) != first

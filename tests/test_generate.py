@@ -90,3 +90,32 @@ def test_bad_inputs_get_clear_errors(export):
     assert any(issubclass(w.category, PromptTruncationWarning) for w in caught)
     with pytest.raises(ArtifactError, match="not found"):
         AdapterGenerator(export.parent / "missing")
+
+
+def test_weights_changed_after_export_are_refused(export, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    state = load_file(copy / "model.safetensors")
+    first = next(iter(state))
+    state[first] = state[first] + 1.0  # other weights, same names and shapes: they would load
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "dnd-generator"})
+    with pytest.raises(ArtifactError, match="changed after `dnd train` exported them.*--export-only"):
+        AdapterGenerator(copy)
+
+
+def test_a_failed_generate_leaves_no_temporary_folder(export, tmp_path, monkeypatch):
+    import dnd_scale.export as export_module
+
+    gen = AdapterGenerator(export)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "save_flat_safetensors", fail)
+    with pytest.raises(OSError, match="disk full"):
+        gen.generate(PROMPTS, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []

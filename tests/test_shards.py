@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dnd_scale.io import write_json
+from dnd_scale.io import ArtifactError, write_json
 from dnd_scale.shards import (
     ShardConfig,
     ShardsError,
@@ -185,3 +185,38 @@ def test_cli_shards_the_collected_tasks_only(tmp_path):
     assert index["targets_fingerprint"] is not None
     with pytest.raises(ShardsError, match="other records than its checkpoints were trained on"):
         main([*args, "--synthetic-records", "13"])
+
+
+def test_a_failure_mid_write_leaves_the_previous_set_and_no_temporary_file(tmp_path, monkeypatch):
+    import dnd_scale.shards as shards
+
+    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    calls = []
+
+    def fail_on_the_third_block(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return encode_block(*args)
+
+    monkeypatch.setattr(shards, "encode_block", fail_on_the_third_block)
+    with pytest.raises(OSError, match="disk full"):
+        build_shards(CHECKPOINTS, prompt_pools(), tmp_path, ShardConfig(**{**vars(CONFIG), "seed": 8}), progress=False)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_targets_changed_since_packing_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dnd_scale.targets import PackedTargets
+
+    targets = tmp_path / "targets"
+    write_task_targets(targets, "alpha", torch.randn(2, 3, 2, 4))
+    write_common(targets, torch.ones(3, 2, 4, dtype=torch.bool), torch.ones(3), {"rank": 2})
+    tokens = load_file(targets / "alpha.safetensors")["tokens"]
+    save_file({"tokens": tokens * 2}, str(targets / "alpha.safetensors"))  # finite, but not what was packed
+    with pytest.raises(ArtifactError, match=r"alpha\.safetensors.*re-run `dnd pack`"):
+        build_shards(PackedTargets(targets), {"alpha": [f"p{i}" for i in range(5)]}, tmp_path / "shards",
+                     ShardConfig(num_prompts=3, pairs_per_task=4), progress=False)
+    assert not (tmp_path / "shards" / "index.json").exists()

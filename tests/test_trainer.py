@@ -28,6 +28,7 @@ from dnd_scale.trainer import (
     WarmupCosine,
     check_resume_config,
     condition_length,
+    condition_source,
     deepspeed_config,
     load_checkpoint,
     load_train_config,
@@ -367,3 +368,75 @@ def test_a_generator_folder_of_another_run_does_not_resume_as_this_one(tiny_run,
                                          r"data.shards_index_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}', "
                                          r"data.targets_index_sha256: .*and shards/ it was trained on"):
         train(config, other, export_only=True)
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_an_edited_shard_is_refused_when_training_opens_the_data(tiny_run, tmp_path):
+    from dnd_scale.shards import ShardConfig, build_shards
+    from dnd_scale.targets import PackedTargets
+
+    copy = _copy_run(tiny_run[0], tmp_path)
+    # A well-formed shard of other pairs (another seed): it decodes and its indices are in range.
+    other = build_shards(PackedTargets(copy / "targets"), TrainingData.open(copy).pools, tmp_path / "other",
+                         ShardConfig(num_prompts=4, pairs_per_task=24, shard_size=9, seed=1), progress=False)
+    assert other["shards"][0]["sha256"] != json.loads((copy / "shards" / "index.json").read_text())["shards"][0]["sha256"]
+    (copy / "shards" / "pairs-000000.tar").write_bytes((tmp_path / "other" / "pairs-000000.tar").read_bytes())
+    with pytest.raises(ValueError, match=r"pairs-000000\.tar.*re-run `dnd shard`"):
+        TrainingData.open(copy)
+
+
+@pytest.mark.parametrize("file", ["common.safetensors", "task1.safetensors"])
+def test_changed_targets_are_refused_when_training_opens_the_data(tiny_run, tmp_path, file):
+    from safetensors.torch import load_file, save_file
+
+    copy = _copy_run(tiny_run[0], tmp_path)
+    tensors = load_file(copy / "targets" / file)
+    name = "weights" if file == "common.safetensors" else "tokens"
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("inf") if name == "weights" else 3.0  # Inf, or finite garbage
+    save_file(tensors, str(copy / "targets" / file))
+    with pytest.raises(ValueError, match=rf"{file}.*re-run `dnd pack`"):
+        TrainingData.open(copy)
+
+
+@pytest.fixture
+def world_of_one():
+    from dnd_scale import trainer
+
+    yield trainer.init_distributed()
+    trainer._drop_standalone_env()
+
+
+def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(tiny_run, tmp_path, world_of_one):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_run(tiny_run[0], tmp_path)
+    encoder_dir = shutil.copytree(tiny_run[1], tmp_path / "encoder")
+    data, config = TrainingData.open(run), EncoderConfig(name=str(encoder_dir))
+    batch = {"task": ["task0"], "prompt_ids": torch.tensor([[0, 1, 2, 3]])}
+    prompts = [[data.pools["task0"][i] for i in range(4)]]
+
+    def conditions():
+        return condition_source(config, 8, data.pools, run, 0, torch.device("cpu"))(batch)
+
+    old = conditions()
+    weights = load_file(encoder_dir / "model.safetensors")
+    save_file({k: v + 0.1 * torch.randn(v.shape) for k, v in weights.items()}, str(encoder_dir / "model.safetensors"))
+    fresh = ConditionEncoder(str(encoder_dir), length=8).encode_batch(prompts)
+    assert not torch.allclose(old, fresh, atol=1e-3)
+    torch.testing.assert_close(conditions(), fresh, atol=1e-5, rtol=0)  # the same path, new weights: rebuilt
+    cache = next(run.glob("conditions/*/task0.safetensors"))
+    raw = bytearray(cache.read_bytes())
+    raw[-4:] = np.array([np.nan], dtype=np.float32).tobytes()
+    cache.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="task0.safetensors.*does not match the sha256.*Rebuilding it"):
+        torch.testing.assert_close(conditions(), fresh, atol=1e-5, rtol=0)
