@@ -434,7 +434,8 @@ def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(t
     fresh = ConditionEncoder(str(encoder_dir), length=8).encode_batch(prompts)
     assert not torch.allclose(old, fresh, atol=1e-3)
     torch.testing.assert_close(conditions(), fresh, atol=1e-5, rtol=0)  # the same path, new weights: rebuilt
-    cache = next(run.glob("conditions/*/task0.safetensors"))
+    # the cache of the new weights (the old weights' cache folder is still there, and older)
+    cache = max(run.glob("conditions/*/task0.safetensors"), key=lambda path: path.stat().st_mtime_ns)
     raw = bytearray(cache.read_bytes())
     raw[-4:] = np.array([np.nan], dtype=np.float32).tobytes()
     cache.write_bytes(bytes(raw))
