@@ -115,88 +115,7 @@ PRESETS: dict[str, GeneratorPreset] = {
     ),
 }
 
-# Presets made by the sizing rule (not the paper's): large targets with all-linear LoRA at the paper's
-# large setting, r=16 and chunk 512 (its 7B script), from the condition the default encoder gives
-# without the paper's learned token projection, 128 prompts x 384 tokens x 384 dims. Each list is
-# `features_for((128, 384, 384), (18, 514), T)` with the default 8 stages and max_channels 2048, T
-# being the tokenizer's count for that model's layout; recorded as data so that a run names its
-# generator, and re-derived in tests/test_generator.py so that a list never drifts from the rule.
-# Only the last stage differs (2048 -> T); k = 9 is the rule's default (the paper's 7B used 11).
-PRESETS["qwen2.5-7b-rule"] = GeneratorPreset(
-    features=(
-        (128, 384, 384),
-        (192, 192, 398),
-        (280, 96, 413),
-        (424, 48, 428),
-        (624, 24, 444),
-        (928, 18, 461),
-        (1376, 18, 478),
-        (2048, 18, 496),
-        (4928, 18, 514),
-    ),
-    kernel_size=9,
-    source="features_for((128, 384, 384), (18, 514), 4928): qwen2.5-7b, LoRA r=16 all-linear, chunk 512",
-)
-PRESETS["qwen2.5-14b-rule"] = GeneratorPreset(
-    features=(
-        (128, 384, 384),
-        (192, 192, 398),
-        (280, 96, 413),
-        (424, 48, 428),
-        (624, 24, 444),
-        (928, 18, 461),
-        (1376, 18, 478),
-        (2048, 18, 496),
-        (8400, 18, 514),
-    ),
-    kernel_size=9,
-    source="features_for((128, 384, 384), (18, 514), 8400): qwen2.5-14b, LoRA r=16 all-linear, chunk 512",
-)
-PRESETS["qwen2.5-32b-rule"] = GeneratorPreset(
-    features=(
-        (128, 384, 384),
-        (192, 192, 398),
-        (280, 96, 413),
-        (424, 48, 428),
-        (624, 24, 444),
-        (928, 18, 461),
-        (1376, 18, 478),
-        (2048, 18, 496),
-        (16384, 18, 514),
-    ),
-    kernel_size=9,
-    source="features_for((128, 384, 384), (18, 514), 16384): qwen2.5-32b, LoRA r=16 all-linear, chunk 512",
-)
-PRESETS["qwen2.5-72b-rule"] = GeneratorPreset(
-    features=(
-        (128, 384, 384),
-        (192, 192, 398),
-        (280, 96, 413),
-        (424, 48, 428),
-        (624, 24, 444),
-        (928, 18, 461),
-        (1376, 18, 478),
-        (2048, 18, 496),
-        (25760, 18, 514),
-    ),
-    kernel_size=9,
-    source="features_for((128, 384, 384), (18, 514), 25760): qwen2.5-72b, LoRA r=16 all-linear, chunk 512",
-)
-PRESETS["llama-3.1-70b-rule"] = GeneratorPreset(
-    features=(
-        (128, 384, 384),
-        (192, 192, 398),
-        (280, 96, 413),
-        (424, 48, 428),
-        (624, 24, 444),
-        (928, 18, 461),
-        (1376, 18, 478),
-        (2048, 18, 496),
-        (25280, 18, 514),
-    ),
-    kernel_size=9,
-    source="features_for((128, 384, 384), (18, 514), 25280): llama-3.1-70b, LoRA r=16 all-linear, chunk 512",
-)
+# Presets made by the sizing rule (not the paper's) are registered after `features_for` below.
 
 
 @dataclass
@@ -321,6 +240,23 @@ def features_for(
         features.append((_round_channels(n), max(1, round(h)), max(1, round(w))))
     features.append((num_tokens, token_h, token_w))
     return features
+
+
+# Presets made by the sizing rule (not the paper's): large targets with all-linear LoRA at the paper's
+# large setting, r=16 and chunk 512 (its 7B script), from the condition the default encoder gives
+# without the paper's learned token projection, 128 prompts x 384 tokens x 384 dims: each is
+# `features_for((128, 384, 384), (18, 514), T)` with the default 8 stages and max_channels 2048, T
+# being the tokenizer's count for that model's LoRA layout (tests/test_generator.py re-derives T from
+# the layout, so a count never drifts). Only the last stage differs (2048 -> T); k = 9 is the rule's
+# default (the paper's 7B used 11). Named presets let a run name its generator.
+RULE_PRESET_TOKENS = {"qwen2.5-7b": 4928, "qwen2.5-14b": 8400, "qwen2.5-32b": 16384, "qwen2.5-72b": 25760,
+                      "llama-3.1-70b": 25280}
+for _model, _tokens in RULE_PRESET_TOKENS.items():
+    PRESETS[f"{_model}-rule"] = GeneratorPreset(
+        features=tuple(features_for((128, 384, 384), (18, 514), _tokens)),
+        kernel_size=9,
+        source=f"features_for((128, 384, 384), (18, 514), {_tokens}): {_model}, LoRA r=16 all-linear, chunk 512",
+    )
 
 
 def stage_parameters(in_shape: Shape, out_shape: Shape, kernel_size: int) -> int:
