@@ -235,11 +235,22 @@ def _tiny_train_config(encoder_dir, output_dir, **overrides) -> TrainConfig:
     })
 
 
-class PoisonedStream:
-    """The production stream with NaN targets from micro-batch `at` on (a diverging run)."""
+class MeddledStream:
+    """The production stream `inner`, whose subclasses do something at micro-batch `at`; its data
+    position (state_dict) stays the inner stream's."""
 
     def __init__(self, inner, at: int) -> None:
         self.inner, self.at, self.taken = inner, at, 0
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+
+class PoisonedStream(MeddledStream):
+    """The production stream with NaN targets from micro-batch `at` on (a diverging run)."""
 
     def __next__(self) -> dict:
         batch = next(self.inner)
@@ -247,12 +258,6 @@ class PoisonedStream:
         if self.taken >= self.at:
             batch["tokens"] = torch.full_like(batch["tokens"], float("nan"))
         return batch
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.inner.load_state_dict(state)
 
 
 def test_a_non_finite_loss_stops_training_without_saving_the_diverged_state(tiny_run, tmp_path, one_thread):
@@ -284,24 +289,15 @@ def test_a_second_train_on_a_busy_output_folder_fails_at_once(tiny_run, tmp_path
         pass
 
 
-class StopAfter:
+class StopAfter(MeddledStream):
     """The production stream, sending this process SIGTERM while it serves micro-batch `at` (a job
     preempted mid-step: the trainer checkpoints at the step boundary and returns)."""
-
-    def __init__(self, inner, at: int) -> None:
-        self.inner, self.at, self.taken = inner, at, 0
 
     def __next__(self) -> dict:
         self.taken += 1
         if self.taken == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
         return next(self.inner)
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.inner.load_state_dict(state)
 
 
 def test_an_in_process_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, one_thread):
