@@ -311,15 +311,17 @@ def _link_store(run: Path, out: Path) -> None:
 
 
 def pack_all(config: ExperimentConfig, out: Path, timings: Timings) -> Path:
-    """Every collected task tokenized once (`out/packed/targets`); each held-out run links the tasks
-    it trains on from here and computes its own criterion weights from those alone."""
+    """Every task some generator trains on, tokenized once (`out/packed/targets`; an oracle-only
+    task is never a target); each held-out run links its tasks from here and computes its own
+    criterion weights from those alone."""
     from dnd_scale.pack import pack
 
     folder = out / "packed"
     if not (folder / "targets" / "index.json").is_file():
         _link_store(folder, out)
+        training = list(dict.fromkeys(t for held in config.heldout for t in held.train_on))
         with timings.measure("pack_all"):
-            pack(folder, config.pack, device=_device())
+            pack(folder, config.pack, training, device=_device())
     return folder / "targets"
 
 
