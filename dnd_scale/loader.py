@@ -29,6 +29,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -305,6 +307,42 @@ def _as_is(message: dict) -> dict:
     return message
 
 
+def _start_workers(loader: DataLoader) -> Iterator[dict]:
+    """The DataLoader's iterator, its workers forked with SIGTERM blocked.
+
+    torch gives each worker a SIGTERM handler that kills it, and SLURM and the deepspeed launcher
+    signal every process of a job: the workers would die before the trainer saves its checkpoint.
+    A blocked signal stays blocked across fork, so the workers never act on a job-wide SIGTERM
+    (`_obey_parent_sigterm` lets them obey their parent's); the calling process unblocks it at once
+    and gets any SIGTERM that arrived meanwhile.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)  # the workers start here
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _obey_parent_sigterm(worker_id: int) -> None:
+    """In a worker started with SIGTERM blocked: exit on a SIGTERM from the parent, ignore others.
+
+    The parent sends SIGTERM to stop a worker that did not exit when asked (torch's shutdown, and
+    Python's at exit for every daemonic child, which then waits for it): a worker that never acted on
+    it kept the process from exiting after an error or a Ctrl-C. A job-wide SIGTERM comes from
+    another process and is left to the trainer, which checkpoints and then stops its workers.
+    """
+    if signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
+        return  # not started by _start_workers: torch's own handler acts
+    parent = os.getppid()
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+
+
 def _concat(blocks: list[PairBlock], num_prompts: int) -> PairBlock:
     """One block of the pairs of several, in order (an empty one for none)."""
     if len(blocks) == 1:
@@ -422,8 +460,9 @@ class PairLoader:
             collate_fn=_as_is,  # messages are ready: default_convert would walk every field of every one
             num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
+            worker_init_fn=_obey_parent_sigterm,
         )  # in order (the default): the round robin over workers is part of the stream's definition
-        for message in loader:
+        for message in _start_workers(loader):
             worker = message.pop("_worker")
             shard, sample = message.pop("_next")
             self._positions[worker] = _Position(shard, sample, message.pop("_done"))

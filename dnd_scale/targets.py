@@ -285,8 +285,16 @@ class PackedTargets:
             self._pid = os.getpid()
         opened = self._handles.get(task)
         if opened is None:
-            handle = safe_open(self.directory / self.index["tasks"][task]["file"], framework="pt")
-            opened = self._handles[task] = (handle, handle.get_slice("tokens"))  # the slice needs its handle alive
+            path = self.directory / self.index["tasks"][task]["file"]
+            try:
+                handle = safe_open(path, framework="pt")
+                opened = (handle, handle.get_slice("tokens"))  # the slice needs its handle alive
+            except Exception as exn:  # safetensors raises its own error type, or OSError
+                # Checked at the start of a run, so the file changed under it (a DataLoader worker
+                # opens its own handle later, maybe hours later).
+                raise TargetsError(f"packed targets file {path} cannot be read ({exn}); it changed since "
+                                   "the run checked it: re-run `dnd pack`, then restart") from exn
+            self._handles[task] = opened
         return opened[1]
 
     def get(self, task: str, checkpoint: int) -> torch.Tensor:

@@ -342,19 +342,10 @@ class PairStream:
         self._batches: Iterator[dict] | None = None
 
     def _start_epoch(self) -> dict | None:
-        """Begin an epoch and return its first batch, forking the DataLoader workers with SIGTERM blocked.
-
-        torch gives each worker a SIGTERM handler that kills it, and SLURM and the deepspeed
-        launcher signal every process of a job: the workers would die before the trainer saves its
-        checkpoint. A blocked signal stays blocked across fork, so the workers never act on it; the
-        training process unblocks it at once and gets any SIGTERM that arrived meanwhile.
-        """
+        """Begin an epoch and return its first batch. The loader's workers ignore a job-wide SIGTERM
+        (`loader._start_workers`): this process checkpoints on it, then stops them."""
         self._batches = iter(self.loader)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            return next(self._batches, None)  # the workers start here
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return next(self._batches, None)  # the workers start here
 
     def __next__(self) -> dict:
         for _ in range(2):  # a fresh epoch must yield a full batch, else the shard set is too small

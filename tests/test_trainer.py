@@ -437,3 +437,51 @@ def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(t
     cache.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match="task0.safetensors.*does not match the sha256.*Rebuilding it"):
         torch.testing.assert_close(conditions(), fresh, atol=1e-5, rtol=0)
+
+
+# DataLoader workers: an error or an interrupt ends the process promptly (each run under a hard timeout,
+# so a regression fails instead of hanging the suite).
+
+WORKER_SCRIPT = """
+import sys
+import time
+from pathlib import Path
+from dnd_scale.trainer import TrainConfig, TrainingData, pair_stream
+run, fault = Path(sys.argv[1]), sys.argv[2]
+data = TrainingData.open(run)  # checks the hashes: the damage below happens after it
+stream = pair_stream(data, TrainConfig(micro_batch_size=2, num_workers=2, resampled=True), rank=0, world_size=1)
+if fault == "truncate":  # a targets file cut short under a running job: the workers open it after the check
+    path = run / "targets" / "task0.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+next(stream)
+print("serving", flush=True)
+while True:  # a training step between batches: the interrupt lands there, outside the loader
+    next(stream)
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("fault", ["truncate", "interrupt"])
+def test_a_worker_error_or_an_interrupt_ends_the_process_promptly(tiny_run, tmp_path, fault):
+    """With num_workers > 0 the workers start with SIGTERM blocked (a job-wide SIGTERM must not kill
+    them before the trainer checkpoints); the process must still exit at once on a worker error or a
+    Ctrl-C, which the deepspeed launcher forwards to the rank alone, not to its workers."""
+    import subprocess
+    import sys
+    import time
+
+    run = _copy_run(tiny_run[0], tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(run), fault], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        if fault == "interrupt":
+            assert proc.stdout.readline() == "serving\n", proc.stderr.read()
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the process hung after the {fault}; its output:\n{err[-3000:]}")
+    assert proc.returncode != 0
+    assert ("KeyboardInterrupt" if fault == "interrupt" else "task0.safetensors") in err, err[-3000:]
