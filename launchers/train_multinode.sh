@@ -73,4 +73,38 @@ fi
 train_args=(train --run "$run_dir" --config "$recipe")
 [[ "${RESUME:-0}" == 1 ]] && train_args+=(--resume)
 
-exec deepspeed "${launcher_args[@]}" "$(command -v dnd)" "${train_args[@]}" "$@"
+# Not exec'd: this shell stays to pass a SIGTERM (`kill` of this pid) or SIGINT on to the ranks, so
+# every rank saves a checkpoint at its next step boundary and exits 0, and this script exits when
+# they have. On one node, and with NODE_RANK, the deepspeed runner has no signal handler: signalled
+# itself it would die and leave its ranks training on. The ranks are the runner's grandchildren
+# (runner -> deepspeed.launcher.launch -> one process per rank); launch.py is not signalled, since
+# it answers a signal by killing its ranks 30 s later and exiting 1. Over ssh the runner itself
+# stops the remote ranks (through pdsh), so it gets the signal.
+children_of() {
+    local stat fields
+    for stat in /proc/[0-9]*/stat; do
+        { read -r fields <"$stat"; } 2>/dev/null || continue
+        fields=${fields##*) } # after the command name, which may hold spaces: state, ppid, ...
+        if [[ ${fields#* } == "$1 "* ]]; then
+            pid=${stat#/proc/}
+            echo "${pid%/stat}"
+        fi
+    done
+}
+forward() {
+    local ranks=()
+    if [[ -z "${HOSTFILE:-}" || -n "${NODE_RANK:-}" ]]; then
+        for launch in $(children_of "$runner"); do ranks+=($(children_of "$launch")); done
+    fi
+    echo "train_multinode.sh: SIG$1 received, passing it on to ${ranks[*]:-the deepspeed runner}" >&2
+    kill -s "$1" "${ranks[@]:-$runner}" 2>/dev/null || true
+}
+deepspeed "${launcher_args[@]}" "$(command -v dnd)" "${train_args[@]}" "$@" &
+runner=$!
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+while true; do
+    status=0
+    wait "$runner" || status=$?
+    kill -0 "$runner" 2>/dev/null || exit "$status" # a trap ends the wait, not the runner
+done

@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,42 @@ def test_two_node_losses_equal_a_single_process(two_nodes, single_process):
     errors = {step: abs(two[step] - reference[step]) for step in reference}
     assert max(errors.values()) <= 1e-5, f"per-step |loss difference| vs the single process: {errors}"
     assert two[STEPS] < 0.6 * two[1], "the tiny generator should learn in 12 steps"
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_the_launcher_reaches_every_rank(launch_run, tmp_path):
+    """`kill PID` of train_multinode.sh on one node (two CPU ranks, two loader workers each): every
+    rank saves a checkpoint at its next step boundary and exits 0, the launcher last, nothing left."""
+    run, recipe = launch_run
+    out, log = run / "killed_launcher", tmp_path / "launch.log"
+    cmd = [str(LAUNCHERS / "train_multinode.sh"), str(run), str(recipe), "--train.output_dir=killed_launcher",
+           f"--train.steps={RESUME_STEPS}", "--train.checkpoint_every=1000", "--train.num_workers=2"]
+    with open(log, "w") as output:
+        launcher = subprocess.Popen(cmd, cwd=REPO, env=launch_env(NUM_GPUS="2", MASTER_PORT=str(free_port())),
+                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        signalled = wait_for_step(launcher, out / "metrics.jsonl", 3)
+        launcher.send_signal(signal.SIGTERM)  # the launcher's pid only, as `kill` does
+        assert launcher.wait(timeout=120) == 0, _tail(log)
+        for _ in range(100):  # the ranks' DataLoader workers end a moment after their rank
+            if not _alive(launcher.pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(launcher.pid), "processes of the launch outlived it"
+    finally:
+        if _alive(launcher.pid):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    stopped = int((out / "checkpoints" / "latest").read_text().strip()[4:])
+    assert signalled <= stopped < RESUME_STEPS, "SIGTERM must save a checkpoint where the run stopped"
+    assert not (out / "export").exists(), "a stopped run must not export"
+    assert "SIGTERM received; checkpoint" in log.read_text()
 
 
 def _calls(log: Path, command: str) -> list[dict]:
