@@ -18,12 +18,13 @@ import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from dnd_scale.io import TMP_SUFFIX
+from dnd_scale.io import TMP_SUFFIX, canonical_json_sha256
 from dnd_scale.layout import load_config_dict
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -166,6 +167,56 @@ def load_base_model(
         f"base model {str(source)!r} not found; expected a Hugging Face model folder, a .gguf file, "
         "or a model config.json (random-init model)"
     )
+
+
+# Config fields that say how a model was loaded or saved, not which model it is.
+_RUNTIME_CONFIG_FIELDS = {"dtype", "torch_dtype", "transformers_version", "use_cache", "output_attentions",
+                          "output_hidden_states", "return_dict", "quantization_config"}  # fmt: skip
+_SAMPLED_MATRICES = 8
+_SAMPLES_PER_MATRIX = 32
+# Weights of one base in another dtype or quantized (bf16, GGUF) correlate above 0.99 with its own;
+# independently initialized or trained weights near 0 (± 0.07 for 256 values).
+SAME_WEIGHTS_MIN_CORRELATION = 0.9
+
+
+def base_identity(model: PreTrainedModel) -> dict[str, Any]:
+    """What tells this base model from another of the same shapes (another seed, another family):
+    its model_type, a sha256 of its config (load and save fields left out) and a sample of its weights
+    (`_SAMPLES_PER_MATRIX` values at fixed positions of `_SAMPLED_MATRICES` weight matrices spread over
+    the model, by parameter name). Cheap at any size: a few hundred elements are read."""
+    config = {key: value for key, value in model.config.to_dict().items()
+              if key not in _RUNTIME_CONFIG_FIELDS and not key.startswith("_")}
+    # Matrices only: norms and biases start as constants, equal for every seed.
+    matrices = sorted((name, p) for name, p in model.named_parameters() if p.dim() >= 2 and p.device.type != "meta")
+    picked = [matrices[round(i * (len(matrices) - 1) / max(_SAMPLED_MATRICES - 1, 1))]
+              for i in range(min(_SAMPLED_MATRICES, len(matrices)))]
+    sample = {}
+    for name, param in picked:
+        flat = param.detach().reshape(-1)
+        positions = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_MATRIX, device=flat.device).round().long()
+        sample[name] = [float(f"{v:.6g}") for v in flat[positions].float().cpu().tolist()]
+    return {"model_type": model.config.model_type, "config_sha256": canonical_json_sha256(config),
+            "weights_sample": sample}
+
+
+def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why a base model of identity `current` is not the one of `recorded` (`base_identity`), or None.
+
+    A config hash that differs alone is not a mismatch (transformers renames config fields between
+    versions): only another family, or weights that do not correlate, are."""
+    if recorded.get("model_type") != current.get("model_type"):
+        return f"it is a {recorded.get('model_type')!r} model, this base model is {current.get('model_type')!r}"
+    mine, theirs = current.get("weights_sample", {}), recorded.get("weights_sample", {})
+    common = [name for name in theirs if name in mine and len(theirs[name]) == len(mine[name])]
+    if not common:
+        return f"its sampled weights ({sorted(theirs)[:2]} ...) are not parameters of this base model"
+    a = torch.tensor([v for name in common for v in theirs[name]], dtype=torch.float64)
+    b = torch.tensor([v for name in common for v in mine[name]], dtype=torch.float64)
+    correlation = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if a.std() > 0 and b.std() > 0 else float(a.equal(b))
+    if not correlation >= SAME_WEIGHTS_MIN_CORRELATION:  # NaN included
+        return (f"its weights differ from this base model's (correlation {correlation:.3f} of {a.numel()} sampled "
+                f"values; the same base in another dtype or quantized gives > {SAME_WEIGHTS_MIN_CORRELATION})")
+    return None
 
 
 def save_base_model(base: BaseModel, folder: str | os.PathLike) -> Path:

@@ -4,7 +4,8 @@ For each task, a fresh LoRA (peft, `layout.to_peft_config()`) is trained with Ad
 prompt/response records, with the loss on the response tokens only, and the adapter is saved every
 `save_every` steps over the last `save_last` steps. What lands under `<run>/checkpoints`:
 
-    collect.json                the config, base model and layout fingerprint that made the checkpoints
+    collect.json                the config, base model (and its identity, checked by eval) and layout
+                                fingerprint that made the checkpoints
     layout.json                 the LoraLayout (`LoraLayout.load`)
     manifest.jsonl              one line per checkpoint:
                                 {task, step, loss, seed, layout_fingerprint, file, sha256}
@@ -72,7 +73,7 @@ import torch.distributed as dist
 from peft import get_peft_model, get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from dnd_scale.basemodel import BaseModel, load_base_model, save_base_model
+from dnd_scale.basemodel import BaseModel, base_identity, load_base_model, save_base_model
 from dnd_scale.config import parse_stage_args
 from dnd_scale.io import (
     TMP_SUFFIX,
@@ -416,6 +417,7 @@ def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run
         "base_model": {"source": base.source, "kind": base.kind,
                        "saved_to": BASE_MODEL if base.kind == "random-init" else None},
         "base_weights_sha256": base_sha,
+        "base_identity": base_identity(base.model),  # carried into the generator's adapters, checked by eval
         "layout_fingerprint": layout.fingerprint(),
     })
 

@@ -38,7 +38,10 @@ Adapters are PEFT folders (`adapter_config.json` + `adapter_model.safetensors`, 
 layout is `<run>/checkpoints/layout.json`). The base model is loaded once; each adapter is applied
 with `PeftModel.from_pretrained` and removed again with `unload()`. Before any scoring, every
 adapter's layout (keys, shapes, and the fingerprint in provenance.json) is checked against the
-layout the base model gives for that adapter's LoRA spec.
+layout the base model gives for that adapter's LoRA spec, and the base model it was made for (its
+family and a sample of its weights, `basemodel.base_identity`, which collect records in collect.json
+and generate copies into provenance.json) against this base model: an adapter of another seed or
+family of the same shapes is refused unless `allow_other_base` (`--allow-other-base`).
 
 Outputs (`write_report`): results.json (every number, the config, the adapters), results.md (a table
 per metric: base / each adapter group as mean ± std (best) per task) and accuracy.png.
@@ -62,7 +65,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from dnd_scale.basemodel import BaseModel, load_base_model
+from dnd_scale.basemodel import BaseModel, base_identity, identity_mismatch, load_base_model
 from dnd_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE, write_adapter
 from dnd_scale.io import ArtifactError, atomic_path, load_safetensors, read_json, read_jsonl, sha256_file, write_json
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
@@ -77,6 +80,7 @@ REPORT_FILES = ("results.json", "results.md", "accuracy.png")
 # A collect checkpoint's layout and manifest live two folders up: <run>/checkpoints/<task>/<step>.safetensors.
 COLLECT_LAYOUT = "layout.json"
 COLLECT_MANIFEST = "manifest.jsonl"
+COLLECT_META = "collect.json"
 # PEFT key of one adapted linear layer of a decoder layer: ...<layers>.<i>.<self_attn|mlp>.<name>.lora_<A|B>.weight
 _PEFT_KEY = re.compile(r"\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_[AB]\.weight$")
 _LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -116,6 +120,9 @@ class EvalConfig:
     base_seed: int = 0
     """Init seed of a random-init base model (base given as a config.json). Prefer the HF folder
     `dnd collect` writes to <run>/base_model, which holds the exact weights the LoRAs were trained on."""
+    allow_other_base: bool = False
+    """Score adapters whose recorded base model (provenance.json, or collect.json of a checkpoint)
+    is another model of the same shapes (another seed or family) anyway, with a warning; off: refused."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -540,10 +547,15 @@ def _check_collected_hash(path: Path) -> None:
                             "after collect: run `dnd collect` again for its task")  # fmt: skip
 
 
-def check_adapter(path: str | os.PathLike, base_config: Any) -> CheckedAdapter:
+def check_adapter(
+    path: str | os.PathLike, base_config: Any, base: dict[str, Any] | None = None, allow_other_base: bool = False
+) -> CheckedAdapter:
     """Check that an adapter fits the base model: keys, shapes and finite values against the layout the
     base model gives for the adapter's LoRA spec, and the layout fingerprint its provenance.json records
-    (a collect checkpoint: the layout of its run, and the sha256 of its manifest line).
+    (a collect checkpoint: the layout of its run, and the sha256 of its manifest line). With `base`
+    (the base model's `basemodel.base_identity`), also that the adapter was made for this very base
+    model, not another of the same shapes, when its provenance.json (or its run's collect.json)
+    records one; `allow_other_base` turns a mismatch into a warning.
 
     Raises LayoutError (what differs, what to do) or ArtifactError (missing / unreadable files).
     """
@@ -558,6 +570,8 @@ def check_adapter(path: str | os.PathLike, base_config: Any) -> CheckedAdapter:
         collected = LoraLayout.load(layout_path)
         spec, recorded, provenance = collected.spec, collected.fingerprint(), None
         _check_collected_hash(path)
+        run_meta = path.parent.parent / COLLECT_META
+        made_for = read_json(run_meta, "collect metadata").get("base_identity") if run_meta.is_file() else None
         state = load_safetensors(path, "checkpoint")
     elif path.is_dir():
         if not (path / ADAPTER_WEIGHTS).is_file():
@@ -570,6 +584,7 @@ def check_adapter(path: str | os.PathLike, base_config: Any) -> CheckedAdapter:
         spec = _spec_from_peft(path, read_json(path / ADAPTER_CONFIG, "adapter config"), list(state))
         provenance = read_json(path / PROVENANCE, "provenance") if (path / PROVENANCE).is_file() else None
         recorded = (provenance or {}).get("layout_fingerprint")
+        made_for = (provenance or {}).get("base_identity")
     else:
         raise FileNotFoundError(
             f"adapter {path} not found; expected a PEFT adapter folder or a `dnd collect` checkpoint .safetensors"
@@ -585,7 +600,27 @@ def check_adapter(path: str | os.PathLike, base_config: Any) -> CheckedAdapter:
             f"spec has layout {layout.fingerprint()[:12]}: the adapter belongs to another base model. Evaluate it "
             f"with the base model it was made for (provenance base_model: {(provenance or {}).get('base_model')!r})"
         )
+    if base is not None and made_for is not None:
+        _check_base_identity(path, made_for, base, allow_other_base, (provenance or {}).get("base_model"))
     return CheckedAdapter(path, layout, provenance)
+
+
+def _check_base_identity(path: Path, made_for: dict, base: dict, allow_other_base: bool, named: str | None) -> None:
+    """Refuse (or, allowed, warn about) an adapter made for another base model of the same shapes."""
+    reason = identity_mismatch(made_for, base)
+    if reason is None:
+        if made_for.get("config_sha256") != base.get("config_sha256"):
+            logger.warning("adapter %s: the base model's config differs from the one it was made for (same family "
+                           "and weights; a transformers version may serialize it differently)", path)
+        return
+    message = f"adapter {path} was made for another base model of the same shapes: {reason}"
+    if allow_other_base:
+        logger.warning("%s; scoring it anyway (allow_other_base)", message)
+        return
+    raise LayoutError(
+        f"{message}. Evaluate it with the base model it was made for (provenance base_model: {named!r}; a "
+        "collect run's own is <run>/base_model), or pass --allow-other-base to score it on this one anyway"
+    )
 
 
 @contextlib.contextmanager
@@ -667,7 +702,9 @@ def evaluate(
         raise ValueError(f"eval task names must be unique, got {names}")
 
     # Every adapter is checked before any scoring: a mismatch fails in seconds, not after the base pass.
-    checked = {label: [check_adapter(path, base.model.config) for path in paths] for label, paths in adapters.items()}
+    identity = base_identity(base.model)
+    checked = {label: [check_adapter(path, base.model.config, identity, config.allow_other_base) for path in paths]
+               for label, paths in adapters.items()}
     prepared = [prepare_task(task, base.tokenizer, config) for task in tasks]
 
     models = [{"label": BASE_LABEL, "path": None, "tasks": score_model(base.model, base.tokenizer, prepared, config)}]
@@ -857,11 +894,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-records", type=int, default=defaults.task_records, help="records per synthetic family")
     parser.add_argument("--task-seed", type=int, default=defaults.task_seed, help="seed of synthetic family records")
     parser.add_argument("--base-seed", type=int, default=defaults.base_seed, help="init seed of a random-init base")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="score adapters made for another base model of the same shapes anyway (a warning)")
     args = parser.parse_args(argv)
     config = EvalConfig(
         mode=args.mode, max_records=args.max_records, seed=args.seed, batch_size=args.batch_size,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
         task_records=args.task_records, task_seed=args.task_seed, base_seed=args.base_seed,
+        allow_other_base=args.allow_other_base,
     )
     try:
         adapters = parse_adapter_groups(args.adapters)

@@ -71,6 +71,7 @@ class AdapterGenerator:
             raise ArtifactError(f"encoder width {self.encoder.dim} does not match the generator's condition "
                                 f"width {self.generator.features[0][2]}")
         self.base_model = config.get("base_model")
+        self.base_identity = config.get("base_identity")  # recorded by collect; None for older exports
 
     def check_base(self, base_config) -> None:
         """Refuse a base model whose LoRA layout differs from the generator's."""
@@ -115,6 +116,7 @@ class AdapterGenerator:
                                  "prompts_sha256": prompts_fingerprint(chosen),
                                  "num_prompts": len(chosen),
                                  "seed": seed,
+                                 "base_identity": self.base_identity,
                                  **(extra or {}),
                              })
 

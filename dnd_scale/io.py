@@ -199,3 +199,9 @@ def sha256_text(*parts: str) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def canonical_json_sha256(obj: Any) -> str:
+    """sha256 of the canonical JSON text of `obj` (sorted keys, no spaces)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -16,7 +16,6 @@ process (DataLoader workers reopen it after fork instead of sharing the parent's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dnd_scale.io import ArtifactError, atomic_path, sha256_file, write_json
+from dnd_scale.io import ArtifactError, atomic_path, canonical_json_sha256, sha256_file, write_json
 
 INDEX_FILE = "index.json"
 COMMON_FILE = "common.safetensors"
@@ -56,12 +55,6 @@ def check_task_name(task: str) -> str:
             f"{sorted(_RESERVED_TASKS)}; rename the task"
         )
     return task
-
-
-def canonical_json_sha256(obj: Any) -> str:
-    """sha256 of the canonical JSON text of `obj` (sorted keys, no spaces)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _read_index(directory: Path) -> dict:

@@ -810,15 +810,14 @@ def export_generator(model: torch.nn.Module, out_dir: Path, meta: dict, rank: in
     return folder if rank == 0 else None
 
 
-def _base_model(run_dir: Path) -> str | None:
-    """What `dnd collect` trained on, so adapters name their base model."""
+def _base_model(run_dir: Path) -> dict[str, Any]:
+    """What `dnd collect` trained on, so adapters name their base model and carry its identity
+    (`basemodel.base_identity`, checked by `dnd eval`): {"base_model": path or None, "base_identity": ... or None}."""
     path = run_dir / "checkpoints" / "collect.json"
-    if not path.is_file():
-        return None
-    base = read_json(path, "collect.json").get("base_model", {})
-    if base.get("saved_to"):
-        return str((run_dir / base["saved_to"]).resolve())
-    return base.get("source")
+    collected = read_json(path, "collect.json") if path.is_file() else {}
+    base = collected.get("base_model", {})
+    source = str((run_dir / base["saved_to"]).resolve()) if base.get("saved_to") else base.get("source")
+    return {"base_model": source, "base_identity": collected.get("base_identity")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -918,7 +917,7 @@ def _train(
             "tokenizer": data.targets.extra["tokenizer"],
             "encoder": {"name": resolve_encoder_path(config.encoder.name)[0], "length": length, "dim": conditions.dim},
             "num_prompts": data.num_prompts,
-            "base_model": _base_model(run_dir),
+            **_base_model(run_dir),
             "step": step,
             "train_config": to_dict(config),
         }

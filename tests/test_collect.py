@@ -16,7 +16,7 @@ import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from dnd_scale.basemodel import build_tiny_tokenizer, load_base_model
+from dnd_scale.basemodel import base_identity, build_tiny_tokenizer, load_base_model
 from dnd_scale.collect import (
     IGNORE_INDEX,
     CollectConfig,
@@ -27,6 +27,7 @@ from dnd_scale.collect import (
     load_checkpoint,
     read_manifest,
 )
+from dnd_scale.evaluate import check_adapter
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from tinymodels import tiny_config
@@ -149,6 +150,16 @@ def test_checkpoint_keys_are_what_peft_save_pretrained_writes(reference_run, con
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved.keys() == state.keys()
     assert all(torch.equal(saved[k], state[k]) for k in state)
+
+
+def test_eval_checks_checkpoints_against_the_base_identity_collect_recorded(reference_run, config):
+    run_dir, records = reference_run
+    checkpoint = run_dir / "checkpoints" / records[-1]["file"]
+    saved = load_base_model(run_dir / "base_model", dtype="bfloat16", device="cpu")  # as eval loads it on a GPU
+    check_adapter(checkpoint, saved.model.config, base_identity(saved.model))
+    reseeded = load_base_model(config.base_model, dtype="float32", device="cpu", seed=config.seed + 1)
+    with pytest.raises(LayoutError, match="was made for another base model of the same shapes: its weights differ"):
+        check_adapter(checkpoint, reseeded.model.config, base_identity(reseeded.model))
 
 
 def test_collect_is_deterministic_for_a_seed(reference_run, config, tasks, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnd_scale.basemodel import load_base_model
+from dnd_scale.basemodel import base_identity, load_base_model
 from dnd_scale.evaluate import (
     EvalConfig,
     check_adapter,
@@ -27,7 +27,7 @@ from dnd_scale.export import PROVENANCE, write_adapter
 from dnd_scale.io import ArtifactError, append_jsonl, sha256_file
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
 from dnd_scale.tasks import Task, TaskRecord, load_task
-from tinymodels import tiny_config
+from tinymodels import tiny_config, tiny_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dnd"
 SPEC = LoraSpec(rank=4, target_modules=("q_proj", "v_proj", "down_proj"))
@@ -234,6 +234,49 @@ def test_adapter_of_another_base_model_is_refused_clearly(tiny, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
         check_adapter(tmp_path / "other", tiny["base"].model.config)
+
+
+def test_an_adapter_made_for_another_base_of_the_same_shapes_is_refused_unless_allowed(tiny, tmp_path):
+    """Another seed, another family (llama of Qwen2's shapes): same layout, so only the base identity
+    recorded in provenance.json (or a collect run's collect.json) tells them apart."""
+    base = tiny["base"]
+    mine = base_identity(base.model)
+    seed1 = load_base_model(tiny["config_path"], seed=1, **FP32_CPU).model
+    llama = tiny_model("llama", hidden=32, intermediate=48, vocab=112)
+    assert LoraLayout.from_config(llama.config, SPEC).fingerprint() == LoraLayout.from_config(base.model.config,
+                                                                                               SPEC).fingerprint()
+    layout = LoraLayout.from_config(base.model.config, SPEC)
+    state = {m.key: 0.1 * torch.randn(m.shape, generator=torch.Generator().manual_seed(1)) for m in layout.matrices}
+    made = {name: write_adapter(state, layout, tmp_path / name, provenance={"base_identity": base_identity(model)})
+            for name, model in [("seed1", seed1), ("llama", llama), ("mine_bf16", base.model.to(torch.bfloat16))]}
+    base.model.float()
+    assert json.loads((made["seed1"] / "adapter_config.json").read_text())["r"] == SPEC.rank  # still a peft folder
+    config = EvalConfig(max_records=3, **FP32_CPU)
+    with pytest.raises(LayoutError, match=r"seed1 was made for another base model of the same shapes: its weights "
+                                          r"differ from this base model's \(correlation .* --allow-other-base"):
+        evaluate(base, [mc_task()], {"g": [made["seed1"]]}, config)
+    with pytest.raises(LayoutError, match=r"it is a 'llama' model, this base model is 'qwen2'"):
+        check_adapter(made["llama"], base.model.config, mine)
+    check_adapter(made["mine_bf16"], base.model.config, mine)  # the same base in another dtype fits
+    check_adapter(made["seed1"], base.model.config)  # no identity given: layout checks only (experiment.py)
+    allowed = evaluate(base, [mc_task()], {"g": [made["seed1"]]}, EvalConfig(max_records=3, allow_other_base=True,
+                                                                             **FP32_CPU))
+    assert allowed["models"][1]["tasks"]["largest_number_mc"]["count"] == 3
+
+    # A collect checkpoint: its run's collect.json records the base it was trained on.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    layout.save(checkpoints / "layout.json")
+    (checkpoints / "taskx").mkdir()
+    from safetensors.torch import save_file
+
+    save_file(state, str(checkpoints / "taskx" / "3.safetensors"))
+    append_jsonl(checkpoints / "manifest.jsonl", {"task": "taskx", "step": 3, "file": "taskx/3.safetensors",
+                                                  "sha256": sha256_file(checkpoints / "taskx" / "3.safetensors")})
+    (checkpoints / "collect.json").write_text(json.dumps({"base_identity": base_identity(seed1)}))
+    with pytest.raises(LayoutError, match=r"3.safetensors was made for another base model of the same shapes"):
+        check_adapter(checkpoints / "taskx" / "3.safetensors", base.model.config, mine)
+    (checkpoints / "collect.json").write_text(json.dumps({"base_identity": mine}))
+    check_adapter(checkpoints / "taskx" / "3.safetensors", base.model.config, mine)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from dnd_scale.basemodel import base_identity
 from dnd_scale.encoder import EncoderConfig, PromptTruncationWarning
 from dnd_scale.export import ADAPTER_WEIGHTS, PROVENANCE
 from dnd_scale.generate import AdapterGenerator, main, read_prompts
 from dnd_scale.generator import GeneratorConfig
-from dnd_scale.io import ArtifactError, sha256_file
+from dnd_scale.io import ArtifactError, sha256_file, write_json
 from dnd_scale.layout import LayoutError
 from dnd_scale.trainer import TrainConfig, train
 from tinymodels import tiny_config, tiny_model
@@ -25,6 +26,10 @@ PROMPTS = [f"new task: how many letters are in word number {i}?" for i in range(
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, one_thread):
     run = make_tiny_run(tmp_path_factory.mktemp("run"))
+    # What `dnd collect` records of its base model; training carries it into the export.
+    (run / "checkpoints").mkdir()
+    write_json(run / "checkpoints" / "collect.json", {"base_model": {"source": "tiny", "saved_to": None},
+                                                      "base_identity": base_identity(tiny_model(layers=1))})
     encoder = make_tiny_encoder(tmp_path_factory.mktemp("encoder"))
     config = TrainConfig(
         generator=GeneratorConfig(preset=None, features=tiny_features(), kernel_size=3),
@@ -48,6 +53,7 @@ def test_generated_adapter_is_the_detokenized_generator_output(export, tmp_path)
     assert provenance["generator_sha256"] == gen.generator_sha256 == sha256_file(export / "model.safetensors")
     assert provenance["layout_fingerprint"] == gen.layout.fingerprint()
     assert provenance["num_prompts"] == 4 and len(provenance["prompts_sha256"]) == 64
+    assert provenance["base_identity"] == base_identity(tiny_model(layers=1)), "dnd eval checks it"
 
 
 def test_generated_adapter_loads_in_peft_and_changes_logits(export, tmp_path):
