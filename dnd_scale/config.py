@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from dnd_scale.io import atomic_path
+from dnd_scale.io import ArtifactError, atomic_path, read_text
 
 
 class ConfigError(ValueError):
@@ -130,7 +130,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in body:
         raise ConfigError(f"override {text!r} must look like --section.field=value")
     path, _, raw = body.partition("=")
-    return path.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return path.split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)}); quote it, "
+                          "e.g. --section.field='\"text\"'") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -152,6 +156,22 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
         tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """A YAML file's content; text that is not UTF-8 or not YAML is a ConfigError naming the file."""
+    try:
+        return yaml.safe_load(read_text(path, what))
+    except ArtifactError as err:
+        raise ConfigError(str(err)) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {_yaml_problem(err)}; fix the file") from None
+
+
 def read_recipe(recipe: str | os.PathLike | None) -> dict[str, Any]:
     """A YAML recipe as a dict of sections ({} for None); a missing or malformed file is a ConfigError."""
     if recipe is None:
@@ -159,7 +179,7 @@ def read_recipe(recipe: str | os.PathLike | None) -> dict[str, Any]:
     path = Path(recipe)
     if not path.is_file():
         raise ConfigError(f"config recipe {str(path)!r} not found (see configs/ for the shipped ones)")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = read_yaml(path, "config recipe") or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
     return loaded

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from dnd_scale.io import save_flat_safetensors, save_safetensors, write_json
+from dnd_scale.io import reporting_full_disk, save_flat_safetensors, save_safetensors, write_json
 from dnd_scale.layout import LayoutError, LoraLayout
 from dnd_scale.tokenizer import WeightTokenizer
 
@@ -52,15 +52,16 @@ def _write_folder(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        config = layout.to_peft_config(base_model_name_or_path=base_model)
-        config.save_pretrained(str(staging))
-        write_weights(staging / ADAPTER_WEIGHTS)
-        write_json(staging / PROVENANCE, {
-            "layout_fingerprint": layout.fingerprint(),
-            "dtype": str(dtype).removeprefix("torch."),
-            "base_model": base_model,
-            **(provenance or {}),
-        })
+        with reporting_full_disk(out_dir):
+            config = layout.to_peft_config(base_model_name_or_path=base_model)
+            config.save_pretrained(str(staging))
+            write_weights(staging / ADAPTER_WEIGHTS)
+            write_json(staging / PROVENANCE, {
+                "layout_fingerprint": layout.fingerprint(),
+                "dtype": str(dtype).removeprefix("torch."),
+                "base_model": base_model,
+                **(provenance or {}),
+            })
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -20,7 +20,7 @@ from dnd_scale.config import from_dict
 from dnd_scale.encoder import ConditionEncoder, prompts_fingerprint
 from dnd_scale.export import export_tokens, parse_dtype
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
-from dnd_scale.io import ArtifactError, load_safetensors, read_json, sha256_file
+from dnd_scale.io import ArtifactError, load_safetensors, read_json, read_text, sha256_file
 from dnd_scale.layout import LayoutError, LoraLayout
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer
 
@@ -127,9 +127,9 @@ def read_prompts(path: str | Path) -> list[str]:
 
     path = Path(path)
     if path.suffix == ".txt":
-        return [line for line in path.read_text().splitlines() if line.strip()]
+        return [line for line in read_text(path, "prompt file").splitlines() if line.strip()]
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = read_json(path, "prompt file")
         if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
             return data
     return load_task(str(path)).prompts

@@ -8,10 +8,12 @@ interrupted run leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -30,17 +32,72 @@ class ArtifactError(ValueError):
     """An input artifact is missing, unreadable or inconsistent; the message says what to do."""
 
 
+class DiskFullError(OSError):
+    """A write failed because its file system is full; the message names where and what to do."""
+
+
+# Below this many free bytes, a write that failed without saying why failed for lack of space.
+_NEARLY_FULL_BYTES = 16 << 20
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _is_disk_full(err: BaseException, path: Path) -> bool:
+    """ENOSPC (or a quota) anywhere in the exception's chain, a library's message of it
+    (safetensors), or, for errors that say nothing (torch.save: "unexpected pos"), no space left."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False  # a refusal raised inside a write (bad values) stays what it is
+    try:
+        return _free_bytes(path) < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an error of a write under `path` that a full disk caused into a DiskFullError that says so."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if not _is_disk_full(err, Path(path)):
+            raise
+        try:
+            free = f"{_free_bytes(Path(path)) / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left on the device of {path} ({free}) while writing it: free space there, or write to "
+            f"another disk, then run the stage again ({type(err).__name__}: {err})",
+        ) from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+    A full disk is reported as a DiskFullError naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        with reporting_full_disk(path):
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are as readable as any file
         os.replace(tmp, path)
     finally:
@@ -75,12 +132,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file; a file that is not UTF-8 is an ArtifactError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ArtifactError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} {str(path)!r} not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, what))
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{what} {str(path)!r} is not valid JSON ({err})") from None
 
@@ -89,7 +157,7 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Append one line and fsync it (a manifest line is written only after its artifact exists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with reporting_full_disk(path), open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -100,7 +168,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    lines = read_text(path).splitlines()
     records = []
     for i, line in enumerate(lines):
         if not line.strip():

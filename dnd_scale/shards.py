@@ -38,7 +38,7 @@ import safetensors.numpy
 import webdataset as wds
 from tqdm import tqdm
 
-from dnd_scale.io import ArtifactError, read_json, sha256_file, write_json
+from dnd_scale.io import ArtifactError, read_json, reporting_full_disk, sha256_file, write_json
 from dnd_scale.targets import INDEX_FILE, PackedTargets, canonical_json_sha256, check_task_name
 
 FORMAT_VERSION = 2
@@ -291,69 +291,84 @@ def build_shards(
     fingerprint = checkpoints.layout_fingerprint if isinstance(checkpoints, PackedTargets) else None
     num_checkpoints = dict(checkpoints.num_checkpoints if isinstance(checkpoints, PackedTargets) else checkpoints)
     _validate(num_checkpoints, prompt_pools, config)
-    tasks = sorted(prompt_pools)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".shard-staging-", dir=out_dir))
     try:
-        (staging / PROMPTS_DIR).mkdir()
-        task_index = {}
-        for task in tasks:
-            rel = f"{PROMPTS_DIR}/{task}.jsonl"
-            _write_pool(staging / rel, prompt_pools[task])
-            task_index[task] = {
-                "prompts": rel,
-                "pool_size": len(prompt_pools[task]),
-                "pool_sha256": sha256_file(staging / rel),
-                "num_checkpoints": num_checkpoints[task],
-                "pairs": config.pairs_per_task,
-            }
-
-        # Interleave: position i of the stream takes the next pair of task order[i].
-        order = np.repeat(np.arange(len(tasks)), config.pairs_per_task)
-        np.random.default_rng(config.seed).shuffle(order)
-        streams = [_TaskPairs(t, num_checkpoints[t], len(prompt_pools[t]), config.num_prompts, config.seed) for t in tasks]
-        bits = prompt_bits(len(prompt_pools[t]) for t in tasks)
-        max_checkpoints = max(num_checkpoints[t] for t in tasks)
-
-        shards: list[dict] = []
-        with tqdm(total=len(order), desc="dnd shard", unit="pair", disable=not progress) as bar:
-            for start in range(0, len(order), config.shard_size):
-                task = order[start : start + config.shard_size]  # (S,)
-                checkpoint = np.empty(len(task), dtype=np.int64)  # (S,)
-                prompt_ids = np.empty((len(task), config.num_prompts), dtype=np.int64)  # (S, N)
-                for t in np.unique(task):
-                    rows = np.flatnonzero(task == t)
-                    checkpoint[rows], prompt_ids[rows] = streams[t].take(len(rows))
-                path = staging / (SHARD_PATTERN % len(shards))
-                # mtime=0 makes the tar bytes a function of the content only: same seed, same shards.
-                with wds.TarWriter(str(path), mtime=0, encoder=False) as writer:
-                    for a in range(0, len(task), config.block_size):
-                        b = slice(a, a + config.block_size)
-                        member = encode_block(task[b], checkpoint[b], prompt_ids[b], bits, len(tasks), max_checkpoints)
-                        writer.write({"__key__": block_key(start + a), BLOCK_SUFFIX: member})
-                shards.append({"file": path.name, "samples": len(task), "first_pair": start, "sha256": sha256_file(path)})
-                bar.update(len(task))
-
-        index = {
-            "format": FORMAT_VERSION,
-            "encoding": {
-                "member": f"<10-digit first pair id>.{BLOCK_SUFFIX}",
-                "block_size": config.block_size,
-                "prompt_bits": bits,
-                "task_names": tasks,
-            },
-            "shards": shards,
-            "num_samples": int(len(order)),
-            "num_prompts": config.num_prompts,
-            "seed": config.seed,
-            "tasks": task_index,
-            "targets_fingerprint": fingerprint,
-            "config": asdict(config),
-        }
-        _replace_shard_set(staging, out_dir, index)
+        with reporting_full_disk(out_dir):
+            index = _write_shard_set(staging, out_dir, num_checkpoints, prompt_pools, config, fingerprint, progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return index
+
+
+def _write_shard_set(
+    staging: Path,
+    out_dir: Path,
+    num_checkpoints: dict[str, int],
+    prompt_pools: Mapping[str, list[str]],
+    config: ShardConfig,
+    fingerprint: str | None,
+    progress: bool,
+) -> dict:
+    """The body of `build_shards`: every file in `staging`, then swapped in for the previous set."""
+    tasks = sorted(prompt_pools)
+    (staging / PROMPTS_DIR).mkdir()
+    task_index = {}
+    for task in tasks:
+        rel = f"{PROMPTS_DIR}/{task}.jsonl"
+        _write_pool(staging / rel, prompt_pools[task])
+        task_index[task] = {
+            "prompts": rel,
+            "pool_size": len(prompt_pools[task]),
+            "pool_sha256": sha256_file(staging / rel),
+            "num_checkpoints": num_checkpoints[task],
+            "pairs": config.pairs_per_task,
+        }
+
+    # Interleave: position i of the stream takes the next pair of task order[i].
+    order = np.repeat(np.arange(len(tasks)), config.pairs_per_task)
+    np.random.default_rng(config.seed).shuffle(order)
+    streams = [_TaskPairs(t, num_checkpoints[t], len(prompt_pools[t]), config.num_prompts, config.seed) for t in tasks]
+    bits = prompt_bits(len(prompt_pools[t]) for t in tasks)
+    max_checkpoints = max(num_checkpoints[t] for t in tasks)
+
+    shards: list[dict] = []
+    with tqdm(total=len(order), desc="dnd shard", unit="pair", disable=not progress) as bar:
+        for start in range(0, len(order), config.shard_size):
+            task = order[start : start + config.shard_size]  # (S,)
+            checkpoint = np.empty(len(task), dtype=np.int64)  # (S,)
+            prompt_ids = np.empty((len(task), config.num_prompts), dtype=np.int64)  # (S, N)
+            for t in np.unique(task):
+                rows = np.flatnonzero(task == t)
+                checkpoint[rows], prompt_ids[rows] = streams[t].take(len(rows))
+            path = staging / (SHARD_PATTERN % len(shards))
+            # mtime=0 makes the tar bytes a function of the content only: same seed, same shards.
+            with wds.TarWriter(str(path), mtime=0, encoder=False) as writer:
+                for a in range(0, len(task), config.block_size):
+                    b = slice(a, a + config.block_size)
+                    member = encode_block(task[b], checkpoint[b], prompt_ids[b], bits, len(tasks), max_checkpoints)
+                    writer.write({"__key__": block_key(start + a), BLOCK_SUFFIX: member})
+            shards.append({"file": path.name, "samples": len(task), "first_pair": start, "sha256": sha256_file(path)})
+            bar.update(len(task))
+
+    index = {
+        "format": FORMAT_VERSION,
+        "encoding": {
+            "member": f"<10-digit first pair id>.{BLOCK_SUFFIX}",
+            "block_size": config.block_size,
+            "prompt_bits": bits,
+            "task_names": tasks,
+        },
+        "shards": shards,
+        "num_samples": int(len(order)),
+        "num_prompts": config.num_prompts,
+        "seed": config.seed,
+        "tasks": task_index,
+        "targets_fingerprint": fingerprint,
+        "config": asdict(config),
+    }
+    _replace_shard_set(staging, out_dir, index)
     return index
 
 

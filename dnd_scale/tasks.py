@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from dnd_scale.io import read_text
+
 # Task names become folder names under <run>/checkpoints: keep them portable.
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Option labels in DnD prompts: "A: ..." on its own line, or inline after "choices:" separated by ", ".
@@ -129,7 +131,7 @@ def _record_from_dict(raw: Any, where: str) -> TaskRecord:
 def _records_from_file(path: Path) -> list[TaskRecord]:
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist (expected a .json or .jsonl file of records)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "task file")
     if not text.strip():
         raise ValueError(f"task file {path} is empty; expected JSON records with 'prompt' and 'response'")
     if path.suffix == ".jsonl":

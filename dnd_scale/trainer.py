@@ -49,11 +49,10 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from dnd_scale.config import load_section, parse_stage_args, save_config, to_dict
+from dnd_scale.config import load_section, parse_stage_args, read_yaml, save_config, to_dict
 from dnd_scale.encoder import (
     CACHE_DTYPES,
     ConditionCache,
@@ -65,12 +64,14 @@ from dnd_scale.encoder import (
 from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_features, resolve_impl
 from dnd_scale.io import (
     ArtifactError,
+    DiskFullError,
     FolderBusyError,
     append_jsonl,
     atomic_path,
     exclusive_folder,
     read_json,
     read_jsonl,
+    reporting_full_disk,
     save_safetensors,
     sha256_file,
     sha256_text,
@@ -674,7 +675,15 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, stream: BatchStream
     ranks: list = [None] * world
     dist.all_gather_object(ranks, mine)  # rank 0's model-states file carries every rank's position
     client = {"step": step, "world_size": world, "ranks": ranks, "run": run}
-    engine.save_checkpoint(str(checkpoint_dir), tag=_tag(step), client_state=client, save_latest=False)
+    try:
+        # torch.save reports a full disk as "unexpected pos ...": reporting_full_disk says what it is.
+        with reporting_full_disk(checkpoint_dir / _tag(step)):
+            engine.save_checkpoint(str(checkpoint_dir), tag=_tag(step), client_state=client, save_latest=False)
+    except DiskFullError as err:
+        shutil.rmtree(checkpoint_dir / _tag(step), ignore_errors=True)  # incomplete, and `latest` never named it
+        previous = latest_checkpoint(checkpoint_dir)
+        then = f"`latest` still names {previous}: continue with --resume" if previous else "train again"
+        raise TrainError(f"{err}. The incomplete checkpoint {_tag(step)} was removed; {then} once there is space") from err
     dist.barrier()  # every rank's shard is on disk before `latest` may point at it
     if dist.get_rank() == 0:
         with atomic_path(checkpoint_dir / LATEST) as tmp:
@@ -733,7 +742,7 @@ def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
     """Refuse to resume with a config that would not continue the same trajectory."""
     if not saved_path.is_file():
         return  # nothing recorded: the checkpoint lookup reports the real problem
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    saved = _flatten(read_yaml(saved_path, "saved train config") or {})
     current = _flatten(to_dict(config))
     changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE}
     if changed:
@@ -769,9 +778,10 @@ class MetricsLog:
         if not self.enabled:
             return
         append_jsonl(self.path, record)
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"train/{key}", value, record["step"])
+        with reporting_full_disk(self.path.parent / "tensorboard"):  # its writer thread's error surfaces here
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.tb is not None:

@@ -98,6 +98,12 @@ def test_bad_inputs_get_clear_errors(export):
         AdapterGenerator(export.parent / "missing")
 
 
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes("¿cuántas letras?\n".encode("latin-1"))
+    with pytest.raises(ArtifactError, match=r"prompt file '.*prompts.txt' is not UTF-8 text \(byte 0xbf at offset 0\)"):
+        read_prompts(tmp_path / "prompts.txt")
+
+
 def test_weights_changed_after_export_are_refused(export, tmp_path):
     import shutil
 

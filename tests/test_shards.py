@@ -206,6 +206,22 @@ def test_a_failure_mid_write_leaves_the_previous_set_and_no_temporary_file(tmp_p
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_a_full_disk_says_no_space_left_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    import dnd_scale.shards as shards
+    from dnd_scale.io import DiskFullError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "encode_block", full)
+    with pytest.raises(DiskFullError, match=rf"no space left on the device of {tmp_path} \(.* MiB free\) while writing "
+                                            r"it: free space there, or write to another disk, then run the stage again"):
+        build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_targets_changed_since_packing_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

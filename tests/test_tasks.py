@@ -87,6 +87,14 @@ def test_bad_task_files_get_clear_errors(tmp_path, name, content, message):
         load_task(str(tmp_path / name))
 
 
+@pytest.mark.parametrize("name", ["latin1.json", "latin1.jsonl"])
+def test_a_task_file_that_is_not_utf8_is_named(tmp_path, name):
+    (tmp_path / name).write_bytes('[{"prompt": "café?", "response": "oui"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"task file .*{name}' is not UTF-8 text \(byte 0xe9 at offset 16\); "
+                                         "save it as UTF-8"):
+        load_task(str(tmp_path / name))
+
+
 def test_bad_specs(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_task(str(tmp_path / "missing.json"))

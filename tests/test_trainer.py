@@ -140,6 +140,23 @@ def test_load_train_config_reads_the_train_section_and_overrides(tmp_path):
         load_train_config(None, ["--train.warmup=3"])
 
 
+def test_malformed_or_non_utf8_recipes_and_overrides_are_named(tmp_path):
+    (tmp_path / "broken.yaml").write_text("train:\n  lr: [1e-4, 2\n")
+    with pytest.raises(ConfigError, match=r"config recipe '.*broken.yaml' is not valid YAML: expected ',' or ']'.* "
+                                          r"at line 3, column 1; fix the file"):
+        load_train_config(str(tmp_path / "broken.yaml"), [])
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  output_dir: résumé\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config recipe '.*latin1.yaml' is not UTF-8 text \(byte 0xe9"):
+        load_train_config(str(tmp_path / "latin1.yaml"), [])
+    with pytest.raises(ConfigError, match=r"override '--train.betas=\[0.9' is not valid YAML|override "
+                                          r"'--train.betas=\[0.9': the value is not valid YAML"):
+        load_train_config(None, ["--train.betas=[0.9"])
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "train_config.yaml").write_text("lr: {\n")  # a resumed run's saved config, damaged
+    with pytest.raises(ConfigError, match=r"saved train config '.*gen/train_config.yaml' is not valid YAML"):
+        check_resume_config(TrainConfig(), tmp_path / "gen" / "train_config.yaml")
+
+
 def _take(stream, n):
     return [(b["task"], b["checkpoint"].tolist(), b["prompt_ids"].tolist()) for b in (next(stream) for _ in range(n))]
 
@@ -300,6 +317,40 @@ class StopAfter(MeddledStream):
         return next(self.inner)
 
 
+class FillsTheDisk(MeddledStream):
+    """The production stream; from micro-batch `at` on, the disk is full: torch.save fails the way it
+    does then (a RuntimeError that names no cause) and no space is free."""
+
+    def __init__(self, inner, at: int, monkeypatch) -> None:
+        super().__init__(inner, at)
+        self.monkeypatch = monkeypatch
+
+    def __next__(self) -> dict:
+        self.taken += 1
+        if self.taken == self.at:
+            import dnd_scale.io
+
+            def short_write(*args, **kwargs):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 46528 vs 46400")
+
+            self.monkeypatch.setattr(torch, "save", short_write)
+            self.monkeypatch.setattr(dnd_scale.io, "_free_bytes", lambda path: 0)
+        return next(self.inner)
+
+
+def test_a_full_disk_at_a_checkpoint_says_no_space_left_and_keeps_the_previous_one(tiny_run, tmp_path, one_thread,
+                                                                                   monkeypatch):
+    run, encoder_dir = tiny_run
+    config = _tiny_train_config(encoder_dir, tmp_path / "gen")
+    filling = lambda data, cfg, rank, world: FillsTheDisk(pair_stream(data, cfg, rank, world), 3, monkeypatch)  # noqa: E731
+    with pytest.raises(TrainError, match=r"no space left on the device of .*checkpoints/step00000003 \(0.0 MiB free\)"
+                                         r".*The incomplete checkpoint step00000003 was removed; `latest` still names "
+                                         r"step00000002: continue with --resume once there is space"):
+        train(config, run, make_stream=filling)
+    checkpoints = tmp_path / "gen" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000001", "step00000002"]
+
+
 def test_an_in_process_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, one_thread):
     """ZeRO-2: the model, optimizer and ZeRO files all load back with weights_only=True."""
     run, encoder_dir = tiny_run
@@ -436,6 +487,9 @@ def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(t
     raw[-4:] = np.array([np.nan], dtype=np.float32).tobytes()
     cache.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match="task0.safetensors.*does not match the sha256.*Rebuilding it"):
+        torch.testing.assert_close(conditions(), fresh, atol=1e-5, rtol=0)
+    cache.write_bytes(cache.read_bytes()[:-100])  # truncated (a full disk, a killed copy)
+    with pytest.warns(UserWarning, match="task0.safetensors.*Rebuilding it"):
         torch.testing.assert_close(conditions(), fresh, atol=1e-5, rtol=0)
 
 
