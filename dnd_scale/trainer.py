@@ -77,7 +77,7 @@ from dnd_scale.io import (
     sha256_text,
     write_json,
 )
-from dnd_scale.loader import LoaderConfig, PairLoader
+from dnd_scale.loader import SKIP_KINDS, LoaderConfig, PairLoader
 from dnd_scale.plan import check_gpu_memory
 from dnd_scale.shards import load_prompt_pools, read_shard_index, verify_shards
 from dnd_scale.targets import PackedTargets, canonical_json_sha256
@@ -293,7 +293,10 @@ def condition_length(config: TrainConfig) -> int:
 
 
 class BatchStream(Protocol):
-    """A rank's endless, resumable sequence of micro-batches (dicts as `loader.collate_pairs` makes)."""
+    """A rank's endless, resumable sequence of micro-batches (dicts as `loader.collate_pairs` makes).
+
+    A stream that skips damaged data also has `skipped`: {kind: count} of `loader.SKIP_KINDS` so far;
+    the trainer logs it (a stream without it skips nothing)."""
 
     def __next__(self) -> dict: ...
 
@@ -357,10 +360,23 @@ class PairStream:
                 self.dropped += 1
                 batch = next(self._batches, None)
             self._batches = None
+        skipped = self.loader.skipped
+        if any(skipped.values()):
+            raise TrainError(
+                f"rank {self.loader.rank} got no full micro-batch of {self.batch_size} pairs in a whole epoch: its "
+                f"shards are damaged ({', '.join(f'{n} {kind}' for kind, n in skipped.items())}; see the warnings "
+                "above), changed or cut since the run checked them. Re-run `dnd shard` (after `dnd pack` if the "
+                "targets changed), then continue with --resume"
+            )
         raise TrainError(
             f"rank {self.loader.rank} got no full micro-batch of {self.batch_size} pairs in a whole epoch; "
             "lower train.micro_batch_size, write more pairs (`dnd shard`), or use fewer ranks"
         )
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Damaged data skipped behind the batches served so far (`PairLoader.skipped`)."""
+        return self.loader.skipped
 
     def state_dict(self) -> dict:
         return {"loader": self.loader.state_dict(), "dropped": self.dropped}
@@ -1027,6 +1043,7 @@ def _fit(
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "samples": step * samples_per_step, "step_time_s": elapsed,
                     "samples_per_s": samples_per_step / elapsed,
+                    **skip_totals(stream, device),  # collective: every rank logs at the same steps
                 })
                 bar.set_postfix(loss=f"{loss_value:.4g}")
             if step % config.checkpoint_every == 0 or step == config.steps or stopping:
@@ -1038,7 +1055,24 @@ def _fit(
                 break
     bar.close()
     log.close()
+    skipped = skip_totals(stream, device)
+    if rank == 0:
+        info = read_json(out_dir / "train_info.json", "train_info.json")
+        write_json(out_dir / "train_info.json", {**info, "skipped": skipped})
+        print(f"dnd train: damaged data skipped over all ranks: {skipped['corrupt_shards']} corrupt shards "
+              f"({skipped['lost_samples']} pairs lost), {skipped['bad_samples']} bad pairs", file=sys.stderr)
     return step
+
+
+def skip_totals(stream: BatchStream, device: torch.device) -> dict[str, int]:
+    """The damaged data every rank's stream skipped so far, summed over ranks ({kind: count} of
+    SKIP_KINDS); collective. Each rank's counts are part of its data position, so they survive a resume."""
+    import deepspeed.comm as dist
+
+    mine = getattr(stream, "skipped", None) or {}
+    counts = torch.tensor([float(mine.get(kind, 0)) for kind in SKIP_KINDS], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return {kind: int(n) for kind, n in zip(SKIP_KINDS, counts.tolist())}
 
 
 # --------------------------------------------------------------------------------------------------

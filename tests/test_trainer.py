@@ -265,6 +265,10 @@ class MeddledStream:
     def load_state_dict(self, state) -> None:
         self.inner.load_state_dict(state)
 
+    @property
+    def skipped(self) -> dict:
+        return self.inner.skipped
+
 
 class PoisonedStream(MeddledStream):
     """The production stream with NaN targets from micro-batch `at` on (a diverging run)."""
@@ -349,6 +353,42 @@ def test_a_full_disk_at_a_checkpoint_says_no_space_left_and_keeps_the_previous_o
         train(config, run, make_stream=filling)
     checkpoints = tmp_path / "gen" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step00000001", "step00000002"]
+
+
+def _cut_shards(data, every: int) -> None:
+    """Damage every `every`-th shard file after the run checked them (a failing disk, an overwrite
+    mid-run): cut after its first member's header, so all its pairs are lost."""
+    for shard in data.shard_index["shards"][::every]:
+        path = data.shards_dir / shard["file"]
+        path.write_bytes(path.read_bytes()[:700])
+
+
+def test_all_shards_damaged_after_the_check_say_so(tiny_run, tmp_path):
+    data = TrainingData.open(_copy_run(tiny_run[0], tmp_path))
+    _cut_shards(data, every=1)
+    stream = pair_stream(data, TrainConfig(micro_batch_size=2, num_workers=0), rank=0, world_size=1)
+    with pytest.raises(TrainError, match=r"no full micro-batch of 2 pairs in a whole epoch: its shards are damaged "
+                                         r"\(16 corrupt_shards, 144 lost_samples, 0 bad_samples; .*Re-run `dnd shard`"):  # over two epochs
+        next(stream)
+
+
+def test_skipped_damaged_data_is_in_the_metrics_the_train_info_and_a_summary(tiny_run, tmp_path, one_thread, capfd):
+    run, encoder_dir = tiny_run
+    run = _copy_run(run, tmp_path)
+    config = _tiny_train_config(encoder_dir, tmp_path / "gen")
+
+    def damaged(data, cfg, rank, world):
+        _cut_shards(data, every=2)
+        return pair_stream(data, cfg, rank, world)
+
+    out = train(config, run, make_stream=damaged)
+    records = read_jsonl(out / "metrics.jsonl")
+    counts = [(r["corrupt_shards"], r["lost_samples"], r["bad_samples"]) for r in records]
+    assert counts[0][0] >= 1 and counts[0][1] >= 1 and counts == sorted(counts), counts
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["skipped"] == dict(zip(("corrupt_shards", "lost_samples", "bad_samples"), counts[-1]))
+    assert (f"dnd train: damaged data skipped over all ranks: {counts[-1][0]} corrupt shards ({counts[-1][1]} pairs "
+            f"lost), {counts[-1][2]} bad pairs") in capfd.readouterr().err
 
 
 def test_an_in_process_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, one_thread):
