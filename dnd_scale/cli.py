@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 
 STAGES = {
@@ -60,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dnd: unknown stage {stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage])
+    # SIGTERM (`kill`, a scheduler) ends a stage as Ctrl-C does, through its cleanup (staging folders,
+    # temporary files, locks), where Python by default dies at once and leaves them behind.
+    # `dnd train` checkpoints on it instead while it trains (trainer.StopRequest).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return int(module.main(rest) or 0)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,14 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from dnd_scale.io import reporting_full_disk, save_flat_safetensors, save_safetensors, write_json
+from dnd_scale.io import (
+    building,
+    remove_stale_staging,
+    reporting_full_disk,
+    save_flat_safetensors,
+    save_safetensors,
+    write_json,
+)
 from dnd_scale.layout import LayoutError, LoraLayout
 from dnd_scale.tokenizer import WeightTokenizer
 
@@ -50,9 +57,10 @@ def _write_folder(
     provenance) and rename it into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir.parent, [f".{out_dir.name}.*"])  # this adapter's, left by a killed run
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        with reporting_full_disk(out_dir):
+        with building(staging), reporting_full_disk(out_dir):
             config = layout.to_peft_config(base_model_name_or_path=base_model)
             config.save_pretrained(str(staging))
             write_weights(staging / ADAPTER_WEIGHTS)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -125,6 +125,44 @@ def exclusive_folder(folder: str | os.PathLike, writer: str, remedy: str) -> Ite
         except BlockingIOError:
             raise FolderBusyError(f"another `{writer}` is writing to {folder}; {remedy}") from None
         yield
+
+
+@contextlib.contextmanager
+def building(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an flock on a staging folder while a stage builds it (the lock follows the folder through
+    renames and dies with the process), so `remove_stale_staging` of a later run tells a killed
+    run's leftovers from a folder another run is building now."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield Path(folder)
+    finally:
+        os.close(fd)
+
+
+def _being_built(folder: Path) -> bool:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_staging(parent: str | os.PathLike, patterns: Sequence[str]) -> list[Path]:
+    """Remove the staging folders (glob `patterns` under `parent`) that killed runs left behind; none
+    while any of them is being built (`building`): another run of the stage is at work there."""
+    found = sorted({p for pattern in patterns for p in Path(parent).glob(pattern) if p.is_dir()})
+    if any(_being_built(p) for p in found):
+        return []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -13,6 +13,7 @@ killed `dnd pack` never leaves new tokens beside old loss weights.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import tempfile
@@ -24,10 +25,12 @@ from tqdm import tqdm
 
 from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
 from dnd_scale.config import parse_stage_args
-from dnd_scale.io import _UMASK, ArtifactError
+from dnd_scale.io import _UMASK, ArtifactError, building, remove_stale_staging
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, link_task_targets, write_common, write_task_targets
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
+
+logger = logging.getLogger(__name__)
 
 TARGETS = "targets"
 LAYOUT = "layout.json"
@@ -75,35 +78,46 @@ def pack(
     earlier = [_previous_pack(out, layout, tokenizer)]
     if reuse is not None:
         earlier.append(_previous_pack(Path(reuse), layout, tokenizer))
-    mask = tokenizer.mask()
-    weights, hashes = [], {}
     # The new pack is built whole in a staging folder beside `out` and swapped in at the end: a run
-    # killed half-way leaves the previous pack as it was (tokens, loss weights and index together).
+    # killed half-way leaves the previous pack as it was (tokens, loss weights and index together);
+    # a run killed by SIGKILL leaves its staging folder, removed by the next pack.
+    stale = remove_stale_staging(run_dir, [f".{TARGETS}-staging-*", f".{TARGETS}-old-*"])
+    if stale:
+        logger.warning("removed what a killed `dnd pack` left: %s", ", ".join(p.name for p in stale))
     staging = Path(tempfile.mkdtemp(prefix=f".{TARGETS}-staging-", dir=run_dir))
     try:
-        for task, records in store.items():
-            hashes[task] = [r["sha256"] for r in records]
-            # The first earlier pack that holds this task's very checkpoints (this folder's own first).
-            source = next((packed for packed, previous in earlier if previous.get(task) == hashes[task]), None)
-            if source is not None:
-                link_task_targets(staging, task, source)  # a hard link: the file is not rewritten
-                stacked = torch.stack([source.get(task, k) for k in range(len(records))])
-            else:
-                stacked = torch.stack([
-                    _tokenize_checkpoint(run_dir, record, tokenizer, device)
-                    for record in tqdm(records, desc=f"pack {task}", unit="ckpt", leave=False)
-                ])  # (K, T, H, W)
-                write_task_targets(staging, task, stacked)
-            weights.append(criterion_weights(stacked, mask))
-        write_common(
-            staging, mask, torch.stack(weights).mean(dim=0), {**layout.to_dict(), "fingerprint": layout.fingerprint()},
-            extra={"tokenizer": tokenizer.state_dict_config(), "checkpoint_sha256": hashes},
-            fingerprint=layout.fingerprint(),
-        )
-        _swap_in(staging, out)
+        with building(staging):
+            _build(run_dir, store, earlier, tokenizer, layout, device, staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _build(run_dir: Path, store: dict, earlier: list, tokenizer: WeightTokenizer, layout: LoraLayout,
+           device: str | torch.device, staging: Path, out: Path) -> None:
+    """The pack's files in `staging`, then swapped in for `out`."""
+    mask = tokenizer.mask()
+    weights, hashes = [], {}
+    for task, records in store.items():
+        hashes[task] = [r["sha256"] for r in records]
+        # The first earlier pack that holds this task's very checkpoints (this folder's own first).
+        source = next((packed for packed, previous in earlier if previous.get(task) == hashes[task]), None)
+        if source is not None:
+            link_task_targets(staging, task, source)  # a hard link: the file is not rewritten
+            stacked = torch.stack([source.get(task, k) for k in range(len(records))])
+        else:
+            stacked = torch.stack([
+                _tokenize_checkpoint(run_dir, record, tokenizer, device)
+                for record in tqdm(records, desc=f"pack {task}", unit="ckpt", leave=False)
+            ])  # (K, T, H, W)
+            write_task_targets(staging, task, stacked)
+        weights.append(criterion_weights(stacked, mask))
+    write_common(
+        staging, mask, torch.stack(weights).mean(dim=0), {**layout.to_dict(), "fingerprint": layout.fingerprint()},
+        extra={"tokenizer": tokenizer.state_dict_config(), "checkpoint_sha256": hashes},
+        fingerprint=layout.fingerprint(),
+    )
+    _swap_in(staging, out)
 
 
 def _swap_in(staging: Path, out: Path) -> None:

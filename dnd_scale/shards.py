@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,12 +39,23 @@ import safetensors.numpy
 import webdataset as wds
 from tqdm import tqdm
 
-from dnd_scale.io import ArtifactError, read_json, reporting_full_disk, sha256_file, write_json
+from dnd_scale.io import (
+    ArtifactError,
+    building,
+    read_json,
+    remove_stale_staging,
+    reporting_full_disk,
+    sha256_file,
+    write_json,
+)
 from dnd_scale.targets import INDEX_FILE, PackedTargets, canonical_json_sha256, check_task_name
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 PROMPTS_DIR = "prompts"
 SHARD_PATTERN = "pairs-%06d.tar"
+STAGING_PREFIX = ".shard-staging-"
 BLOCK_SUFFIX = "safetensors"  # tar member `<key>.safetensors`
 
 
@@ -293,9 +305,12 @@ def build_shards(
     _validate(num_checkpoints, prompt_pools, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".shard-staging-", dir=out_dir))
+    stale = remove_stale_staging(out_dir, [f"{STAGING_PREFIX}*"])  # left by a run killed with SIGKILL
+    if stale:
+        log.warning("removed what a killed `dnd shard` left: %s", ", ".join(p.name for p in stale))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
     try:
-        with reporting_full_disk(out_dir):
+        with building(staging), reporting_full_disk(out_dir):
             index = _write_shard_set(staging, out_dir, num_checkpoints, prompt_pools, config, fingerprint, progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -161,6 +161,8 @@ def test_a_repack_killed_before_the_loss_weights_leaves_the_previous_pack(run, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "targets"]
     PackedTargets(tmp_path / "targets").verify()
     monkeypatch.undo()
+    for left in (".targets-staging-k1ll", ".targets-old-k1ll"):  # what a pack killed by SIGKILL leaves
+        (tmp_path / left).mkdir()
     pack(tmp_path, TokenizerConfig(chunk=16), names, reuse=run_dir / "targets")
     assert PackedTargets(tmp_path / "targets").tasks == names
     assert torch.equal(PackedTargets(tmp_path / "targets").weights, PackedTargets(run_dir / "targets").weights)

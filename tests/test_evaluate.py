@@ -190,6 +190,44 @@ def test_collect_checkpoint_file_scores_like_the_same_peft_folder(tiny, tmp_path
         evaluate(base, [mc_task()], adapters, config)
 
 
+def test_a_failed_eval_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
+    import tempfile
+
+    import dnd_scale.evaluate as evaluate_module
+
+    base = tiny["base"]
+    layout = LoraLayout.from_config(base.model.config, SPEC)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    layout.save(checkpoints / "layout.json")
+    (checkpoints / "taskx").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({m.key: torch.zeros(m.shape) for m in layout.matrices}, str(checkpoints / "taskx" / "1.safetensors"))
+    append_jsonl(checkpoints / "manifest.jsonl", {"task": "taskx", "step": 1, "file": "taskx/1.safetensors",
+                                                  "sha256": sha256_file(checkpoints / "taskx" / "1.safetensors")})
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the checkpoint's PEFT folder is made
+
+    def fails(model, *args):
+        if hasattr(model, "peft_config"):  # while the checkpoint is applied from its temporary folder
+            raise RuntimeError("scoring failed")
+        return real(model, *args)
+
+    real = evaluate_module.score_model
+    monkeypatch.setattr(evaluate_module, "score_model", fails)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        evaluate(base, [mc_task()], {"file": [checkpoints / "taskx" / "1.safetensors"]}, EvalConfig(max_records=2,
+                                                                                                   **FP32_CPU))
+    assert list(scratch.iterdir()) == []
+    monkeypatch.undo()
+    results = evaluate(base, [mc_task()], config=EvalConfig(max_records=2, **FP32_CPU))
+    monkeypatch.setattr(evaluate_module, "plot_report", lambda results, path: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        write_report(results, tmp_path / "report")
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["results.json", "results.md"]
+
+
 def test_generate_mode_batched_equals_one_by_one_and_scores_exact_match(tiny):
     base = tiny["base"]
     task = load_task("synthetic:add_numbers", num_records=5, seed=0)  # free-text answers: generate mode only

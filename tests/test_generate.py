@@ -131,3 +131,36 @@ def test_a_failed_generate_leaves_no_temporary_folder(export, tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         gen.generate(PROMPTS, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
+
+
+KILLED_GENERATE = """
+import os, signal, sys, time
+import dnd_scale.export as export
+from dnd_scale import cli
+
+real = export.save_flat_safetensors
+
+def terminated(*args, **kwargs):  # `kill` arrives while the adapter is being written
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+export.save_flat_safetensors = terminated
+sys.exit(cli.main(["generate", "--generator", sys.argv[1], "--prompts", sys.argv[2], "--out", sys.argv[3]]))
+"""
+
+
+def test_sigterm_and_a_killed_run_leave_no_temporary_folder(export, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "task.txt").write_text("\n".join(PROMPTS))
+    out = tmp_path / "adapters"
+    proc = subprocess.run([sys.executable, "-c", KILLED_GENERATE, str(export), str(tmp_path / "task.txt"), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    assert list(out.iterdir()) == [], "SIGTERM ran the cleanup: no staging folder is left"
+    (out / ".task.abc123").mkdir()  # what SIGKILL leaves: removed by the next generate of that adapter
+    main(["--generator", str(export), "--prompts", str(tmp_path / "task.txt"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["task"]
+

@@ -222,6 +222,19 @@ def test_a_full_disk_says_no_space_left_and_leaves_no_temporary_file(tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_staging_left_by_a_killed_run_is_removed_unless_a_run_builds_it(tmp_path):
+    from dnd_scale.io import building
+
+    (tmp_path / ".shard-staging-killed").mkdir()  # SIGKILL runs no cleanup
+    (tmp_path / ".shard-staging-killed" / "pairs-000000.tar").write_bytes(b"half")
+    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    assert not list(tmp_path.glob(".shard-staging-*"))
+    (tmp_path / ".shard-staging-running").mkdir()
+    with building(tmp_path / ".shard-staging-running"):  # another `dnd shard` is at work: left alone
+        build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+    assert [p.name for p in tmp_path.glob(".shard-staging-*")] == [".shard-staging-running"]
+
+
 def test_targets_changed_since_packing_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
