@@ -365,8 +365,9 @@ class PairStream:
             raise TrainError(
                 f"rank {self.loader.rank} got no full micro-batch of {self.batch_size} pairs in a whole epoch: its "
                 f"shards are damaged ({', '.join(f'{n} {kind}' for kind, n in skipped.items())}; see the warnings "
-                "above), changed or cut since the run checked them. Re-run `dnd shard` (after `dnd pack` if the "
-                "targets changed), then continue with --resume"
+                "above), changed or cut since the run checked them. Restore the shard files and continue with "
+                "--resume, or re-run `dnd shard` and train into a new train.output_dir (a checkpoint is bound to "
+                "the shards it trained on)"
             )
         raise TrainError(
             f"rank {self.loader.rank} got no full micro-batch of {self.batch_size} pairs in a whole epoch; "

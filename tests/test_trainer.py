@@ -368,7 +368,7 @@ def test_all_shards_damaged_after_the_check_say_so(tiny_run, tmp_path):
     _cut_shards(data, every=1)
     stream = pair_stream(data, TrainConfig(micro_batch_size=2, num_workers=0), rank=0, world_size=1)
     with pytest.raises(TrainError, match=r"no full micro-batch of 2 pairs in a whole epoch: its shards are damaged "
-                                         r"\(16 corrupt_shards, 144 lost_samples, 0 bad_samples; .*Re-run `dnd shard`"):  # over two epochs
+                                         r"\(16 corrupt_shards, 144 lost_samples, 0 bad_samples; .*re-run `dnd shard`"):  # over two epochs
         next(stream)
 
 
