@@ -130,7 +130,8 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     # 5. generate adapters for the held-out family from its prompts only (no answers, no training)
     generator = AdapterGenerator(export, "cpu")
     generated = [
-        generator.generate(heldout.prompts, out / "adapters" / f"{config.heldout_family}-{i}", seed=config.seed + i)
+        generator.generate(heldout.prompts, out / "adapters" / f"{config.heldout_family}-{i}", seed=config.seed + i,
+                           overwrite=True)
         for i in range(config.generated_samples)
     ]
     lap("generate")
