@@ -377,11 +377,16 @@ def _weights_sha256(model: torch.nn.Module) -> str:
 
 
 def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run_dir: Path) -> None:
-    """Write collect.json and layout.json on the first run; on a re-run, refuse anything that changed."""
+    """Write collect.json and layout.json on the first run; on a re-run, refuse anything that changed.
+
+    collect.json binds the run once a task is finished (its checkpoints are kept). Before that, a
+    collect that failed (a record without a response, an lr that diverges) kept nothing, so the next
+    attempt writes collect.json anew from its corrected config.
+    """
     checkpoints = run_dir / CHECKPOINTS
     meta_path = checkpoints / "collect.json"
     base_sha = _weights_sha256(base.model) if base.kind == "random-init" else None
-    if meta_path.exists():
+    if meta_path.exists() and next(checkpoints.glob(f"*/{COMPLETE}"), None) is not None:
         meta = read_json(meta_path, "collect metadata")
         if meta["layout_fingerprint"] != layout.fingerprint():
             raise LayoutError(
