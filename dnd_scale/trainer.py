@@ -120,7 +120,9 @@ class TrainConfig:
     number of GPUs (grad_accum_steps must then stay 1); a world size that does not divide it is
     refused. None: the global batch is micro × grad_accum_steps × world size."""
     steps: int = 1000
-    """Optimizer steps of the whole run (the cosine schedule ends here)."""
+    """Optimizer steps of the whole run (the cosine schedule ends here). Raise it with `--resume` to
+    continue a run past its end: the schedule stays the one the run started with, so the added steps
+    train at its final LR (lr × min_lr_ratio)."""
     lr: float = 1e-4
     """Peak learning rate of AdamW, reached at the end of warmup."""
     min_lr_ratio: float = 0.1
@@ -723,9 +725,11 @@ def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream, run: Mapp
     return int(client["step"])
 
 
-# Fields that may change between a run and its resumption: they do not alter the trajectory.
+# Fields that may change between a run and its resumption: they do not alter the trajectory up to
+# the checkpoint. `steps` continues a run past its end (`--resume --train.steps=MORE`, never below
+# the checkpoint's step): the LR schedule comes back from the checkpoint as the run started it.
 RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "encoder.batch_size", "generator.impl",
-                     "cudnn_benchmark"}  # fmt: skip
+                     "cudnn_benchmark", "steps"}  # fmt: skip
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -895,6 +899,11 @@ def _train(
 
     run = run_identity(config, data)
     start_step = load_checkpoint(engine, checkpoint_dir, stream, run) if (resume or export_only) else 0
+    if resume and start_step > config.steps:
+        raise TrainError(
+            f"--resume: the newest checkpoint of {out_dir} is at step {start_step}, past train.steps={config.steps}; "
+            f"set train.steps to {start_step} or more (more steps continue the run), or export it with --export-only"
+        )
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "train_config.yaml")
