@@ -89,7 +89,7 @@ from dnd_scale.io import (
     write_json,
 )
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
-from dnd_scale.tasks import Task, TaskRecord, load_tasks
+from dnd_scale.tasks import Task, TaskRecord, check_answers_vary, load_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -587,6 +587,8 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
         raise ValueError(f"task names must be unique within a run, found duplicates {duplicates}")
     if not config.base_model:
         raise ValueError("collect needs base_model: a model folder, a .gguf file or a model config.json")
+    for task in tasks:
+        check_answers_vary(task)
     ranks = Ranks.from_environment()
     if ranks.world_size > 1:
         return _collect_as_rank(config, tasks, Path(run_dir), ranks)
