@@ -457,3 +457,27 @@ def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(t
     cache.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match="task0.safetensors.*does not match the sha256.*Rebuilding it"):
         torch.testing.assert_close(conditions(), fresh, atol=1e-5, rtol=0)
+
+
+def test_the_condition_cache_says_what_it_builds_once(tiny_run, tmp_path, world_of_one, capfd):
+    run = _copy_run(tiny_run[0], tmp_path)
+    data, config = TrainingData.open(run), EncoderConfig(name=str(tiny_run[1]))
+    condition_source(config, 8, data.pools, run, 0, torch.device("cpu"))
+    err = capfd.readouterr().err
+    bound = 30 * 8 * 16 * 4 / 2**20  # prompts x L x D x float32, in MiB
+    assert f"encoding 30 prompts of 3 tasks once into the condition cache {run / 'conditions'}" in err
+    assert f"(at most {bound:.0f} MiB; later runs and --resume reuse it; --no-cache" in err
+    assert "condition cache: 100%" in err  # the progress bar over the tasks
+    condition_source(config, 8, data.pools, run, 0, torch.device("cpu"))
+    assert "encoding" not in capfd.readouterr().err  # built once: the next run reuses it silently
+
+
+def test_no_cache_encodes_on_the_fly(tmp_path, monkeypatch):
+    from dnd_scale import trainer
+
+    seen = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(trainer, "train", lambda config, run, **kwargs: seen.append(config) or run)
+    trainer.main(["--run", str(tmp_path), "--no-cache"])
+    trainer.main(["--run", str(tmp_path)])
+    assert [config.encoder.cache for config in seen] == [False, True]
