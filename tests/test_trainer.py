@@ -460,7 +460,10 @@ def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(t
 
 
 def test_the_condition_cache_says_what_it_builds_once(tiny_run, tmp_path, world_of_one, capfd):
+    import shutil
+
     run = _copy_run(tiny_run[0], tmp_path)
+    shutil.rmtree(run / "conditions", ignore_errors=True)  # caches that earlier tests' training built
     data, config = TrainingData.open(run), EncoderConfig(name=str(tiny_run[1]))
     condition_source(config, 8, data.pools, run, 0, torch.device("cpu"))
     err = capfd.readouterr().err
