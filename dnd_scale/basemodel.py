@@ -7,11 +7,14 @@
   the built-in character-level tokenizer (`build_tiny_tokenizer`), which needs no hub at all.
 
 A random-init model exists only as (config, seed); `save_base_model` writes it as a plain HF folder
-so that later stages (eval, generate) load the very same weights as a local folder.
+so that later stages (eval, generate) load the very same weights as a local folder. The folder says
+what it was saved from (`dnd_base.json`), so that it loads as kind "random-init, saved", never as a
+pretrained model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import string
@@ -29,6 +32,7 @@ from dnd_scale.layout import load_config_dict
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+SAVED_FROM = "dnd_base.json"  # written by save_base_model: the kind and source the folder was saved from
 
 # A minimal chat format for the tiny tokenizer: one special token per role and one end-of-turn token,
 # so the response of a rendered conversation is exactly the text after `<|assistant|>`.
@@ -162,7 +166,9 @@ def load_base_model(
             raise FileNotFoundError(f"base model folder {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch_device))
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        return BaseModel(model.eval(), tokenizer, str(path), "pretrained")
+        saved = json.loads((path / SAVED_FROM).read_text()) if (path / SAVED_FROM).is_file() else {}
+        kind = "random-init, saved" if saved.get("kind") == "random-init" else "pretrained"
+        return BaseModel(model.eval(), tokenizer, str(path), kind)
     raise FileNotFoundError(
         f"base model {str(source)!r} not found; expected a Hugging Face model folder, a .gguf file, "
         "or a model config.json (random-init model)"
@@ -237,6 +243,7 @@ def save_base_model(base: BaseModel, folder: str | os.PathLike) -> Path:
                 del base.model.config.quantization_config
         base.model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
+        (tmp / SAVED_FROM).write_text(json.dumps({"kind": base.kind, "source": base.source}) + "\n")
         os.replace(tmp, folder)
     finally:
         if tmp.exists():

@@ -395,7 +395,7 @@ def generate_worker(job: dict) -> dict:
             generator.tokens(prompts)  # encoder + generator forward
             sync()
             t1 = time.perf_counter()
-            generator.generate(prompts, adapter, dtype=job["dtype"])  # prompts -> PEFT folder on disk
+            generator.generate(prompts, adapter, dtype=job["dtype"], overwrite=True)  # prompts -> PEFT folder on disk
             sync()
             t2 = time.perf_counter()
             if i >= int(job["warmup"]):

@@ -14,6 +14,10 @@
 Each stage is a module with a `main(argv)`; this file only dispatches, so `dnd <stage> --help`
 documents the stage next to its code.
 
+A user error (a bad recipe or override, a missing file or folder, an unsupported model family, an
+artifact that fails its checks) prints one paragraph, `dnd <stage>: error: <what to do>`, and exits
+with status 1; `--debug` anywhere on the command line shows the traceback instead.
+
 DND_LOG_LEVEL=INFO (or DEBUG) in the environment prints dnd_scale's log records at that level,
 e.g. which shards each rank and loader worker reads.
 """
@@ -25,6 +29,8 @@ import logging
 import os
 import signal
 import sys
+import traceback
+from pathlib import Path
 
 STAGES = {
     "plan": "dnd_scale.plan",
@@ -40,8 +46,31 @@ STAGES = {
 }
 
 
+_PACKAGE = Path(__file__).resolve().parent
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """An error whose message is meant for the user: one of dnd_scale's own error types (a bad
+    recipe, artifact, layout, ...), a path that does not exist or cannot be used, or a ValueError /
+    RuntimeError that dnd_scale itself raised with a message saying what to do. A ValueError raised
+    deep inside torch or transformers is not: that one is a bug to report, with its traceback."""
+    try:
+        from dnd_scale.config import ConfigError
+        from dnd_scale.io import ArtifactError, FolderBusyError
+    except ImportError:  # the installation itself is broken: show everything
+        return False
+    if isinstance(error, (ConfigError, ArtifactError, FolderBusyError, *_PATH_ERRORS)):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_here = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+    return isinstance(error, (ValueError, RuntimeError, ImportError)) and raised_here
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if argv and argv[0].startswith(("--local_rank=", "--local-rank=")):
         # `deepspeed $(which dnd) <stage> ...` without --no_local_rank puts the flag before the stage;
         # the stages that run under a launcher (train, collect) take it, after their name.
@@ -60,12 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"dnd: unknown stage {stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[stage])
     # SIGTERM (`kill`, a scheduler) ends a stage as Ctrl-C does, through its cleanup (staging folders,
     # temporary files, locks), where Python by default dies at once and leaves them behind.
     # `dnd train` checkpoints on it instead while it trains (trainer.StopRequest).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(STAGES[stage])
+        return int(module.main(rest) or 0)
+    except Exception as error:  # noqa: BLE001 - sorted into user errors and bugs right here
+        if debug or not is_user_error(error):
+            raise
+        print(f"dnd {stage}: error: {error}\n(run again with --debug to see where it was raised)", file=sys.stderr)
+        return 1
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

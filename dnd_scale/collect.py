@@ -90,7 +90,7 @@ from dnd_scale.io import (
     write_json,
 )
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
-from dnd_scale.tasks import Task, TaskRecord, load_tasks
+from dnd_scale.tasks import Task, TaskRecord, check_answers_vary, load_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -378,11 +378,16 @@ def _weights_sha256(model: torch.nn.Module) -> str:
 
 
 def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run_dir: Path) -> None:
-    """Write collect.json and layout.json on the first run; on a re-run, refuse anything that changed."""
+    """Write collect.json and layout.json on the first run; on a re-run, refuse anything that changed.
+
+    collect.json binds the run once a task is finished (its checkpoints are kept). Before that, a
+    collect that failed (a record without a response, an lr that diverges) kept nothing, so the next
+    attempt writes collect.json anew from its corrected config.
+    """
     checkpoints = run_dir / CHECKPOINTS
     meta_path = checkpoints / "collect.json"
     base_sha = _weights_sha256(base.model) if base.kind == "random-init" else None
-    if meta_path.exists():
+    if meta_path.exists() and next(checkpoints.glob(f"*/{COMPLETE}"), None) is not None:
         meta = read_json(meta_path, "collect metadata")
         if meta["layout_fingerprint"] != layout.fingerprint():
             raise LayoutError(
@@ -584,6 +589,8 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
         raise ValueError(f"task names must be unique within a run, found duplicates {duplicates}")
     if not config.base_model:
         raise ValueError("collect needs base_model: a model folder, a .gguf file or a model config.json")
+    for task in tasks:
+        check_answers_vary(task)
     ranks = Ranks.from_environment()
     if ranks.world_size > 1:
         return _collect_as_rank(config, tasks, Path(run_dir), ranks)

@@ -76,12 +76,12 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     from dnd_scale.targets import PackedTargets
     from dnd_scale.tasks import load_task
     from dnd_scale.tokenizer import TokenizerConfig
-    from dnd_scale.trainer import TrainConfig, train
+    from dnd_scale.trainer import CHECKPOINTS_DIR, TrainConfig, latest_checkpoint, train
     import transformers
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "demo_config.yaml")
+    _claim_folder(config, out)
+    save_config(config, out / DEMO_CONFIG)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -124,13 +124,14 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
         encoder=EncoderConfig(max_length=config.condition_length),
         micro_batch_size=8, steps=config.train_steps, lr=1e-3, warmup_steps=10, zero_stage=0,
         checkpoint_every=config.train_steps, log_every=10, seed=config.seed, num_workers=0,
-    ), out) / "export"
+    ), out, resume=latest_checkpoint(out / "generator" / CHECKPOINTS_DIR) is not None) / "export"
     lap("train")
 
     # 5. generate adapters for the held-out family from its prompts only (no answers, no training)
     generator = AdapterGenerator(export, "cpu")
     generated = [
-        generator.generate(heldout.prompts, out / "adapters" / f"{config.heldout_family}-{i}", seed=config.seed + i)
+        generator.generate(heldout.prompts, out / "adapters" / f"{config.heldout_family}-{i}", seed=config.seed + i,
+                           overwrite=True)
         for i in range(config.generated_samples)
     ]
     lap("generate")
@@ -152,6 +153,32 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     print(_table(summary))
     print(f"[demo] report: {paths['results.md']}")
     return summary
+
+
+DEMO_CONFIG = "demo_config.yaml"
+
+
+def _claim_folder(config: DemoConfig, out: Path) -> None:
+    """The demo's run folder: new, empty, or an earlier demo of the same settings (whose finished
+    stages are then reused: collect skips its tasks, train resumes its finished run, the rest is
+    redone). Anything else is refused before a file is written."""
+    import yaml
+
+    from dnd_scale.config import ConfigError, to_dict
+
+    saved_path = out / DEMO_CONFIG
+    if saved_path.is_file():
+        saved, now = yaml.safe_load(saved_path.read_text()) or {}, to_dict(config)
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ConfigError(
+                f"{out} holds a demo run with other settings ({details}); run this one into a new folder "
+                f"(dnd demo --out OTHER), or delete {out} first"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no earlier demo; give dnd demo --out a new folder")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _summary(results: dict, family: str) -> dict:
@@ -186,7 +213,8 @@ def _table(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnd demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="run folder (created; must not hold another run)")
+    parser.add_argument("--out", default="runs/demo",
+                        help="run folder: created, or an earlier demo of the same settings (its finished stages are reused)")
     parser.add_argument("--train-steps", type=int, default=DemoConfig.train_steps)
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
     args = parser.parse_args(argv)

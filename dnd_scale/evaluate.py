@@ -50,6 +50,7 @@ per metric: base / each adapter group as mean ± std (best) per task) and accura
 from __future__ import annotations
 
 import argparse
+import glob
 import contextlib
 import logging
 import math
@@ -75,7 +76,7 @@ logger = logging.getLogger(__name__)
 
 BASE_LABEL = "base"
 SKIP_REASONS = ("no_answer", "no_options", "too_long")
-METRICS = {"loglik": ("accuracy", "accuracy_norm"), "generate": ("accuracy",)}
+METRICS = {"loglik": ("accuracy", "accuracy_norm", "answer_logprob_mean"), "generate": ("accuracy",)}
 REPORT_FILES = ("results.json", "results.md", "accuracy.png")
 # A collect checkpoint's layout and manifest live two folders up: <run>/checkpoints/<task>/<step>.safetensors.
 COLLECT_LAYOUT = "layout.json"
@@ -753,11 +754,15 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def format_cell(stats: Mapping[str, Any]) -> str:
-    """"41.2" for one model, "41.2 ± 1.3 (best 43.0)" for a group."""
+def _nats(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def format_cell(stats: Mapping[str, Any], form=_percent) -> str:
+    """"41.2" for one model, "41.2 ± 1.3 (best 43.0)" for a group (`form` writes one number)."""
     if stats["n"] == 1:
-        return _percent(stats["mean"])
-    return f"{_percent(stats['mean'])} ± {_percent(stats['std'])} (best {_percent(stats['best'])})"
+        return form(stats["mean"])
+    return f"{form(stats['mean'])} ± {form(stats['std'])} (best {form(stats['best'])})"
 
 
 def accuracy_tables(results: Mapping[str, Any]) -> list[str]:
@@ -770,13 +775,16 @@ def accuracy_tables(results: Mapping[str, Any]) -> list[str]:
         "accuracy": "accuracy (%), option with the highest summed log-likelihood" if results["mode"] == "loglik"
         else "accuracy (%), greedy generation, exact match after normalization",
         "accuracy_norm": "accuracy (%), option with the highest log-likelihood per token (secondary)",
+        # At chance-level accuracy (a random-init base, a weak adapter) this still moves: the signal left.
+        "answer_logprob_mean": "mean log-probability of the right answer (nats, summed over its tokens; higher is better)",
     }
     lines: list[str] = []
     for metric in results["metrics"]:
+        form = _nats if metric == "answer_logprob_mean" else _percent
         lines += ["", f"## {titles[metric]}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         for task, groups in results["summary"].items():
             cells = [task, str(results["tasks"][task]["evaluated"]),
-                     *(format_cell(groups[label][metric]) for label in labels)]
+                     *(format_cell(groups[label][metric], form) for label in labels)]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -790,8 +798,11 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         f"Base model `{base['source']}` ({base['kind']}, {base['model_type']}, {base['dtype']}, {base['device']}); "
         f"mode {results['mode']}; at most {results['config']['max_records'] or 'all'} records per task "
         f"(seed {results['config']['seed']}). Groups of several adapters: mean ± sample std (best).",
-        *accuracy_tables(results),
     ]
+    if base["kind"].startswith("random-init"):
+        lines += ["", "The base model is random-init: it knows nothing, so accuracies near chance are expected; "
+                      "the mean log-probability of the right answer is the signal that remains."]
+    lines += accuracy_tables(results)
     lines += ["", "## records", "", "| task | records | scorable | evaluated | " + " | ".join(SKIP_REASONS) + " |",
               "|" + "---|" * (4 + len(SKIP_REASONS))]
     for task, info in results["tasks"].items():
@@ -875,13 +886,39 @@ def parse_adapter_groups(tokens: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
+def expand_adapter_paths(paths: Sequence[str]) -> list[str]:
+    """Adapter paths as a shell would not give them: a quoted glob (`run/checkpoints/*/200.safetensors`)
+    is expanded, sorted; a folder that is not itself an adapter stands for the adapter folders and
+    `*.safetensors` checkpoints directly inside it (`out/adapters`, `run/checkpoints/<task>`). A glob
+    or folder that yields nothing is an error, never an empty group."""
+    expanded: list[str] = []
+    for path in paths:
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches:
+            raise ValueError(f"adapter glob {path!r} matches no file or folder")
+        for match in matches:
+            folder = Path(match)
+            if folder.is_dir() and not (folder / ADAPTER_CONFIG).is_file():
+                inside = sorted(str(p) for p in folder.iterdir()
+                                if (p / ADAPTER_CONFIG).is_file() or (p.is_file() and p.suffix == ".safetensors"))
+                if not inside:
+                    raise ValueError(f"adapter folder {match!r} holds no adapter folders ({ADAPTER_CONFIG}) or "
+                                     "*.safetensors checkpoints")
+                expanded += inside
+            else:
+                expanded.append(match)
+    return expanded
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnd eval", description=__doc__.splitlines()[0])
     defaults = EvalConfig()
     parser.add_argument("--base", required=True, help="base model: HF folder, .gguf file, or config.json (random init)")
     parser.add_argument("--tasks", nargs="+", required=True, help="task files (.json/.jsonl) or synthetic:<family>")
     parser.add_argument("--adapters", nargs="+", action="extend", default=[], metavar="LABEL=PATH [PATH ...]",
-                        help="adapter groups, e.g. --adapters train=run/checkpoints/*/200.safetensors generated=out/a*")
+                        help="adapter groups, e.g. --adapters 'train=run/checkpoints/*/200.safetensors' "
+                             "generated=out/adapters: a path is an adapter folder, a checkpoint, a glob (quoted, "
+                             "dnd expands it) or a folder of adapters")
     parser.add_argument("--out", required=True, help="report folder (results.json, results.md, accuracy.png)")
     parser.add_argument("--mode", choices=sorted(METRICS), default=defaults.mode)
     parser.add_argument("--max-records", type=int, default=defaults.max_records, help="seeded subsample per task")
@@ -904,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_other_base=args.allow_other_base,
     )
     try:
-        adapters = parse_adapter_groups(args.adapters)
+        adapters = {label: expand_adapter_paths(paths) for label, paths in parse_adapter_groups(args.adapters).items()}
     except ValueError as error:
         parser.error(str(error))
     results = evaluate(args.base, args.tasks, adapters, config)

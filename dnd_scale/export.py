@@ -3,7 +3,8 @@
 The folder holds ``adapter_config.json`` (written by peft's own LoraConfig), ``adapter_model.safetensors``
 (exact PEFT keys, chosen dtype) and ``provenance.json`` (what made it: generator and prompt hashes,
 layout fingerprint). The folder is assembled under a temporary name and renamed into place, so a
-reader never sees half an adapter.
+reader never sees half an adapter; it is as readable as any file the user writes (the umask), and an
+existing folder is replaced only when asked (`overwrite=True`, `dnd generate --overwrite`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dnd_scale.io import (
+    _UMASK,
     building,
     remove_stale_staging,
     reporting_full_disk,
@@ -45,6 +47,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def refuse_existing(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """An existing adapter folder is replaced only with `overwrite`; otherwise say how to proceed."""
+    if not overwrite and os.path.lexists(out_dir):
+        raise FileExistsError(
+            f"{out_dir} already exists; nothing was written. Choose another output folder, or replace it "
+            "with `dnd generate --overwrite` (overwrite=True from Python)"
+        )
+
+
 def _write_folder(
     layout: LoraLayout,
     out_dir: str | os.PathLike,
@@ -52,14 +63,17 @@ def _write_folder(
     dtype: torch.dtype,
     base_model: str | None,
     provenance: Mapping[str, Any] | None,
+    overwrite: bool,
 ) -> Path:
     """Assemble an adapter folder under a temporary name (config, weights via `write_weights`,
-    provenance) and rename it into place."""
+    provenance) and rename it into place (replacing an existing one only with `overwrite`)."""
     out_dir = Path(out_dir)
+    refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir.parent, [f".{out_dir.name}.*"])  # this adapter's, left by a killed run
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; others and servers must read adapters
         with building(staging), reporting_full_disk(out_dir):
             config = layout.to_peft_config(base_model_name_or_path=base_model)
             config.save_pretrained(str(staging))
@@ -87,13 +101,14 @@ def write_adapter(
     dtype: torch.dtype | str = torch.float32,
     base_model: str | None = None,
     provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a PEFT adapter folder from a LoRA state dict with PEFT keys (validated against the layout)."""
     dtype = parse_dtype(dtype)
     layout.check_state_dict(state_dict, "adapter")
     tensors = {m.key: state_dict[m.key].to(dtype) for m in layout.matrices}
     return _write_folder(layout, out_dir, lambda path: save_safetensors(tensors, path, metadata=_METADATA),
-                         dtype, base_model, provenance)  # fmt: skip
+                         dtype, base_model, provenance, overwrite)  # fmt: skip
 
 
 def export_tokens(
@@ -104,12 +119,14 @@ def export_tokens(
     dtype: torch.dtype | str = torch.float32,
     base_model: str | None = None,
     provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Generator output tokens (T, r+2, c+2) → detokenize on the tokens' device (the Triton kernel on a
     GPU) → PEFT adapter folder (``write_flat_adapter``)."""
     dtype = parse_dtype(dtype)
     flat = tokenizer.detokenize_flat(tokens.detach().float(), dtype=dtype)
-    return write_flat_adapter(flat, tokenizer, out_dir, base_model=base_model, provenance=provenance)
+    return write_flat_adapter(flat, tokenizer, out_dir, base_model=base_model, provenance=provenance,
+                              overwrite=overwrite)
 
 
 def write_flat_adapter(
@@ -119,6 +136,7 @@ def write_flat_adapter(
     *,
     base_model: str | None = None,
     provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """A detokenized flat buffer (``WeightTokenizer.detokenize_flat``, any device) → PEFT adapter folder
     in the buffer's dtype. The buffer already is the adapter's tensors back to back in layout order,
@@ -139,5 +157,5 @@ def write_flat_adapter(
     entries = tokenizer.flat_entries()
     return _write_folder(
         tokenizer.layout, out_dir, lambda path: save_flat_safetensors(host, entries, path, metadata=_METADATA),
-        flat.dtype, base_model, {**(provenance or {}), "tokenizer": tokenizer.state_dict_config()},
+        flat.dtype, base_model, {**(provenance or {}), "tokenizer": tokenizer.state_dict_config()}, overwrite,
     )  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 
 from dnd_scale.config import from_dict
 from dnd_scale.encoder import ConditionEncoder, prompts_fingerprint
-from dnd_scale.export import export_tokens, parse_dtype
+from dnd_scale.export import export_tokens, parse_dtype, refuse_existing
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
 from dnd_scale.io import ArtifactError, load_safetensors, read_json, read_text, sha256_file
 from dnd_scale.layout import LayoutError, LoraLayout
@@ -106,11 +106,14 @@ class AdapterGenerator:
         return self.generator(cond)[0].float()
 
     def generate(self, prompts: Sequence[str], out_dir: str | Path, *, dtype: str = "float32", seed: int = 0,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, overwrite: bool = False) -> Path:
+        """An adapter folder at `out_dir` from a sample of `prompts`; an existing folder is refused
+        unless `overwrite`."""
+        refuse_existing(out_dir, overwrite)
         chosen = self.pick_prompts(prompts, seed)
         tokens = self.tokens(chosen)
         return export_tokens(tokens, self.tokenizer, out_dir, dtype=parse_dtype(dtype), base_model=self.base_model,
-                             provenance={
+                             overwrite=overwrite, provenance={
                                  "generator_sha256": self.generator_sha256,
                                  "generator_dir": str(self.export_dir),
                                  "prompts_sha256": prompts_fingerprint(chosen),
@@ -146,13 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--impl", choices=["auto", "torch", "triton"], default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace adapter folders that already exist")
     args = parser.parse_args(argv)
+    jobs = [(path, sample, Path(args.out) / (Path(path).stem if args.samples == 1 else f"{Path(path).stem}-{sample}"))
+            for path in args.prompts for sample in range(args.samples)]
+    existing = [str(out) for _, _, out in jobs if out.exists()]
+    if existing and not args.overwrite:  # before the generator loads: nothing is written at all
+        parser.error(f"these adapter folders already exist: {', '.join(existing)}; pass --overwrite to replace "
+                     "them, or choose another --out")
     generator = AdapterGenerator(args.generator, args.device, args.impl)
-    for path in args.prompts:
-        prompts = read_prompts(path)
-        for sample in range(args.samples):
-            start = time.perf_counter()
-            name = Path(path).stem if args.samples == 1 else f"{Path(path).stem}-{sample}"
-            out = generator.generate(prompts, Path(args.out) / name, dtype=args.dtype, seed=args.seed + sample)
-            print(f"{out}  ({time.perf_counter() - start:.2f} s)")
+    for path, sample, out in jobs:
+        start = time.perf_counter()
+        generator.generate(read_prompts(path), out, dtype=args.dtype, seed=args.seed + sample, overwrite=args.overwrite)
+        print(f"{out}  ({time.perf_counter() - start:.2f} s)")
     return 0

@@ -221,6 +221,23 @@ def load_task(spec: str, *, num_records: int = 256, seed: int = 0) -> Task:
     return Task(name=task_name, records=records, source=spec)
 
 
+# Below this many answered records, one answer for all of them may be chance (16 two-option records
+# agree by chance once in 2^15); above it, the set teaches a constant.
+MIN_ANSWERS_TO_JUDGE = 16
+
+
+def check_answers_vary(task: Task) -> None:
+    """Refuse a training set whose records all give the same option: a LoRA trained on it learns to
+    answer that option whatever the question (the DnD data's PIQA_test: 3084 records, all [A])."""
+    answers = [record.answer for record in task.records if record.answer is not None]
+    if len(answers) >= MIN_ANSWERS_TO_JUDGE and len(set(answers)) == 1:
+        raise ValueError(
+            f"task {task.name!r} ({task.source}): all {len(answers)} answers are {answers[0]}, so a LoRA trained "
+            f"on it learns to answer {answers[0]} whatever the question; train on a set whose answers vary (e.g. "
+            "the train split instead of a test split sorted by answer), or drop it from the recipe's tasks"
+        )
+
+
 def load_tasks(specs: Sequence[str], *, num_records: int = 256, seed: int = 0) -> list[Task]:
     """Load several tasks; their names must be unique because each names a checkpoint folder."""
     tasks = [load_task(spec, num_records=num_records, seed=seed) for spec in specs]

@@ -121,7 +121,9 @@ class TrainConfig:
     number of GPUs (grad_accum_steps must then stay 1); a world size that does not divide it is
     refused. None: the global batch is micro × grad_accum_steps × world size."""
     steps: int = 1000
-    """Optimizer steps of the whole run (the cosine schedule ends here)."""
+    """Optimizer steps of the whole run (the cosine schedule ends here). Raise it with `--resume` to
+    continue a run past its end: the schedule stays the one the run started with, so the added steps
+    train at its final LR (lr × min_lr_ratio)."""
     lr: float = 1e-4
     """Peak learning rate of AdamW, reached at the end of warmup."""
     min_lr_ratio: float = 0.1
@@ -438,7 +440,7 @@ def condition_source(
     if rank == 0:
         # Keyed by the encoder's content: new weights saved at the same path make every cache stale.
         weights = encoder_weights_sha256(path, memo=Path(run_dir) / CONDITIONS_DIR / "encoder-sha256.json")
-        encoder = None
+        stale = []
         for task, pool in pools.items():
             if paths[task].is_file():
                 try:
@@ -448,9 +450,18 @@ def condition_source(
                         continue
                 except ArtifactError as exn:
                     warnings.warn(f"{exn}. Rebuilding it.", stacklevel=2)
-            if encoder is None:
-                encoder = ConditionEncoder(config.name, length, device, config.batch_size)
-            ConditionCache.build(encoder, pool, paths[task], CACHE_DTYPES[config.cache_dtype], encoder_sha256=weights)
+            stale.append(task)
+        if stale:
+            encoder = ConditionEncoder(config.name, length, device, config.batch_size)
+            prompts = sum(len(pools[task]) for task in stale)
+            bound = prompts * length * encoder.dim * CACHE_DTYPES[config.cache_dtype].itemsize
+            # The one encoder pass of the run, and its largest file write: say so before it starts.
+            print(f"dnd train: encoding {prompts} prompts of {len(stale)} tasks once into the condition cache "
+                  f"{folder} (at most {bound / 2**20:.0f} MiB; later runs and --resume reuse it; --no-cache "
+                  "encodes on the fly instead)", file=sys.stderr, flush=True)
+            for task in tqdm(stale, desc="condition cache", unit="task"):
+                ConditionCache.build(encoder, pools[task], paths[task], CACHE_DTYPES[config.cache_dtype],
+                                     encoder_sha256=weights)
         write_json(folder / "encoder.json", {"encoder": name, "length": length, "dtype": config.cache_dtype})
     dist.barrier()
     return ConditionSource(caches={task: ConditionCache(path) for task, path in paths.items()})
@@ -740,9 +751,11 @@ def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream, run: Mapp
     return int(client["step"])
 
 
-# Fields that may change between a run and its resumption: they do not alter the trajectory.
+# Fields that may change between a run and its resumption: they do not alter the trajectory up to
+# the checkpoint. `steps` continues a run past its end (`--resume --train.steps=MORE`, never below
+# the checkpoint's step): the LR schedule comes back from the checkpoint as the run started it.
 RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "encoder.batch_size", "generator.impl",
-                     "cudnn_benchmark"}  # fmt: skip
+                     "cudnn_benchmark", "steps"}  # fmt: skip
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -912,6 +925,11 @@ def _train(
 
     run = run_identity(config, data)
     start_step = load_checkpoint(engine, checkpoint_dir, stream, run) if (resume or export_only) else 0
+    if resume and start_step > config.steps:
+        raise TrainError(
+            f"--resume: the newest checkpoint of {out_dir} is at step {start_step}, past train.steps={config.steps}; "
+            f"set train.steps to {start_step} or more (more steps continue the run), or export it with --export-only"
+        )
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "train_config.yaml")
@@ -1095,10 +1113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML recipe; its `train:` section is read")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output folder")
     parser.add_argument("--export-only", action="store_true", help="load the newest checkpoint and only export it")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="encode prompts on the fly instead of caching each pool's embeddings once under "
+                             "<run>/conditions/ (= --train.encoder.cache=false; for pools too large to cache)")
     # The deepspeed launcher appends --local_rank unless given --no_local_rank; the rank comes from
     # the environment either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args, config, _ = parse_stage_args(parser, argv, TrainConfig, "train")
+    if args.no_cache:
+        config.encoder.cache = False
     launched = "RANK" in os.environ
     out = train(config, args.run, resume=args.resume, export_only=args.export_only)
     if int(os.environ.get("RANK", 0)) == 0:

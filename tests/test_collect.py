@@ -309,3 +309,19 @@ def test_command_line_reads_recipe_tasks_and_overrides(base_config, tmp_path, ca
     assert [(r["task"], r["step"]) for r in read_manifest(tmp_path / "run")] == [("uppercase", 2), ("uppercase", 3)]
     with pytest.raises(ValueError, match="overrides of the collect section only"):
         main(["--run", str(tmp_path / "run"), "--tasks", "synthetic:uppercase", "--train.lr=1"])
+
+
+def test_a_failed_first_collect_does_not_bind_the_run_to_its_config(config, tasks, tmp_path):
+    long_prompt = Task("long", [TaskRecord("x" * 300, "y")], "long.json")
+    with pytest.raises(ValueError, match="no record keeps a response token within max_length=256"):
+        collect(config, [long_prompt], tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "collect.json").is_file()
+    # the corrected recipe (longer max_length, another rank) collects into the same folder
+    fixed = replace(config, max_length=400, lora=LoraSpec(rank=4, alpha=8.0))
+    records = collect(fixed, [long_prompt, tasks[0]], tmp_path / "run")
+    assert {r["task"] for r in records} == {"long", "add_numbers"}
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "collect.json").read_text())
+    assert meta["config"]["max_length"] == 400 and meta["config"]["lora"]["rank"] == 4
+    # once a task is finished, the run is bound to its config
+    with pytest.raises(ValueError, match=r"another config \(max_length: 400 -> 256"):
+        collect(replace(fixed, max_length=256), [tasks[1]], tmp_path / "run")

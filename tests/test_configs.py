@@ -58,3 +58,33 @@ def test_tiny_recipe_stage_by_stage_through_the_cli(tmp_path, one_thread, monkey
                 "--device", "cpu"]) == 0
     assert (tmp_path / "ad" / "heldout" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "generator" / "train_config.yaml").is_file()
+
+
+DATA = ROOT.parent / "shared" / "data"  # the DnD data sets, where this machine has them
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_train_on_sets_whose_answers_vary(recipe):
+    from dnd_scale.tasks import check_answers_vary, load_task
+
+    files = [spec for spec in yaml.safe_load(recipe.read_text())["tasks"] if spec.endswith((".json", ".jsonl"))]
+    assert not [spec for spec in files if "_test" in Path(spec).stem], "a recipe trains on train splits"
+    present = [DATA.parent / spec if spec.startswith("data/") else ROOT / spec for spec in files]
+    for path in [p for p in present if p.is_file()]:
+        check_answers_vary(load_task(str(path)))
+
+
+def test_a_task_whose_answers_are_all_one_option_is_refused(tmp_path):
+    import json
+
+    from dnd_scale.collect import CollectConfig, collect
+    from dnd_scale.tasks import Task, check_answers_vary, load_task
+
+    records = [{"prompt": f"Goal {i}?\nA: one\nB: two", "response": "[A]"} for i in range(16)]
+    (tmp_path / "constant.json").write_text(json.dumps(records))
+    task = load_task(str(tmp_path / "constant.json"))
+    with pytest.raises(ValueError, match=r"all 16 answers are \[A\], so a LoRA trained on it learns to answer \[A\]"):
+        collect(CollectConfig(base_model="unused.json", steps=1, save_last=1), [task], tmp_path / "run")
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+    assert task.records[0].options == ["[A]", "[B]"]
+    check_answers_vary(Task("few", task.records[:15], "few.json"))  # 15 agreeing answers may be chance

@@ -45,3 +45,19 @@ def test_demo_runs_in_time_and_reports_what_it_measured(tmp_path):
     stdout_again, _ = run_demo(tmp_path / "demo-again")
     table = [line for line in stdout.splitlines() if line.startswith("|")]
     assert table == [line for line in stdout_again.splitlines() if line.startswith("|")]
+
+
+def test_the_demo_runs_twice_into_one_folder_and_refuses_other_settings(tmp_path, one_thread):
+    from dnd_scale.config import ConfigError
+    from dnd_scale.demo import DemoConfig, run_demo
+
+    config = DemoConfig(train_families=("reverse_word", "parity_tf"), records=16, collect_steps=3, trajectory=2,
+                        num_prompts=4, pairs_per_task=8, train_steps=2, generated_samples=1, eval_records=4)
+    first = run_demo(config, tmp_path / "demo")
+    assert run_demo(config, tmp_path / "demo") == first  # the README's command, again: the same table
+    with pytest.raises(ConfigError, match=r"other settings \(train_steps: 2 -> 3\).*--out"):
+        run_demo(DemoConfig(**{**config.__dict__, "train_steps": 3}), tmp_path / "demo")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no earlier demo"):
+        run_demo(config, tmp_path / "other")

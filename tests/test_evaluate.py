@@ -519,3 +519,44 @@ def test_wilson_interval_brackets_the_accuracy():
     assert wilson_interval(10, 10)[1] == 1.0
     with pytest.raises(ValueError):
         wilson_interval(0, 0)
+
+
+def test_adapters_given_as_a_quoted_glob_or_a_folder(tiny, tmp_path):
+    from dnd_scale.evaluate import expand_adapter_paths
+
+    folder = tiny["folder"]
+    adapters = sorted(str(tiny["adapters"][name]) for name in ("big", "zero"))
+    assert expand_adapter_paths([str(folder / "[bz]*")]) == adapters  # a glob the shell left alone
+    (tmp_path / "generated").mkdir()
+    for name in ("big", "zero"):
+        (tmp_path / "generated" / name).symlink_to(tiny["adapters"][name], target_is_directory=True)
+    (tmp_path / "generated" / "notes.txt").write_text("not an adapter")
+    assert expand_adapter_paths([str(tmp_path / "generated")]) == sorted(str(tmp_path / "generated" / n)
+                                                                         for n in ("big", "zero"))
+    assert expand_adapter_paths([str(tiny["adapters"]["big"])]) == [str(tiny["adapters"]["big"])]  # an adapter itself
+    with pytest.raises(ValueError, match="matches no file or folder"):
+        expand_adapter_paths([str(tmp_path / "nothing" / "*.safetensors")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no adapter folders"):
+        expand_adapter_paths([str(tmp_path / "empty")])
+    argv = ["--base", str(tiny["config_path"]), "--tasks", "synthetic:parity_tf", "--task-records", "6",
+            "--adapters", f"gen={tmp_path / 'generated'}", f"big={folder / 'b*'}",
+            "--out", str(tmp_path / "out"), "--max-records", "4", "--dtype", "float32", "--device", "cpu"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["adapters"]["gen"]) == 2 and len(results["adapters"]["big"]) == 1
+
+
+def test_the_report_names_a_saved_random_init_base_and_tables_the_answer_logprob(tiny, tmp_path):
+    from dnd_scale.basemodel import save_base_model
+
+    saved = load_base_model(save_base_model(tiny["base"], tmp_path / "base_model"), **FP32_CPU)
+    assert saved.kind == "random-init, saved"  # what collect writes for later stages: not "pretrained"
+    results = evaluate(saved, [mc_task()], {"gen": [tiny["adapters"]["big"]]}, EvalConfig(**FP32_CPU))
+    markdown = write_report(results, tmp_path / "report")["results.md"].read_text()
+    assert "pretrained" not in markdown and "(random-init, saved, qwen2" in markdown
+    assert "random-init: it knows nothing" in markdown
+    logprob = results["summary"]["largest_number_mc"]["base"]["answer_logprob_mean"]["mean"]
+    assert logprob == results["models"][0]["tasks"]["largest_number_mc"]["answer_logprob_mean"] < 0
+    assert "## mean log-probability of the right answer" in markdown
+    assert f"| largest_number_mc | 12 | {logprob:.3f} | " in markdown

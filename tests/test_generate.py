@@ -164,3 +164,53 @@ def test_sigterm_and_a_killed_run_leave_no_temporary_folder(export, tmp_path):
     main(["--generator", str(export), "--prompts", str(tmp_path / "task.txt"), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["task"]
 
+
+def test_adapter_folders_follow_the_umask(export, tmp_path):
+    from dnd_scale.io import _UMASK
+
+    folder = AdapterGenerator(export).generate(PROMPTS, tmp_path / "adapter")
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~_UMASK  # not mkdtemp's 0700
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK, path.name
+
+
+def test_an_existing_adapter_folder_is_replaced_only_with_overwrite(export, tmp_path, capsys):
+    prompts = tmp_path / "task.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    argv = ["--generator", str(export), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(argv) == 0
+    weights = tmp_path / "out" / "task" / ADAPTER_WEIGHTS
+    before = weights.stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        main(argv + ["--seed", "1"])
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--overwrite" in err
+    assert weights.stat().st_mtime_ns == before
+    gen = AdapterGenerator(export)
+    with pytest.raises(FileExistsError, match="already exists; nothing was written"):
+        gen.generate(PROMPTS, tmp_path / "out" / "task", seed=1)
+    assert weights.stat().st_mtime_ns == before
+    assert main(argv + ["--seed", "1", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "out" / "task" / PROVENANCE).read_text())["seed"] == 1
+
+
+def test_several_prompt_files_load_the_generator_once(export, tmp_path, monkeypatch):
+    import dnd_scale.generate as generate_module
+
+    files = []
+    for name in ("a", "b", "c"):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps([f"{name}: {p}" for p in PROMPTS]))
+    loads = []
+
+    class Counting(AdapterGenerator):
+        def __init__(self, *args, **kwargs):
+            loads.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "AdapterGenerator", Counting)
+    assert main(["--generator", str(export), "--prompts", *map(str, files), "--out", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    assert len(loads) == 1
+    hashes = {json.loads((tmp_path / "out" / n / PROVENANCE).read_text())["prompts_sha256"] for n in "abc"}
+    assert len(hashes) == 3

@@ -219,7 +219,8 @@ def test_resume_refuses_a_config_that_changes_the_trajectory(tmp_path):
     saved = TrainConfig(steps=20, lr=1e-3, log_every=5)
     save_config(saved, tmp_path / "train_config.yaml")
     check_resume_config(TrainConfig(steps=20, lr=1e-3, log_every=1, checkpoint_every=7), tmp_path / "train_config.yaml")
-    with pytest.raises(TrainError, match=r"lr: 0.001 -> 0.002, steps: 20 -> 40; restore them"):
+    check_resume_config(TrainConfig(steps=40, lr=1e-3), tmp_path / "train_config.yaml")  # more steps: continue
+    with pytest.raises(TrainError, match=r"differ \(saved -> now\): lr: 0.001 -> 0.002; restore them"):
         check_resume_config(TrainConfig(steps=40, lr=2e-3), tmp_path / "train_config.yaml")
     with pytest.raises(TrainError, match=r"encoder.max_length: None -> 8"):
         check_resume_config(TrainConfig(steps=20, lr=1e-3, encoder=EncoderConfig(max_length=8)), tmp_path / "train_config.yaml")
@@ -406,6 +407,25 @@ def test_an_in_process_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_pat
     assert final.keys() == reference.keys() and all((final[k] == reference[k]).all() for k in final)
 
 
+def test_a_finished_run_continues_with_more_steps(tiny_run, tmp_path, one_thread):
+    run, encoder_dir = tiny_run
+    config = _tiny_train_config(encoder_dir, tmp_path / "gen", steps=3, min_lr_ratio=0.5, checkpoint_every=10)
+    out = train(config, run)
+    before = load_file(out / "export" / "model.safetensors")
+    more = _tiny_train_config(encoder_dir, tmp_path / "gen", steps=5, min_lr_ratio=0.5, checkpoint_every=10)
+    train(more, run, resume=True)
+    log = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    # the schedule the run started with: steps 4 and 5 train at its final LR, lr x min_lr_ratio
+    assert log[3]["lr"] == log[4]["lr"] == pytest.approx(1e-2 * 0.5)
+    assert (out / "checkpoints" / "latest").read_text() == "step00000005"
+    assert json.loads((out / "export" / "config.json").read_text())["step"] == 5
+    after = load_file(out / "export" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(TrainError, match=r"at step 5, past train.steps=4; set train.steps to 5 or more"):
+        train(_tiny_train_config(encoder_dir, tmp_path / "gen", steps=4, min_lr_ratio=0.5), run, resume=True)
+
+
 class WritesMarker:
     """Unpickling this object calls open(path, "w"): the code a crafted checkpoint would run."""
 
@@ -438,8 +458,8 @@ def test_resume_compares_with_the_checkpoint_not_a_deletable_yaml(tiny_run, tmp_
     (out / "train_config.yaml").unlink()
     changed = _tiny_train_config(encoder_dir, tmp_path / "gen", steps=6, lr=2e-2, weight_decay=0.1, log_every=2)
     message = (r"checkpoint .*step00000002 belongs to another run: these differ \(checkpoint -> now\): "
-               r"train_config.lr: 0.01 -> 0.02, train_config.steps: 2 -> 6, train_config.weight_decay: 0.01 -> 0.1\. "
-               r"Restore the train fields")  # log_every may change: it does not alter the trajectory
+               r"train_config.lr: 0.01 -> 0.02, train_config.weight_decay: 0.01 -> 0.1\. "
+               r"Restore the train fields")  # log_every and steps may change: the trajectory so far stays
     for flags in ({"resume": True}, {"export_only": True}):
         with pytest.raises(TrainError, match=message):
             train(changed, run, **flags)
@@ -579,3 +599,31 @@ def test_a_worker_error_or_an_interrupt_ends_the_process_promptly(tiny_run, tmp_
         pytest.fail(f"the process hung after the {fault}; its output:\n{err[-3000:]}")
     assert proc.returncode != 0
     assert ("KeyboardInterrupt" if fault == "interrupt" else "task0.safetensors") in err, err[-3000:]
+
+
+
+def test_the_condition_cache_says_what_it_builds_once(tiny_run, tmp_path, world_of_one, capfd):
+    import shutil
+
+    run = _copy_run(tiny_run[0], tmp_path)
+    shutil.rmtree(run / "conditions", ignore_errors=True)  # caches that earlier tests' training built
+    data, config = TrainingData.open(run), EncoderConfig(name=str(tiny_run[1]))
+    condition_source(config, 8, data.pools, run, 0, torch.device("cpu"))
+    err = capfd.readouterr().err
+    bound = 30 * 8 * 16 * 4 / 2**20  # prompts x L x D x float32, in MiB
+    assert f"encoding 30 prompts of 3 tasks once into the condition cache {run / 'conditions'}" in err
+    assert f"(at most {bound:.0f} MiB; later runs and --resume reuse it; --no-cache" in err
+    assert "condition cache: 100%" in err  # the progress bar over the tasks
+    condition_source(config, 8, data.pools, run, 0, torch.device("cpu"))
+    assert "encoding" not in capfd.readouterr().err  # built once: the next run reuses it silently
+
+
+def test_no_cache_encodes_on_the_fly(tmp_path, monkeypatch):
+    from dnd_scale import trainer
+
+    seen = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(trainer, "train", lambda config, run, **kwargs: seen.append(config) or run)
+    trainer.main(["--run", str(tmp_path), "--no-cache"])
+    trainer.main(["--run", str(tmp_path)])
+    assert [config.encoder.cache for config in seen] == [False, True]
