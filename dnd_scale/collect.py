@@ -96,6 +96,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.jsonl"
+COLLECT_META = "collect.json"  # the store's config, base model and its identity, layout
 COMPLETE = "complete.json"
 BASE_MODEL = "base_model"
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's causal-LM loss) skips
@@ -385,7 +386,7 @@ def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run
     attempt writes collect.json anew from its corrected config.
     """
     checkpoints = run_dir / CHECKPOINTS
-    meta_path = checkpoints / "collect.json"
+    meta_path = checkpoints / COLLECT_META
     base_sha = _weights_sha256(base.model) if base.kind == "random-init" else None
     if meta_path.exists() and next(checkpoints.glob(f"*/{COMPLETE}"), None) is not None:
         meta = read_json(meta_path, "collect metadata")

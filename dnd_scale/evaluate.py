@@ -67,6 +67,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dnd_scale.basemodel import BaseModel, base_identity, identity_mismatch, load_base_model
+from dnd_scale.collect import COLLECT_META
 from dnd_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE, write_adapter
 from dnd_scale.io import ArtifactError, atomic_path, load_safetensors, read_json, read_jsonl, sha256_file, write_json
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
@@ -81,7 +82,6 @@ REPORT_FILES = ("results.json", "results.md", "accuracy.png")
 # A collect checkpoint's layout and manifest live two folders up: <run>/checkpoints/<task>/<step>.safetensors.
 COLLECT_LAYOUT = "layout.json"
 COLLECT_MANIFEST = "manifest.jsonl"
-COLLECT_META = "collect.json"
 # PEFT key of one adapted linear layer of a decoder layer: ...<layers>.<i>.<self_attn|mlp>.<name>.lora_<A|B>.weight
 _PEFT_KEY = re.compile(r"\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_[AB]\.weight$")
 _LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")

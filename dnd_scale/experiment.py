@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dnd_scale.collect import CHECKPOINTS, CollectConfig
+from dnd_scale.collect import CHECKPOINTS, COLLECT_META, CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, save_config, to_dict
 from dnd_scale.evaluate import EvalConfig, wilson_interval
 from dnd_scale.io import load_safetensors, read_json, sha256_file, sha256_text, write_json
@@ -296,7 +296,9 @@ def average_adapter(out: Path, tasks: Sequence[str], folder: Path) -> Path:
     layout = LoraLayout.load(out / "collect" / CHECKPOINTS / "layout.json")
     states = [load_safetensors(final_checkpoint(out, t), "checkpoint") for t in tasks]
     mean = {key: torch.stack([s[key] for s in states]).mean(dim=0) for key in states[0]}
-    return write_adapter(mean, layout, folder, provenance={"average_of": list(tasks)})
+    collected = read_json(out / "collect" / CHECKPOINTS / COLLECT_META)  # the base the LoRAs were trained on
+    return write_adapter(mean, layout, folder, provenance={"average_of": list(tasks),
+                                                           "base_identity": collected.get("base_identity")})
 
 
 def _device() -> str:
@@ -464,6 +466,48 @@ def group_summary(results: Sequence[dict], seed: str) -> dict[str, Any]:
     return summary
 
 
+PAIRED = (("generated", "average"), ("generated", "best_training"), ("generated", "control"),
+          ("generated", "base"), ("oracle", "average"))
+"""The comparisons `paired_summaries` makes (group, reference)."""
+
+
+def paired_difference(group: Sequence[dict], reference: Sequence[dict], seed: str) -> dict[str, Any]:
+    """Mean accuracy of `group` minus that of `reference`, both scored on the same questions, with a
+    paired bootstrap over the questions (95% interval, and the share of resamples where the group is
+    not ahead): tighter than comparing two intervals, since both see the same hard questions."""
+    a = torch.tensor([_correct(r) for r in group], dtype=torch.float32).mean(dim=0)  # (questions,)
+    b = torch.tensor([_correct(r) for r in reference], dtype=torch.float32).mean(dim=0)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison of {a.shape[0]} and {b.shape[0]} questions")
+    diff = a - b
+    generator = torch.Generator().manual_seed(int(sha256_text(seed)[:12], 16))
+    picks = torch.randint(0, diff.shape[0], (BOOTSTRAP_RESAMPLES, diff.shape[0]), generator=generator)
+    means = diff[picks].mean(dim=1)
+    return {"difference": float(diff.mean()), "ci95": [float(means.quantile(0.025)), float(means.quantile(0.975))],
+            "p_not_ahead": float((means <= 0).float().mean())}
+
+
+def paired_summaries(by_label: dict[str, list[dict]], seed: str) -> dict[str, dict]:
+    """`PAIRED` comparisons of one held-out task under one scorer ("best_training": the training
+    LoRA with the highest accuracy here, picked after the fact, so a generous baseline)."""
+    groups = dict(by_label)
+    if groups.get("training"):
+        groups["best_training"] = [max(groups["training"], key=lambda r: r["accuracy"])]
+    return {f"{a}-{b}": paired_difference(groups[a], groups[b], f"{seed}/{a}-{b}")
+            for a, b in PAIRED if groups.get(a) and groups.get(b)}
+
+
+def cached_scores(out: str | os.PathLike, task: str) -> dict[str, dict[str, list[dict]]]:
+    """The cached scores of a held-out task's main experiment, {scorer: {label: [results]}} (variations'
+    adapters, which live under `variation-*`, are left out)."""
+    scores: dict[str, dict[str, list[dict]]] = {}
+    for path in sorted((Path(out) / "scores" / task).glob("*/*.json")):
+        result = read_json(path)
+        if result["adapter"] is None or "variation-" not in result["adapter"]:
+            scores.setdefault(path.parent.name, {}).setdefault(result["label"], []).append(result)
+    return scores
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. Weight space
 
@@ -539,9 +583,8 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
             # A random-init base exists only as the folder collect saved (the weights the LoRAs saw).
             saved = out / "collect" / "base_model"
             scorer = Scorer(config, str(saved) if saved.is_dir() else base, out)
+        # A variation's other models are the main experiment's, already scored: cache hits.
         models = _models(config, held, out, adapters)
-        if key.startswith("variation-"):
-            models = [(label, path) for label, path in models if label in ("generated", "control")]
         scores: dict[str, dict[str, list[dict]]] = {}
         for scorer_name in config.scorers:
             for label, adapter in models:
@@ -552,6 +595,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
             "train_on": held.train_on, "control": held.control,
             "summary": {s: {label: group_summary(group, f"{key}/{s}/{label}") for label, group in by_label.items()}
                         for s, by_label in scores.items()},
+            "paired": {s: paired_summaries(by_label, f"{key}/{s}") for s, by_label in scores.items()},
             "per_training_lora": {s: {Path(r["adapter"]).parent.name: r["accuracy"] for r in by_label.get("training", [])}
                                   for s, by_label in scores.items()},
             "unparsed": {label: [r.get("unparsed") for r in group] for label, group in scores.get("generate", {}).items()},
@@ -632,7 +676,16 @@ def markdown(results: dict) -> str:
             summary = entry["summary"].get(scorer, {})
             lines.append(f"| {key} | " + " | ".join(_cell(summary.get(label)) for label in LABELS) + " |")
         lines.append("")
-    lines += ["## wall times (s)", "", *(f"- {k}: {v}" for k, v in results["timings_s"].items()), ""]
+    lines += ["## paired differences (percentage points, same questions), [95% bootstrap interval]", "",
+              "| held-out | scorer | " + " | ".join(f"{a} - {b}" for a, b in PAIRED) + " |",
+              "|---" * (len(PAIRED) + 2) + "|"]
+    for key, entry in {**results["heldout"], **results["variations"]}.items():
+        for scorer, rows in entry.get("paired", {}).items():
+            cells = [rows.get(f"{a}-{b}") for a, b in PAIRED]
+            lines.append(f"| {key} | {scorer} | " + " | ".join(
+                "—" if c is None else f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
+                for c in cells) + " |")
+    lines += ["", "## wall times (s)", "", *(f"- {k}: {v}" for k, v in results["timings_s"].items()), ""]
     for task, row in results["overhead"].items():
         lines.append(f"- {task}: oracle LoRA {row['oracle_lora_s']:.1f} s vs one generation "
                      f"{row['generation_median_s']:.3f} s: {row['ratio']:.0f}x")

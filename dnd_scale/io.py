@@ -110,16 +110,17 @@ class FolderBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_folder(folder: str | os.PathLike, writer: str, remedy: str) -> Iterator[None]:
+def exclusive_folder(folder: str | os.PathLike, writer: str, remedy: str, name: str = LOCK_FILE) -> Iterator[None]:
     """Hold `folder`'s exclusive lock for the block, or fail at once if another process holds it.
 
     `writer` names the stage (``dnd collect``) and `remedy` says what to do instead, for the message.
-    An flock on `<folder>/.lock`: the OS drops it when its process dies, so a killed run never
-    leaves a stale lock behind (the file itself stays and means nothing).
+    An flock on `<folder>/<name>` (`.lock`; a stage whose output folder is swapped whole locks a
+    file of its own beside it): the OS drops it when its process dies, so a killed run never leaves
+    a stale lock behind (the file itself stays and means nothing).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "w") as handle:
+    with open(folder / name, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
 from dnd_scale.config import parse_stage_args
-from dnd_scale.io import _UMASK, ArtifactError, building, remove_stale_staging
+from dnd_scale.io import _UMASK, ArtifactError, building, exclusive_folder, remove_stale_staging
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, link_task_targets, write_common, write_task_targets
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 TARGETS = "targets"
 LAYOUT = "layout.json"
+PACK_LOCK = ".pack.lock"  # in the run folder: targets/ itself is swapped whole
 
 
 def checkpoint_store(run_dir: str | Path) -> tuple[LoraLayout, dict[str, list[dict]]]:
@@ -66,7 +67,11 @@ def pack(
     The new pack replaces the previous one whole: it holds exactly `tasks` (default: all collected).
     """
     run_dir = Path(run_dir)
-    config = config or TokenizerConfig()
+    with exclusive_folder(run_dir, "dnd pack", "wait for it to finish", name=PACK_LOCK):
+        return _pack(run_dir, config or TokenizerConfig(), tasks, device, reuse)
+
+
+def _pack(run_dir: Path, config: TokenizerConfig, tasks: Sequence[str] | None, device, reuse) -> Path:
     layout, store = checkpoint_store(run_dir)
     if tasks is not None:
         unknown = sorted(set(tasks) - set(store))

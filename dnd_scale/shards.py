@@ -42,6 +42,7 @@ from tqdm import tqdm
 from dnd_scale.io import (
     ArtifactError,
     building,
+    exclusive_folder,
     read_json,
     remove_stale_staging,
     reporting_full_disk,
@@ -304,16 +305,16 @@ def build_shards(
     num_checkpoints = dict(checkpoints.num_checkpoints if isinstance(checkpoints, PackedTargets) else checkpoints)
     _validate(num_checkpoints, prompt_pools, config)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_staging(out_dir, [f"{STAGING_PREFIX}*"])  # left by a run killed with SIGKILL
-    if stale:
-        log.warning("removed what a killed `dnd shard` left: %s", ", ".join(p.name for p in stale))
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-    try:
-        with building(staging), reporting_full_disk(out_dir):
-            index = _write_shard_set(staging, out_dir, num_checkpoints, prompt_pools, config, fingerprint, progress)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with exclusive_folder(out_dir, "dnd shard", "wait for it to finish"):
+        stale = remove_stale_staging(out_dir, [f"{STAGING_PREFIX}*"])  # left by a run killed with SIGKILL
+        if stale:
+            log.warning("removed what a killed `dnd shard` left: %s", ", ".join(p.name for p in stale))
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        try:
+            with building(staging), reporting_full_disk(out_dir):
+                index = _write_shard_set(staging, out_dir, num_checkpoints, prompt_pools, config, fingerprint, progress)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return index
 
 
@@ -467,10 +468,10 @@ def collected_prompt_pools(run_dir: Path, specs: list[str], synthetic_records: i
     give the records its checkpoints were trained on (the fingerprint in its completion marker).
     """
     # collect imports the model stack; only the command line needs it.
-    from dnd_scale.collect import CHECKPOINTS, COMPLETE
+    from dnd_scale.collect import CHECKPOINTS, COLLECT_META, COMPLETE
     from dnd_scale.tasks import load_tasks
 
-    collect_meta = read_json(run_dir / CHECKPOINTS / "collect.json", "collect metadata (run `dnd collect` first)")
+    collect_meta = read_json(run_dir / CHECKPOINTS / COLLECT_META, "collect metadata (run `dnd collect` first)")
     tasks = load_tasks(specs, num_records=synthetic_records, seed=collect_meta["config"]["seed"])
     for task in tasks:
         marker = run_dir / CHECKPOINTS / task.name / COMPLETE

@@ -853,8 +853,10 @@ def export_generator(model: torch.nn.Module, out_dir: Path, meta: dict, rank: in
 def _base_model(run_dir: Path) -> dict[str, Any]:
     """What `dnd collect` trained on, so adapters name their base model and carry its identity
     (`basemodel.base_identity`, checked by `dnd eval`): {"base_model": path or None, "base_identity": ... or None}."""
-    path = run_dir / "checkpoints" / "collect.json"
-    collected = read_json(path, "collect.json") if path.is_file() else {}
+    from dnd_scale.collect import CHECKPOINTS, COLLECT_META
+
+    path = run_dir / CHECKPOINTS / COLLECT_META
+    collected = read_json(path, COLLECT_META) if path.is_file() else {}
     base = collected.get("base_model", {})
     source = str((run_dir / base["saved_to"]).resolve()) if base.get("saved_to") else base.get("source")
     return {"base_model": source, "base_identity": collected.get("base_identity")}

@@ -10,7 +10,7 @@ from dnd_scale.collect import CollectConfig, collect, load_checkpoint, read_mani
 from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LoraSpec
 from dnd_scale.loader import LoaderConfig, PairLoader
-from dnd_scale.pack import pack
+from dnd_scale.pack import PACK_LOCK, pack
 from dnd_scale.shards import ShardConfig, build_shards
 from dnd_scale.targets import PackedTargets
 from dnd_scale.tasks import load_task
@@ -158,7 +158,7 @@ def test_a_repack_killed_before_the_loss_weights_leaves_the_previous_pack(run, t
         pack(tmp_path, TokenizerConfig(chunk=16), names, reuse=run_dir / "targets")
     # all or nothing: the old two-task pack, byte for byte, and no staging folder left behind
     assert _files(tmp_path / "targets") == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "targets"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PACK_LOCK, "checkpoints", "targets"]
     PackedTargets(tmp_path / "targets").verify()
     monkeypatch.undo()
     for left in (".targets-staging-k1ll", ".targets-old-k1ll"):  # what a pack killed by SIGKILL leaves
@@ -166,4 +166,17 @@ def test_a_repack_killed_before_the_loss_weights_leaves_the_previous_pack(run, t
     pack(tmp_path, TokenizerConfig(chunk=16), names, reuse=run_dir / "targets")
     assert PackedTargets(tmp_path / "targets").tasks == names
     assert torch.equal(PackedTargets(tmp_path / "targets").weights, PackedTargets(run_dir / "targets").weights)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "targets"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PACK_LOCK, "checkpoints", "targets"]
+
+
+def test_a_second_pack_of_one_run_is_refused_while_the_first_runs(run, tmp_path):
+    from dnd_scale.io import FolderBusyError, exclusive_folder
+
+    run_dir, _ = run
+    (tmp_path / "checkpoints").symlink_to(run_dir / "checkpoints")
+    with exclusive_folder(tmp_path, "dnd pack", "wait", name=PACK_LOCK):  # what a running `dnd pack` holds
+        with pytest.raises(FolderBusyError, match=r"another `dnd pack` is writing to"):
+            pack(tmp_path, TokenizerConfig(chunk=16))
+        assert not (tmp_path / "targets").exists()
+    pack(tmp_path, TokenizerConfig(chunk=16))
+    assert (tmp_path / "targets" / "index.json").is_file()

@@ -10,7 +10,11 @@ import pytest
 
 from dnd_scale.config import ConfigError
 from dnd_scale.experiment import (
+    PAIRED,
+    cached_scores,
     group_summary,
+    paired_difference,
+    paired_summaries,
     load_experiment,
     prompt_batches,
     run_experiment,
@@ -48,7 +52,20 @@ def test_every_model_group_is_scored_by_both_scorers(tiny_run):
     assert len(weights["to_training_mean"]) == config.generated_samples
     assert set(weights["to_training"]) == set(config.heldout[0].train_on)
     assert set(results["variations"]) == {"variation-more-steps"}
-    assert results["variations"]["variation-more-steps"]["generator"]["parameters"] > 0
+    varied = results["variations"]["variation-more-steps"]
+    assert varied["generator"]["parameters"] > 0
+    assert set(varied["summary"]["loglik"]) == set(entry["summary"]["loglik"])  # compared with the same baselines
+    for scorer in ("loglik", "generate"):
+        paired = entry["paired"][scorer]
+        assert set(paired) == {f"{a}-{b}" for a, b in PAIRED}
+        summary = entry["summary"][scorer]
+        assert paired["generated-average"]["difference"] == pytest.approx(
+            summary["generated"]["mean"] - summary["average"]["mean"])
+        assert paired["generated-best_training"]["difference"] == pytest.approx(
+            summary["generated"]["mean"] - summary["training"]["best"])
+        # recomputed from the score cache alone (how a finished run's report is checked)
+        assert paired_summaries(cached_scores(out, "sum")[scorer], f"sum/{scorer}") == paired
+    assert "generated - average" in (out / "results.md").read_text()
 
 
 def test_generated_adapters_see_only_the_conditioning_half(tiny_run):
@@ -108,3 +125,17 @@ def test_shipped_recipe_resolves_and_splits_disjointly():
     conditioning, scoring = split_heldout(config, "OBQA")
     assert len(conditioning) == len(scoring) == 250
     assert not {r.prompt for r in conditioning} & {r.prompt for r in scoring}
+
+
+def test_paired_difference_is_per_question():
+    right = {"predictions": [0, 1, 0, 1], "answers": [0, 1, 0, 1], "accuracy": 1.0}
+    wrong = {"predictions": [1, 0, 1, 0], "answers": [0, 1, 0, 1], "accuracy": 0.0}
+    half = {"predictions": [0, 0, 1, 1], "answers": [0, 1, 0, 1], "accuracy": 0.5}
+    ahead = paired_difference([right], [wrong], "seed")
+    assert ahead == {"difference": 1.0, "ci95": [1.0, 1.0], "p_not_ahead": 0.0}
+    same = paired_difference([half], [half], "seed")
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_not_ahead"] == 1.0
+    # a group is averaged per question first: (right + wrong) / 2 is 0.5 on every question
+    assert paired_difference([right, wrong], [half], "seed")["difference"] == 0.0
+    with pytest.raises(ValueError, match="paired comparison"):
+        paired_difference([right], [{"predictions": [0], "answers": [0]}], "seed")

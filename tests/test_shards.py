@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dnd_scale.io import ArtifactError, write_json
+from dnd_scale.io import LOCK_FILE, ArtifactError, write_json
 from dnd_scale.shards import (
     ShardConfig,
     ShardsError,
@@ -135,7 +135,7 @@ def test_rebuild_replaces_the_previous_set(tmp_path):
     build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
     index = build_shards(CHECKPOINTS, prompt_pools(), tmp_path, ShardConfig(**{**vars(CONFIG), "shard_size": 16}), progress=False)
     assert sorted(p.name for p in tmp_path.glob("pairs-*.tar")) == [s["file"] for s in index["shards"]]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,7 @@ def test_a_full_disk_says_no_space_left_and_leaves_no_temporary_file(tmp_path, m
     with pytest.raises(DiskFullError, match=rf"no space left on the device of {tmp_path} \(.* MiB free\) while writing "
                                             r"it: free space there, or write to another disk, then run the stage again"):
         build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]  # the lock's file, which means nothing unlocked
 
 
 def test_staging_left_by_a_killed_run_is_removed_unless_a_run_builds_it(tmp_path):
@@ -249,3 +249,14 @@ def test_targets_changed_since_packing_are_refused(tmp_path):
         build_shards(PackedTargets(targets), {"alpha": [f"p{i}" for i in range(5)]}, tmp_path / "shards",
                      ShardConfig(num_prompts=3, pairs_per_task=4), progress=False)
     assert not (tmp_path / "shards" / "index.json").exists()
+
+
+def test_a_second_shard_of_one_folder_is_refused_while_the_first_runs(tmp_path):
+    from dnd_scale.io import FolderBusyError, exclusive_folder
+
+    with exclusive_folder(tmp_path, "dnd shard", "wait"):  # what a running `dnd shard` holds
+        with pytest.raises(FolderBusyError, match=r"another `dnd shard` is writing to"):
+            build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
+        assert not (tmp_path / "index.json").exists()
+    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)  # free again
+    assert (tmp_path / "index.json").is_file()
