@@ -7,7 +7,7 @@ import sys
 
 BENCHES = {
     "data": "dnd_scale.bench_data",
-    "kernels": "dnd_kernels.bench",
+    "kernels": "dnd_scale.bench_kernels",
     "scale": "dnd_scale.bench_scale",
 }
 

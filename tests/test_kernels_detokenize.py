@@ -77,7 +77,7 @@ def test_detokenize_round_trip_through_tokenizer():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model,rank,chunk", [("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)])
 def test_detokenize_preset_layouts_gpu(model, rank, chunk):
-    from dnd_kernels.bench import _layout_tokenizer, _random_tokens
+    from dnd_scale.bench_kernels import _layout_tokenizer, _random_tokens
 
     tok = _layout_tokenizer(model, rank, chunk)
     tokens, table = _random_tokens(tok), tok.token_table().cuda()
