@@ -19,6 +19,7 @@ from dnd_scale.experiment import (
     prompt_batches,
     run_experiment,
     split_heldout,
+    update_gram,
 )
 from dnd_scale.io import read_json
 
@@ -51,6 +52,10 @@ def test_every_model_group_is_scored_by_both_scorers(tiny_run):
     weights = entry["weights"]
     assert len(weights["to_training_mean"]) == config.generated_samples
     assert set(weights["to_training"]) == set(config.heldout[0].train_on)
+    update = weights["update"]
+    assert len(update["to_training_mean"]) == len(update["cosine_to_oracle"]) == config.generated_samples
+    assert set(update["to_training"]) == set(config.heldout[0].train_on)
+    assert all(-1.0 <= c <= 1.0 for c in update["cosine_to_oracle"])
     assert set(results["variations"]) == {"variation-more-steps"}
     varied = results["variations"]["variation-more-steps"]
     assert varied["generator"]["parameters"] > 0
@@ -139,3 +144,36 @@ def test_paired_difference_is_per_question():
     assert paired_difference([right, wrong], [half], "seed")["difference"] == 0.0
     with pytest.raises(ValueError, match="paired comparison"):
         paired_difference([right], [{"predictions": [0], "answers": [0]}], "seed")
+
+
+def test_update_gram_is_the_inner_product_of_the_updates_BA():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    keys = ["m.layers.0.q_proj", "m.layers.0.down_proj"]
+    shapes = {"m.layers.0.q_proj": (6, 5), "m.layers.0.down_proj": (3, 7)}  # (out, in)
+    states = []
+    for _ in range(3):
+        state = {}
+        for key in keys:
+            out, inp = shapes[key]
+            state[f"{key}.lora_A.weight"] = torch.randn(2, inp, generator=gen)
+            state[f"{key}.lora_B.weight"] = torch.randn(out, 2, generator=gen)
+        states.append(state)
+    flat = [torch.cat([(s[f"{k}.lora_B.weight"] @ s[f"{k}.lora_A.weight"]).flatten() for k in keys]).double()
+            for s in states]
+    explicit = torch.stack([torch.stack([a @ b for b in flat]) for a in flat])
+    assert torch.allclose(update_gram(states), explicit)
+
+
+def test_distances_from_a_gram_matrix_equal_the_explicit_ones():
+    import torch
+
+    from dnd_scale.experiment import _distances
+
+    x = torch.randn(6, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = _distances(x @ x.T, {"generated": [0, 1], "training": [2, 3, 4], "oracle": [5]})
+    mean = x[2:5].mean(dim=0)
+    assert got["to_training_mean"] == pytest.approx([float((x[i] - mean).norm() / mean.norm()) for i in (0, 1)])
+    assert got["to_oracle"] == pytest.approx([float((x[i] - x[5]).norm() / x[5].norm()) for i in (0, 1)])
+    assert got["oracle_to_training_mean"] == pytest.approx(float((x[5] - mean).norm() / mean.norm()))
