@@ -165,3 +165,35 @@ def test_wgrad_backends_match_reference_gpu(axis, monkeypatch):
         with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark):
             nchw = K._wgrad_cudnn(dy, x, k, K.PLANE_AXES[axis], nchw=True)
         assert_close(f"cudnn wgrad on NCHW copies (benchmark {benchmark})", nchw, w.grad, rms_tol=5e-3, max_tol=1e-2)
+
+
+def test_a_convolution_past_the_32_bit_index_limit_is_split_into_the_same_result(monkeypatch):
+    """The reference splits a convolution whose weight or output would pass INDEX_LIMIT elements (the
+    Llama-70B generator's last mixing weight, 4.19 G elements, overflowed a GPU kernel's indexing)."""
+    from dnd_kernels.hyperconv import reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)  # sums in another order
+    weight = torch.randn(11, 6, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=gen, dtype=torch.float64, requires_grad=True)
+    whole = reference.conv2d_same(x, weight, bias)
+    grads = torch.autograd.grad(whole.square().sum(), (x, weight, bias))
+    calls = []
+    real = reference.F.conv2d
+
+    def counted(inp, w, *args, **kwargs):
+        calls.append(w.numel())
+        return real(inp, w, *args, **kwargs)
+
+    # a channel holds 6*3*3 = 54 weights and 2*5*7 = 70 outputs: the larger bounds the call
+    monkeypatch.setattr(reference, "INDEX_LIMIT", 4 * 70 + 1)  # 4 output channels a call
+    monkeypatch.setattr(reference.F, "conv2d", counted)
+    split = reference.conv2d_same(x, weight, bias)
+    assert calls == [4 * 54, 4 * 54, 3 * 54]
+    torch.testing.assert_close(split, whole)
+    for got, want in zip(torch.autograd.grad(split.square().sum(), (x, weight, bias)), grads):
+        torch.testing.assert_close(got, want)
+    monkeypatch.setattr(reference, "INDEX_LIMIT", 70)  # one output channel a call
+    calls.clear()
+    torch.testing.assert_close(reference.conv2d_same(x, weight, bias), whole)
+    assert len(calls) == 11

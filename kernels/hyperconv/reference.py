@@ -23,14 +23,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+INDEX_LIMIT = 2**31 - 1
+"""Largest element count one convolution call gets for its weight and for its output. GPU
+convolution kernels index with 32-bit integers: the Llama-70B generator's last mixing weight
+(25280 x 2048 x 9 x 9, 4.19 G elements) ended its generation in an illegal memory access."""
+
+
+def conv2d_same(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """k×k 'same' convolution, split over output channels where one call would pass `INDEX_LIMIT`
+    elements of weight or output (the pieces' outputs are concatenated: the same result)."""
+    k = weight.shape[-1]
+    per_channel = max(weight[0].numel(), x.shape[0] * x.shape[2] * x.shape[3])
+    step = max(1, INDEX_LIMIT // per_channel)
+    if step >= weight.shape[0]:
+        return F.conv2d(x, weight, bias, padding=k // 2)
+    return torch.cat([F.conv2d(x, weight[i:i + step], None if bias is None else bias[i:i + step], padding=k // 2)
+                      for i in range(0, weight.shape[0], step)], dim=1)
+
+
 def _conv_channels(x: Tensor, weight: Tensor, channel_axis: int) -> Tensor:
     """k×k 'same' convolution of a (B, d1, d2, d3) tensor whose channel axis is ``channel_axis``.
 
     The two other axes form the convolved plane, kept in their original order.
     """
-    k = weight.shape[-1]
     perm = {1: (0, 1, 2, 3), 2: (0, 2, 1, 3), 3: (0, 3, 2, 1)}[channel_axis]
-    y = F.conv2d(x.permute(perm), weight, padding=k // 2)
+    y = conv2d_same(x.permute(perm), weight)
     return y.permute(perm)  # every permutation above is its own inverse
 
 
@@ -60,5 +77,5 @@ def hyperconv_stage_reference(
     b = _conv_channels(y, w_h2, channel_axis=2)  # (B, N, H', W)
     b = torch.tanh(_conv_channels(b, w_w2, channel_axis=3))  # (B, N, H', W')
     z = (a + b + bias) / 3
-    out = F.conv2d(z, mix_weight, mix_bias, padding=k // 2)  # (B, N', H', W')
+    out = conv2d_same(z, mix_weight, mix_bias)  # (B, N', H', W')
     return x + out if out.shape == x.shape else out
