@@ -14,15 +14,22 @@ prompt/response records, with the loss on the response tokens only, and the adap
     <task>/complete.json        written after the task's last checkpoint: the task is finished. It
                                 also holds the task's manifest lines and which rank (of how many,
                                 on which host) collected it.
+    <task>/resume.safetensors   while a task is unfinished: its LoRA, AdamW state, RNG state, step,
+                                losses and manifest lines so far (see "Crash safety"); removed when
+                                the task completes
 
 A random-init base model (source = a config.json) is also written to `<run>/base_model` so that the
 later stages load the very weights the checkpoints were trained on.
 
 Crash safety: every file is written to a temporary name and renamed into place; a manifest line is
 appended only after its checkpoint file exists; `complete.json` only after the task's last line. A
-re-run skips finished tasks and restarts an unfinished one from scratch — dropping its manifest
-lines and files first — so the result equals that of an uninterrupted run (bit for bit on CPU, where
-training is deterministic for a seed).
+re-run skips finished tasks. An unfinished task resumes from its resume state, written (one file,
+atomically) at each of its checkpoints and every `resume_every` steps: the LoRA, the AdamW moments,
+the dropout RNG state, the step (the data order is replayed up to it), the losses, skipped steps and
+manifest lines so far; its files after that step are dropped. Without a usable resume state the task
+restarts from scratch. Either way the result equals that of an uninterrupted run (bit for bit on CPU,
+where training is deterministic for a seed). Until the task is finished its manifest lines are
+dropped on every re-run and appended again, so the manifest lists finished tasks only.
 
 Several processes: under a launcher that sets RANK, WORLD_SIZE and LOCAL_RANK (`deepspeed
 --num_gpus N $(which dnd) collect ...`, with or without `--no_local_rank`; `torchrun --nproc_per_node
@@ -71,6 +78,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from peft import get_peft_model, get_peft_model_state_dict
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dnd_scale.basemodel import BaseModel, base_identity, load_base_model, save_base_model
@@ -98,6 +106,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.jsonl"
 COLLECT_META = "collect.json"  # the store's config, base model and its identity, layout
 COMPLETE = "complete.json"
+RESUME = "resume.safetensors"  # an unfinished task's training state
 BASE_MODEL = "base_model"
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's causal-LM loss) skips
 
@@ -136,6 +145,9 @@ class CollectConfig:
     dtype: str = "auto"
     """Base model dtype: "auto" (bfloat16 on a GPU that has it, else float32), "float32", "bfloat16",
     "float16". LoRA parameters and checkpoints are float32 in every case."""
+    resume_every: int = 50
+    """Save the resume state of a task (LoRA, optimizer, RNG, step) every this many steps, besides at each
+    checkpoint, so that a killed task loses at most this many steps. It does not change the checkpoints."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -153,6 +165,8 @@ class CollectConfig:
             problems.append(f"max_length must be >= 2, got {self.max_length}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.resume_every < 1:
+            problems.append(f"resume_every must be >= 1, got {self.resume_every}")
         if problems:
             raise ValueError("invalid collect config: " + "; ".join(problems))
 
@@ -353,18 +367,22 @@ def _exclusive(checkpoints: Path) -> contextlib.AbstractContextManager[None]:
 
 
 def _remove_temporaries(run_dir: Path) -> None:
-    """Temporary files left by a killed run; nothing refers to them (renames never happened)."""
+    """Temporary files left by a killed run; nothing refers to them (renames never happened). Also the
+    resume state of a task killed after its complete.json was written."""
     for path in [*(run_dir / CHECKPOINTS).rglob(f"*{TMP_SUFFIX}"), *run_dir.glob(f".{BASE_MODEL}.*{TMP_SUFFIX}")]:
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+    for marker in (run_dir / CHECKPOINTS).glob(f"*/{COMPLETE}"):
+        (marker.parent / RESUME).unlink(missing_ok=True)
 
 
 def _comparable(config: CollectConfig) -> dict[str, Any]:
-    """The config fields that shape the checkpoints (the device does not), as plain JSON."""
+    """The config fields that shape the checkpoints (the device and resume_every do not), as plain JSON."""
     fields = asdict(config)
     fields.pop("device")
+    fields.pop("resume_every")
     return json.loads(json.dumps(fields))
 
 
@@ -519,14 +537,33 @@ def _train_task(
     peft_model = get_peft_model(model, layout.to_peft_config())
     torch.manual_seed(task_seed)  # dropout: per task
     try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
+        named = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+        params = list(named.values())
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        identity = {"task_fingerprint": task.fingerprint(), "layout_fingerprint": fingerprint,
+                    "config": _comparable(config)}
+        resumed = _load_resume_state(task_dir, identity, named, optimizer, device)
+        if resumed is None:
+            shutil.rmtree(task_dir, ignore_errors=True)  # leftovers of an attempt that left no resume state
+            start, losses, skipped, lines = 0, [], [], []
+        else:
+            start, losses, skipped, lines = (resumed["step"], resumed["losses"], resumed["skipped_steps"],
+                                             resumed["manifest"])
+            kept = {RESUME, *(Path(line["file"]).name for line in lines)}
+            for path in task_dir.iterdir():  # checkpoints saved after the resume state are made again
+                if path.name not in kept:
+                    path.unlink()
+            if manifest is not None:  # the re-run dropped the unfinished task's lines; they hold again
+                for line in lines:
+                    append_jsonl(manifest, line)
+            logger.info("task %s: resumed at step %d of %d", task.name, start, config.steps)
         order = _index_stream(len(examples), torch.Generator().manual_seed(task_seed))
+        for _ in range(start * config.batch_size):  # the data order is replayed, not stored
+            next(order)
         peft_model.train()
-        losses, skipped, lines = [], [], []
         desc = f"collect {task.name}" if ranks.world_size == 1 else f"[rank {ranks.rank}] collect {task.name}"
-        with tqdm(total=config.steps, desc=desc, unit="step") as bar:
-            for step in range(1, config.steps + 1):
+        with tqdm(total=config.steps, initial=start, desc=desc, unit="step") as bar:
+            for step in range(start + 1, config.steps + 1):
                 batch = _collate([examples[next(order)] for _ in range(config.batch_size)], pad_id, device)
                 loss = peft_model(**batch, use_cache=False).loss  # mean over the batch's response tokens
                 loss.backward()
@@ -546,22 +583,24 @@ def _train_task(
                 optimizer.zero_grad(set_to_none=True)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 bar.update()
-                if step not in save_steps:
-                    continue
-                state = get_peft_model_state_dict(peft_model)
-                layout.check_state_dict(state, f"task {task.name} step {step}")
-                path = task_dir / f"{step}.safetensors"
-                # Only PEFT's own metadata: safetensors writes metadata keys in hash-map order, so more
-                # than one key would make the bytes (and the sha256) differ between identical runs.
-                save_safetensors(state, path, {"format": "pt"})
-                # `loss` is the training loss of this step's batch, computed before its update.
-                lines.append({
-                    "task": task.name, "step": step, "loss": losses[-1], "seed": config.seed,
-                    "layout_fingerprint": fingerprint, "file": f"{task.name}/{step}.safetensors",
-                    "sha256": sha256_file(path),
-                })
-                if manifest is not None:
-                    append_jsonl(manifest, lines[-1])
+                if step in save_steps:
+                    state = get_peft_model_state_dict(peft_model)
+                    layout.check_state_dict(state, f"task {task.name} step {step}")
+                    path = task_dir / f"{step}.safetensors"
+                    # Only PEFT's own metadata: safetensors writes metadata keys in hash-map order, so more
+                    # than one key would make the bytes (and the sha256) differ between identical runs.
+                    save_safetensors(state, path, {"format": "pt"})
+                    # `loss` is the training loss of this step's batch, computed before its update.
+                    lines.append({
+                        "task": task.name, "step": step, "loss": losses[-1], "seed": config.seed,
+                        "layout_fingerprint": fingerprint, "file": f"{task.name}/{step}.safetensors",
+                        "sha256": sha256_file(path),
+                    })
+                    if manifest is not None:
+                        append_jsonl(manifest, lines[-1])
+                if step < config.steps and (step in save_steps or step % config.resume_every == 0):
+                    _save_resume_state(task_dir, identity, named, optimizer, device,
+                                       {"step": step, "losses": losses, "skipped_steps": skipped, "manifest": lines})
         write_json(task_dir / COMPLETE, {
             "task": task.name, "source": task.source, "task_fingerprint": task.fingerprint(),
             "num_records": len(task.records), "steps": config.checkpoint_steps(), "losses": losses,
@@ -569,6 +608,7 @@ def _train_task(
             "manifest": lines,
             "collected_by": {"rank": ranks.rank, "world_size": ranks.world_size, "host": socket.gethostname()},
         })
+        (task_dir / RESUME).unlink(missing_ok=True)
     finally:
         # The next task starts from the untouched base whether or not this one succeeded.
         model = peft_model.unload()
@@ -576,10 +616,71 @@ def _train_task(
     return model, lines
 
 
+def _save_resume_state(
+    task_dir: Path, identity: dict[str, Any], params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+    device: torch.device, progress: dict[str, Any],
+) -> None:
+    """Write an unfinished task's training state as one safetensors file (atomically): the LoRA
+    parameters, AdamW's moments and step counts, the global RNG state (dropout) and, as JSON metadata,
+    `identity` (what the state is valid for) and `progress` (step, losses, skipped steps, manifest lines)."""
+    tensors = {f"lora/{name}": param for name, param in params.items()}
+    for name, param in params.items():
+        for key, value in optimizer.state[param].items():  # empty for a parameter never stepped yet
+            tensors[f"adam/{name}/{key}"] = torch.as_tensor(value)
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+    save_safetensors(tensors, task_dir / RESUME, {"resume": json.dumps({**identity, **progress})})
+
+
+def _load_resume_state(
+    task_dir: Path, identity: dict[str, Any], params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Restore the state `_save_resume_state` wrote into the LoRA, the optimizer and the RNG, and return
+    its progress; None (nothing restored) when there is none, or it is unreadable, made for another
+    config, task or layout, or its checkpoints changed: the task then starts from scratch."""
+    path = task_dir / RESUME
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_safetensors(path, "resume state")  # safetensors only: never a pickle
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads((f.metadata() or {})["resume"])
+    except (ArtifactError, KeyError, json.JSONDecodeError) as error:
+        logger.warning("task %s: resume state %s is unusable (%s); starting from step 0", task_dir.name, path, error)
+        return None
+    problem = None
+    if {key: state.get(key) for key in identity} != identity:
+        problem = "it was saved for another config, task data or LoRA layout"
+    elif any(tensors.get(f"lora/{name}", torch.empty(0)).shape != param.shape for name, param in params.items()):
+        problem = "its LoRA parameters do not match this LoRA"
+    elif any(not (task_dir.parent / line["file"]).is_file()
+             or sha256_file(task_dir.parent / line["file"]) != line["sha256"] for line in state["manifest"]):
+        problem = "a checkpoint it lists is missing or changed"
+    if problem:
+        logger.warning("task %s: resume state %s is not used: %s; starting from step 0", task_dir.name, path, problem)
+        return None
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"lora/{name}"])
+    optimizer_state = {}
+    for index, name in enumerate(params):
+        prefix = f"adam/{name}/"
+        moments = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        if moments:
+            optimizer_state[index] = moments
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng/cpu"])
+    if device.type == "cuda" and "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+    return state
+
+
 def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Collect the checkpoint trajectory of every task into `<run_dir>/checkpoints`; return their manifest lines.
 
-    Finished tasks are skipped; an interrupted task is collected again from scratch. Under a launcher
+    Finished tasks are skipped; an interrupted task resumes from its resume state (from scratch without one). Under a launcher
     (WORLD_SIZE > 1) every rank calls this with the same arguments and trains its share of the tasks
     (see the module docstring); rank 0 returns the manifest lines of all `tasks`, another rank those
     of the tasks it trained.
@@ -611,8 +712,7 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
                 for record in missing.get(task.name, []):  # finished by a rank of a job that stopped early
                     append_jsonl(checkpoints / MANIFEST, record)
                 continue
-            # Leftovers of an interrupted attempt: their manifest lines were dropped above.
-            shutil.rmtree(checkpoints / task.name, ignore_errors=True)
+            # An interrupted attempt's manifest lines were dropped above; _train_task resumes it or clears it.
             model, _ = _train_task(model, base.tokenizer, layout, task, config, checkpoints, ranks,
                                    manifest=checkpoints / MANIFEST)
     return [record for record in read_manifest(run_dir) if record["task"] in names]
@@ -655,7 +755,6 @@ def _collect_as_rank(config: CollectConfig, tasks: Sequence[Task], run_dir: Path
         by_name = {task.name: task for task in tasks}
         model, collected = base.model, {}
         for name in _deal(pending, ranks):
-            shutil.rmtree(checkpoints / name, ignore_errors=True)  # leftovers of an interrupted attempt
             model, collected[name] = _train_task(model, base.tokenizer, layout, by_name[name], config, checkpoints,
                                                  ranks, manifest=None)
 

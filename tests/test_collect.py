@@ -16,6 +16,7 @@ import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from dnd_scale import collect as collect_module
 from dnd_scale.basemodel import base_identity, build_tiny_tokenizer, load_base_model
 from dnd_scale.collect import (
     IGNORE_INDEX,
@@ -36,7 +37,7 @@ TASK_SPECS = ["synthetic:add_numbers", "synthetic:parity_tf", "synthetic:largest
 CHECKPOINTS_PER_TASK = 4
 
 # Runs in a subprocess that the test kills. With KILL_AT_WRITE = n it kills itself while the n-th
-# checkpoint is a finished temporary file not yet renamed into place (the worst moment).
+# checkpoint (resume states not counted) is a finished temporary file not yet renamed into place (the worst moment).
 CHILD = """
 import json, os, signal, sys
 import torch
@@ -47,7 +48,7 @@ config, specs, run_dir, kill_at = json.loads(sys.argv[1])
 if kill_at:
     real_replace, written = os.replace, []
     def replace(src, dst):
-        if str(dst).endswith(".safetensors") and "checkpoints" in str(dst):
+        if str(dst).endswith(".safetensors") and "checkpoints" in str(dst) and "resume" not in str(dst):
             written.append(dst)
             if len(written) == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -211,6 +212,39 @@ def test_killed_collect_finishes_on_rerun_like_an_uninterrupted_run(reference_ru
     assert on_disk == sorted(r["file"] for r in records)
     if kill_at:  # the finished task was skipped, not redone
         assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints" / "add_numbers").iterdir()} == finished_stamps
+
+
+def test_a_task_killed_mid_way_resumes_from_its_last_state_like_an_uninterrupted_run(config, tasks, tmp_path, monkeypatch):
+    # resume_every=3 with checkpoints at 2, 4, 6, 8: dying in step 4 leaves the state of step 3 (between
+    # checkpoints, with the checkpoint of step 2 kept). LoRA dropout makes the result depend on the RNG state.
+    config = replace(config, lora=replace(config.lora, dropout=0.1), resume_every=3)
+    uninterrupted = collect(config, tasks[:1], tmp_path / "uninterrupted")
+    run_dir, task_dir = tmp_path / "run", tmp_path / "run" / "checkpoints" / tasks[0].name
+    real_collate, batches = collect_module._collate, []
+
+    def collate(*args):
+        batches.append(len(batches) + 1)
+        if killed and len(batches) == 4:
+            raise KeyboardInterrupt("killed in step 4")
+        return real_collate(*args)
+
+    monkeypatch.setattr(collect_module, "_collate", collate)
+    killed = True
+    with pytest.raises(KeyboardInterrupt):
+        collect(config, tasks[:1], run_dir)
+    assert sorted(p.name for p in task_dir.iterdir()) == ["2.safetensors", "resume.safetensors"]
+
+    killed, batches = False, []
+    records = collect(config, tasks[:1], run_dir)
+
+    assert len(batches) == config.steps - 3  # steps 4..8 only: the first three were not redone
+    assert records == uninterrupted  # same steps, losses and checkpoint bytes
+    assert manifest_lines(run_dir) == manifest_lines(tmp_path / "uninterrupted")
+    done, expected = (json.loads((folder / "checkpoints" / tasks[0].name / "complete.json").read_text())
+                      for folder in (run_dir, tmp_path / "uninterrupted"))
+    assert done == expected  # losses and skipped steps of all eight steps
+    assert sorted(p.name for p in task_dir.iterdir()) == sorted(
+        ["complete.json", *(Path(r["file"]).name for r in records)])  # the resume state is gone
 
 
 def test_checkpoints_of_another_layout_are_refused(reference_run, config, tasks, tmp_path):
