@@ -20,7 +20,7 @@ if kill_at:
     real_replace, written = os.replace, []
 
     def replace(src, dst):
-        if str(dst).endswith(".safetensors") and "checkpoints" in str(dst):
+        if str(dst).endswith(".safetensors") and "checkpoints" in str(dst) and not os.path.basename(str(dst)).startswith("resume"):
             written.append(dst)
             if len(written) == kill_at:
                 deadline = time.monotonic() + WAIT_S
