@@ -25,6 +25,8 @@ next: the resumed stream is batch for batch the rest of the uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
@@ -318,9 +320,29 @@ def _start_workers(loader: DataLoader) -> Iterator[dict]:
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        return iter(loader)  # the workers start here
+        iterator = iter(loader)  # the workers start here
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    _STARTED[:] = [process for process in _STARTED if process.exitcode is None]  # forget finished ones
+    _STARTED.extend(getattr(iterator, "_workers", []))
+    return iterator
+
+
+_STARTED: list = []
+"""Every worker process `_start_workers` started (multiprocessing.Process objects)."""
+
+
+@atexit.register
+def _kill_lingering_workers() -> None:
+    """At exit, SIGKILL any worker still alive. Python's own exit handler (registered earlier, so it
+    runs after this one) SIGTERMs its daemonic children and then waits for each without a limit: a
+    worker that had not yet reached `_obey_parent_sigterm` (still starting) would hold the process
+    forever after an error or a Ctrl-C."""
+    for process in _STARTED:
+        with contextlib.suppress(AssertionError, ValueError, ProcessLookupError):  # not our child, or gone
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+    _STARTED.clear()
 
 
 def _obey_parent_sigterm(worker_id: int) -> None:

@@ -557,8 +557,10 @@ def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(t
 # so a regression fails instead of hanging the suite).
 
 WORKER_SCRIPT = """
+import faulthandler
 import sys
 import time
+faulthandler.dump_traceback_later(40, exit=False)  # a hang prints every thread's stack for the test's message
 from pathlib import Path
 from dnd_scale.trainer import TrainConfig, TrainingData, pair_stream
 run, fault = Path(sys.argv[1]), sys.argv[2]
