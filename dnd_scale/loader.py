@@ -336,8 +336,8 @@ _STARTED: list = []
 def _kill_lingering_workers() -> None:
     """At exit, SIGKILL any worker still alive. Python's own exit handler (registered earlier, so it
     runs after this one) SIGTERMs its daemonic children and then waits for each without a limit: a
-    worker that had not yet reached `_obey_parent_sigterm` (still starting) would hold the process
-    forever after an error or a Ctrl-C."""
+    worker that does not act on SIGTERM (it is blocked until `_obey_parent_sigterm` runs) must not
+    hold the process after an error or a Ctrl-C. A safety net: the interrupt test passes without it."""
     for process in _STARTED:
         with contextlib.suppress(AssertionError, ValueError, ProcessLookupError):  # not our child, or gone
             if process.is_alive():

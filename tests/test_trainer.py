@@ -558,9 +558,12 @@ def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(t
 
 WORKER_SCRIPT = """
 import faulthandler
+import signal
 import sys
 import time
 faulthandler.dump_traceback_later(40, exit=False)  # a hang prints every thread's stack for the test's message
+# Ctrl-C as in a terminal: a shell that starts the suite in the background hands down SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 from dnd_scale.trainer import TrainConfig, TrainingData, pair_stream
 run, fault = Path(sys.argv[1]), sys.argv[2]
