@@ -512,9 +512,7 @@ def cached_scores(out: str | os.PathLike, task: str) -> dict[str, dict[str, list
 # 5. Weight space
 
 
-def _flat(path: Path) -> torch.Tensor:
-    file = path / "adapter_model.safetensors" if path.is_dir() else path
-    state = load_safetensors(file, "adapter")
+def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([state[key].float().flatten() for key in sorted(state)])
 
 
@@ -567,17 +565,17 @@ def weight_distances(generated: Sequence[Path], training: dict[str, Path], oracl
     oracle and each training LoRA, and the spread of the generated adapters among themselves: over
     the raw A and B matrices (dominated by A's shared initialization, which training moves little)
     and, under "update", over the updates ΔW = B A the adapters apply to the base."""
-    gen = torch.stack([_flat(p) for p in generated])  # (G, P)
-    train = {name: _flat(p) for name, p in training.items()}
+    states = [_state(p) for p in [*generated, *training.values(), oracle]]  # each file read once
+    g, t = len(generated), len(training)
+    gen = torch.stack([_flat(s) for s in states[:g]])  # (G, P)
+    train = {name: _flat(s) for name, s in zip(training, states[g:g + t])}
     mean = torch.stack(list(train.values())).mean(dim=0)
-    ora = _flat(oracle)
+    ora = _flat(states[-1])
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm())
 
-    states = [_state(p) for p in [*generated, *training.values(), oracle]]
     gram = update_gram(states)
-    g, t = len(generated), len(training)
     groups = {"generated": list(range(g)), "training": list(range(g, g + t)), "oracle": [g + t]}
     update = _distances(gram, groups)
     update["to_training"] = {name: [_distances(gram, {**groups, "training": [g + i]})["to_training_mean"][j]
