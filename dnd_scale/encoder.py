@@ -268,6 +268,17 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def condition_rows(offsets: Tensor, ids: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Where the conditions of prompts `ids` (M,) lie in a pool's token rows, whose prompt p spans
+    rows offsets[p] to offsets[p + 1]: (rows, valid), each (M, L). A prompt shorter than L is
+    zero-padded: its padded slots point at row 0 and are marked invalid (the caller zeroes them)."""
+    start = offsets[ids]  # (M,)
+    count = offsets[ids + 1] - start  # (M,)
+    pos = torch.arange(length, device=offsets.device)  # (L,)
+    valid = pos < count[:, None]  # (M, L)
+    return (start[:, None] + pos).masked_fill(~valid, 0), valid
+
+
 class ConditionCache:
     """One prompt pool's token embeddings, memory-mapped; `gather` builds ``(…, L, D)`` conditions."""
 
@@ -357,15 +368,16 @@ class ConditionCache:
                 f"prompt index {int(ids.max() if ids.max() >= len(self) else ids.min())} is outside this pool "
                 f"of {len(self)} prompts ({self.path}); the shards and prompt pool do not belong together"
             )
-        flat = ids.reshape(-1)  # (M,)
-        start = self.offsets[flat]  # (M,)
-        count = self.offsets[flat + 1] - start  # (M,)
-        pos = torch.arange(self.length)  # (L,)
-        valid = pos < count[:, None]  # (M, L)
-        rows = (start[:, None] + pos).masked_fill(~valid, 0)  # (M, L); padded slots read row 0, then zeroed
+        rows, valid = condition_rows(self.offsets, ids.reshape(-1), self.length)  # (M, L) each
         out = torch.from_numpy(np.asarray(self._embeddings[rows.numpy().reshape(-1)], dtype=np.float32))
-        out = out.view(flat.numel(), self.length, self.dim) * valid[..., None]  # (M, L, D)
+        out = out.view(*rows.shape, self.dim) * valid[..., None]  # (M, L, D)
         return out.view(*ids.shape, self.length, self.dim)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Every prompt's token embeddings end to end, read-only and memory-mapped: (total_tokens, D);
+        prompt p's are rows offsets[p] to offsets[p + 1]."""
+        return self._embeddings
 
     @classmethod
     def build(

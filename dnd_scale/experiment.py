@@ -129,7 +129,7 @@ class ExperimentConfig:
     scorers: list[str] = field(default_factory=lambda: list(SCORERS))
     """Which scorers run: "loglik" (option log-likelihood) and/or "generate" (greedy, parsed choice)."""
     variations: list[Variation] = field(default_factory=list)
-    """Re-trainings run after the main experiments, in order."""
+    """Re-trainings, each run right after its held-out task (in recipe order)."""
 
     def __post_init__(self) -> None:
         self.tasks = {name: files if isinstance(files, TaskFiles) else from_dict(TaskFiles, files, f"tasks.{name}.")
@@ -619,12 +619,15 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
 
     scorer: Scorer | None = None
     report: dict[str, Any] = {"heldout": {}, "variations": {}}
-    runs = [(held.task, held, config, out / f"heldout-{held.task}") for held in config.heldout]
-    for variation in config.variations:
-        held = next(h for h in config.heldout if h.task == variation.heldout)
-        varied = from_dict(ExperimentConfig, apply_overrides(to_dict(config), variation.overrides))
-        varied.data_dir = config.data_dir
-        runs.append((f"variation-{variation.name}", held, varied, out / f"variation-{variation.name}"))
+    # Each held-out task, then its variations (in recipe order): a run cut short by a time limit has
+    # finished tasks with their variations, and a variation's baselines are already scored.
+    runs = []
+    for held in config.heldout:
+        runs.append((held.task, held, config, out / f"heldout-{held.task}"))
+        for variation in (v for v in config.variations if v.heldout == held.task):
+            varied = from_dict(ExperimentConfig, apply_overrides(to_dict(config), variation.overrides))
+            varied.data_dir = config.data_dir
+            runs.append((f"variation-{variation.name}", held, varied, out / f"variation-{variation.name}"))
     for key, held, run_config, run in runs:
         export = train_generator(run_config, held, run, out, timings, key)
         if export is None:

@@ -79,6 +79,7 @@ from dnd_scale.io import (
 )
 from dnd_scale.loader import SKIP_KINDS, LoaderConfig, PairLoader
 from dnd_scale.plan import check_gpu_memory
+from dnd_scale.resident import ResidentData, resident_bytes, resolve_resident
 from dnd_scale.shards import load_prompt_pools, read_shard_index, verify_shards
 from dnd_scale.targets import PackedTargets, canonical_json_sha256
 
@@ -160,6 +161,12 @@ class TrainConfig:
     """DataLoader worker processes per rank reading shards (0: read in the training process)."""
     resampled: bool = False
     """Draw shards with replacement (an endless stream) instead of epoch after epoch."""
+    resident: str = "auto"
+    """Where a step's targets and conditions come from. "device": the packed targets and condition
+    caches are copied to the GPU once (`dnd_scale.resident`) and each step gathers its pairs there,
+    the loader's workers passing indices only; "host": the workers gather them from the memory maps
+    and each batch is copied to the GPU; "auto": device on a GPU when they take at most a quarter
+    of its free memory and the conditions are cached, else host. The values are the same either way."""
     cudnn_benchmark: bool = True
     """On a GPU, let cuDNN time its algorithms on the first use of each convolution shape (training
     shapes are fixed) instead of taking its heuristic pick. `impl: torch` runs every convolution
@@ -315,6 +322,8 @@ class TrainingData:
     shards_dir: Path
     shard_index: dict
     pools: dict[str, list[str]]
+    resident: ResidentData | None = None
+    """The targets and conditions on the device (train.resident); its batches then carry indices only."""
 
     @classmethod
     def open(cls, run_dir: Path) -> "TrainingData":
@@ -398,7 +407,9 @@ def pair_stream(data: TrainingData, config: TrainConfig, rank: int, world_size: 
         seed=config.seed,
         resampled=config.resampled,
     )
-    return PairStream(PairLoader(data.shards_dir, data.targets, loader_config, rank, world_size))
+    loader = PairLoader(data.shards_dir, data.targets, loader_config, rank, world_size,
+                        gather_tokens=data.resident is None)
+    return PairStream(loader)
 
 
 StreamFactory = Callable[[TrainingData, TrainConfig, int, int], BatchStream]
@@ -755,7 +766,7 @@ def load_checkpoint(engine, checkpoint_dir: Path, stream: BatchStream, run: Mapp
 # the checkpoint. `steps` continues a run past its end (`--resume --train.steps=MORE`, never below
 # the checkpoint's step): the LR schedule comes back from the checkpoint as the run started it.
 RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "encoder.batch_size", "generator.impl",
-                     "cudnn_benchmark", "steps"}  # fmt: skip
+                     "cudnn_benchmark", "steps", "resident"}  # fmt: skip
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -922,6 +933,13 @@ def _train(
     condition_shape = (data.num_prompts, length, conditions.dim)
     features = resolve_features(config.generator, condition_shape, data.targets.token_shape, data.targets.num_tokens)
     check_gpu_memory(config, features, world, device)  # fail before, not during: dnd plan's estimate
+    resident_size = resident_bytes(data.targets, conditions.caches)
+    try:
+        on_device = resolve_resident(config.resident, device, resident_size, conditions.caches is not None)
+    except ValueError as exn:
+        raise TrainError(str(exn)) from None
+    if on_device:
+        data.resident = ResidentData(data.targets, conditions.caches, device)
     engine, model = build_engine(config, ds_config, condition_shape, data.targets.token_shape, data.targets.num_tokens)
     stream = make_stream(data, config, rank, world)
 
@@ -950,12 +968,13 @@ def _train(
             "parameters_per_rank": [int(t.item()) for t in per_rank],
             "features": [list(s) for s in model.features],
             "conditions": "cache" if conditions.caches is not None else "encoder",
+            "resident": {"on_device": on_device, "bytes": resident_size},
             "resumed_from": start_step if resume else None,
         })
 
     step = start_step
     if not export_only:
-        step = _fit(config, engine, stream, conditions, data.targets, out_dir, start_step, run)
+        step = _fit(config, engine, stream, conditions, data, out_dir, start_step, run)
     if step >= config.steps or export_only:
         meta = {
             "format": EXPORT_FORMAT,
@@ -1007,7 +1026,7 @@ def _fit(
     engine,
     stream: BatchStream,
     conditions: ConditionSource,
-    targets: PackedTargets,
+    data: TrainingData,
     out_dir: Path,
     start_step: int,
     run: Mapping,
@@ -1018,8 +1037,8 @@ def _fit(
     rank, world, device = dist.get_rank(), dist.get_world_size(), engine.device
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
     dtype = torch.bfloat16 if config.bf16 else torch.float32
-    mask = targets.mask.to(device)  # (T, H, W)
-    weights = targets.weights.to(device)  # (T,)
+    mask = data.targets.mask.to(device)  # (T, H, W)
+    weights = data.targets.weights.to(device)  # (T,)
     log = MetricsLog(out_dir, start_step, enabled=rank == 0)
     accumulation = config.accumulation_steps(world)
     samples_per_step = config.micro_batch_size * accumulation * world
@@ -1032,8 +1051,12 @@ def _fit(
             loss_sum = torch.zeros((), device=device)
             for _ in range(accumulation):
                 batch = next(stream)
-                cond = conditions(batch).to(device, dtype)  # (B, N, L, D)
-                target = batch["tokens"].to(device)  # (B, T, H, W)
+                if "tokens" in batch:  # streamed from the host (a custom stream always is)
+                    cond = conditions(batch).to(device, dtype)  # (B, N, L, D)
+                    target = batch["tokens"].to(device)  # (B, T, H, W)
+                else:  # indices only: the rows are gathered on the device
+                    cond, target = data.resident.batch(batch)
+                    cond = cond.to(dtype)
                 loss = generator_loss(engine(cond), target, mask, weights)
                 engine.backward(loss)
                 engine.step()  # updates only at the accumulation boundary

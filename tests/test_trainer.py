@@ -632,3 +632,60 @@ def test_no_cache_encodes_on_the_fly(tmp_path, monkeypatch):
     trainer.main(["--run", str(tmp_path), "--no-cache"])
     trainer.main(["--run", str(tmp_path)])
     assert [config.encoder.cache for config in seen] == [False, True]
+
+
+def test_resident_data_gathers_what_the_host_stream_serves(tiny_run, tmp_path):
+    """The device copy (here on the CPU) of targets and caches gives the host path's values, from the
+    indices-only batches the loader serves in that mode."""
+    from dnd_scale.resident import ResidentData, resident_bytes
+
+    run, encoder_dir = tiny_run
+    data = TrainingData.open(run)
+    encoder = ConditionEncoder(str(encoder_dir), length=16)
+    caches = {t: ConditionCache.build(encoder, pool, tmp_path / f"{t}.safetensors", torch.float16)
+              for t, pool in data.pools.items()}
+    config = TrainConfig(micro_batch_size=5, num_workers=0)
+    host = [next(s) for s in [pair_stream(data, config, 0, 1)] for _ in range(3)]
+    data.resident = ResidentData(data.targets, caches, torch.device("cpu"))
+    indices = [next(s) for s in [pair_stream(data, config, 0, 1)] for _ in range(3)]
+    for full, light in zip(host, indices, strict=True):
+        assert "tokens" not in light and light["task"] == full["task"]
+        conditions, targets = data.resident.batch(light)
+        torch.testing.assert_close(targets, full["tokens"], rtol=0, atol=0)
+        torch.testing.assert_close(conditions, ConditionSource(caches=caches)(full), rtol=0, atol=0)
+    tokens = sum(data.targets.num_checkpoints.values()) * data.targets.num_tokens * 4 * 18 * 4
+    assert resident_bytes(data.targets, caches) == tokens + sum(c.embeddings.nbytes + 8 * c.offsets.numel()
+                                                                for c in caches.values())
+
+
+@pytest.mark.parametrize("mode, device, caches, expected", [
+    ("host", "cpu", True, False),
+    ("auto", "cpu", True, False),
+    ("device", "cpu", True, "the device is cpu"),
+    ("everywhere", "cpu", True, "must be one of"),
+], ids=["host", "auto-cpu", "device-cpu", "bad-mode"])
+def test_resident_mode_is_resolved_or_refused_with_the_reason(mode, device, caches, expected):
+    from dnd_scale.resident import resolve_resident
+
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            resolve_resident(mode, torch.device(device), 1, caches)
+    else:
+        assert resolve_resident(mode, torch.device(device), 1, caches) is expected
+
+
+def test_a_run_on_resident_data_trains_like_the_streamed_one(tiny_run, tmp_path, one_thread, monkeypatch):
+    """The whole path: indices-only loader, gathers on the device copy, the same losses and export."""
+    from dnd_scale import trainer
+
+    run, encoder_dir = tiny_run
+    streamed = train(_tiny_train_config(encoder_dir, tmp_path / "streamed"), run)
+    monkeypatch.setattr(trainer, "resolve_resident", lambda *args: True)
+    resident = train(_tiny_train_config(encoder_dir, tmp_path / "resident"), run)
+    info = json.loads((resident / "train_info.json").read_text())
+    assert info["resident"]["on_device"] is True and info["resident"]["bytes"] > 0
+    assert json.loads((streamed / "train_info.json").read_text())["resident"]["on_device"] is False
+    losses = [[r["loss"] for r in read_jsonl(out / "metrics.jsonl")] for out in (resident, streamed)]
+    assert len(losses[0]) >= 2 and losses[0] == losses[1]
+    final, reference = (load_file(out / "export" / "model.safetensors") for out in (resident, streamed))
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
