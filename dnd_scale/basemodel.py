@@ -185,6 +185,14 @@ _SAMPLES_PER_MATRIX = 32
 SAME_WEIGHTS_MIN_CORRELATION = 0.9
 
 
+def sample_positions(numel: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`count` positions spread evenly from 0 to numel - 1 (each rounded half up), in exact integer
+    arithmetic: a float32 linspace to 136 M (a 0.5B model's embedding) rounds its last position
+    past the end on CUDA, which faulted collection on a GPU."""
+    steps = torch.arange(count, device=device)
+    return (2 * steps * (numel - 1) + count - 1) // (2 * max(count - 1, 1))
+
+
 def base_identity(model: PreTrainedModel) -> dict[str, Any]:
     """What tells this base model from another of the same shapes (another seed, another family):
     its model_type, a sha256 of its config (load and save fields left out) and a sample of its weights
@@ -199,7 +207,7 @@ def base_identity(model: PreTrainedModel) -> dict[str, Any]:
     sample = {}
     for name, param in picked:
         flat = param.detach().reshape(-1)
-        positions = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_MATRIX, device=flat.device).round().long()
+        positions = sample_positions(flat.numel(), _SAMPLES_PER_MATRIX, flat.device)
         sample[name] = [float(f"{v:.6g}") for v in flat[positions].float().cpu().tolist()]
     return {"model_type": model.config.model_type, "config_sha256": canonical_json_sha256(config),
             "weights_sample": sample}

@@ -17,7 +17,7 @@ from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from dnd_scale import collect as collect_module
-from dnd_scale.basemodel import base_identity, build_tiny_tokenizer, load_base_model
+from dnd_scale.basemodel import base_identity, build_tiny_tokenizer, load_base_model, sample_positions
 from dnd_scale.collect import (
     IGNORE_INDEX,
     CollectConfig,
@@ -359,3 +359,12 @@ def test_a_failed_first_collect_does_not_bind_the_run_to_its_config(config, task
     # once a task is finished, the run is bound to its config
     with pytest.raises(ValueError, match=r"another config \(max_length: 400 -> 256"):
         collect(replace(fixed, max_length=256), [tasks[1]], tmp_path / "run")
+
+
+@pytest.mark.parametrize("numel", [1, 2, 31, 1000, 151936 * 896, 2**40 + 3], ids=lambda n: f"n{n}")
+def test_identity_sample_positions_are_exact_and_in_range(numel):
+    """A float32 linspace put the last sample of a 0.5B model's embedding (151936 x 896) past its
+    end on CUDA; the positions are exact integers: round-half-up of i * (n - 1) / 31."""
+    positions = sample_positions(numel, 32).tolist()
+    assert positions == [(2 * i * (numel - 1) + 31) // 62 for i in range(32)]
+    assert positions[0] == 0 and positions[-1] == numel - 1 and positions == sorted(positions)
