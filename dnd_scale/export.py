@@ -250,5 +250,6 @@ def check_vllm_contract(folder: str | os.PathLike) -> int:
     if not keys:
         problems.append(f"{ADAPTER_WEIGHTS} holds no tensors")
     if problems:
-        raise VllmContractError(f"adapter {folder} is not a LoRA adapter vLLM loads: " + "; ".join(problems))
+        raise VllmContractError(f"adapter {folder} is not a LoRA adapter vLLM loads: " + "; ".join(problems)
+                                + ". Serve it with peft, or write it as a plain LoRA (as dnd generate does)")
     return vllm_max_lora_rank(rank)
