@@ -48,6 +48,13 @@ _ST_DTYPES = {torch.float32: ("F32", np.float32), torch.float16: ("F16", np.floa
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+def condition_cache_bound(prompts: int, length: int, dim: int, dtype: str) -> int:
+    """Bytes of token embeddings a condition cache of `prompts` prompts holds at most: every prompt at
+    the full condition length L, D values each, in the cache dtype (a prompt keeps only its real
+    tokens, so a pool of short prompts takes less; the offsets add 8 bytes a prompt)."""
+    return prompts * length * dim * CACHE_DTYPES[dtype].itemsize
+
+
 @dataclass
 class EncoderConfig:
     """The frozen condition encoder of a training run."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +19,7 @@ import torch
 
 from dnd_scale.config import from_dict
 from dnd_scale.encoder import ConditionEncoder, prompts_fingerprint
-from dnd_scale.export import export_tokens, parse_dtype, refuse_existing
+from dnd_scale.export import VllmContractError, check_vllm_contract, export_tokens, parse_dtype, refuse_existing
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
 from dnd_scale.io import ArtifactError, load_safetensors, read_json, read_text, sha256_file
 from dnd_scale.layout import LayoutError, LoraLayout
@@ -161,5 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     for path, sample, out in jobs:
         start = time.perf_counter()
         generator.generate(read_prompts(path), out, dtype=args.dtype, seed=args.seed + sample, overwrite=args.overwrite)
-        print(f"{out}  ({time.perf_counter() - start:.2f} s)")
+        elapsed = time.perf_counter() - start
+        # The format vLLM's loader takes (config and tensor names, read back from what was written).
+        try:
+            vllm = f"vLLM's LoRA contract met: serve with --max-lora-rank {check_vllm_contract(out)} or more"
+        except VllmContractError as error:  # still a PEFT adapter: say so, keep it
+            vllm = "a PEFT adapter, but not one vLLM loads"
+            print(f"dnd generate: warning: {error}", file=sys.stderr)
+        print(f"{out}  ({elapsed:.2f} s; {vllm})")
     return 0

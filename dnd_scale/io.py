@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TMP_SUFFIX = ".tmp"
@@ -271,9 +271,8 @@ def save_flat_safetensors(
         f.write(flat.view(torch.uint8).numpy().data)
 
 
-def load_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dict[str, torch.Tensor]:
-    """Load a safetensors file; anything else (a pickle .bin/.pt, a truncated file) is refused clearly."""
-    path = Path(path)
+def _check_safetensors_file(path: Path, what: str) -> None:
+    """Refuse clearly what is not a safetensors file: missing, a pickle .bin/.pt, a bad header."""
     if not path.is_file():
         raise ArtifactError(f"{what} {str(path)!r} not found")
     with open(path, "rb") as f:
@@ -286,8 +285,25 @@ def load_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dict
             f"{what} {str(path)!r} is not safetensors ({kind}); dnd_scale never unpickles inputs. "
             "Convert it with safetensors.torch.save_file (after torch.load(..., weights_only=True))."
         )
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "tensor file") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; anything else (a pickle .bin/.pt, a truncated file) is refused clearly."""
+    path = Path(path)
+    _check_safetensors_file(path, what)
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{what} {str(path)!r} is not a readable safetensors file ({err})") from None
+
+
+def safetensors_keys(path: str | os.PathLike, what: str = "tensor file") -> list[str]:
+    """The tensor names of a safetensors file, read from its header alone (no tensor data)."""
+    path = Path(path)
+    _check_safetensors_file(path, what)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{what} {str(path)!r} is not a readable safetensors file ({err})") from None
 

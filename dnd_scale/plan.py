@@ -8,6 +8,10 @@ tensors every hyper-convolution stage keeps for its backward pass, in bf16, time
 These are estimates: the CUDA context, communication buckets and allocator fragmentation are not in
 them, so a configuration "fits" a GPU when the estimate stays under USABLE_FRACTION of its memory.
 `check_gpu_memory` applies the same numbers to a training config before `dnd train` builds anything.
+
+Given the prompts of all training tasks (`--pool-prompts`), the plan also bounds the condition cache
+`dnd train` writes under `<run>/conditions/` before its first step (prompts × L × D × the cache
+dtype's bytes), built by one encoder pass over all prompts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dnd_scale.encoder import CACHE_DTYPES, condition_cache_bound
 from dnd_scale.generator import (
     DEFAULT_KERNEL_SIZE, PRESETS, GeneratorConfig, count_parameters, resolve_features, stage_flops, stage_parameters,
 )
@@ -58,6 +63,17 @@ class PlanConfig:
     """Generator kernel size (None: the preset's own, 9 for auto)."""
     micro_batch: int = 8
     """Samples per GPU per step, for the activation estimate."""
+    pool_prompts: int | None = None
+    """Prompts of all training tasks together (each task's whole pool), which `dnd train` encodes once
+    into the condition cache; None leaves the cache out of the plan."""
+    cache_dtype: str = "float32"
+    """Storage dtype of the condition cache (train.encoder.cache_dtype): "float32" or "float16"."""
+
+    def __post_init__(self) -> None:
+        if self.pool_prompts is not None and self.pool_prompts < 1:
+            raise ValueError(f"pool_prompts must be >= 1 (the prompts of all training tasks), got {self.pool_prompts}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {self.cache_dtype!r}")
 
 
 def _preset_for(config: PlanConfig, condition: tuple[int, int, int], token_shape, num_tokens) -> GeneratorConfig:
@@ -245,7 +261,7 @@ def make_plan(model_config: Any, spec: LoraSpec, config: PlanConfig | None = Non
     for seg in tok.segments:
         per_module[seg.matrix.name] = per_module.get(seg.matrix.name, 0) + seg.count
     layers = len({m.layer for m in layout.matrices})
-    return {
+    plan = {
         "model": {**asdict(layout.geometry), "base_params": layout.geometry.num_params},
         "lora": {
             "rank": spec.rank, "alpha": spec.alpha, "rslora": spec.use_rslora, "modules": layout.module_names,
@@ -271,6 +287,15 @@ def make_plan(model_config: Any, spec: LoraSpec, config: PlanConfig | None = Non
         "fits_gpu_gib": fits,
         "memory_notes": notes,
     }
+    if config.pool_prompts is not None:
+        plan["condition_cache"] = {
+            "prompts": config.pool_prompts, "length": config.max_tokens, "dim": config.embed_dim,
+            "dtype": config.cache_dtype,
+            "bytes_at_most": condition_cache_bound(config.pool_prompts, config.max_tokens, config.embed_dim,
+                                                   config.cache_dtype),
+            "time": "one encoder pass over all prompts, before the first training step",
+        }
+    return plan
 
 
 def format_plan(plan: dict[str, Any], name: str) -> str:
@@ -297,6 +322,16 @@ def format_plan(plan: dict[str, Any], name: str) -> str:
     for size, per_world in plan["fits_gpu_gib"].items():
         lines.append(f"  {'fits ' + size + ' GB':<21}" + "".join(f"{per_world[str(w)] or 'none':>14}" for w in WORLD_SIZES))
     lines.extend(f"  ({note})" for note in plan["memory_notes"])
+    cache = plan.get("condition_cache")
+    if cache is None:
+        lines.append("condition cache: give --pool-prompts (the prompts of all training tasks) for its size")
+    else:
+        size = cache["bytes_at_most"]
+        lines.append(
+            f"condition cache <= {size / GIB:.2f} GiB ({size / 1e9:.2f} GB: {cache['prompts']:,} prompts x L "
+            f"{cache['length']} x D {cache['dim']} x {CACHE_DTYPES[cache['dtype']].itemsize} B {cache['dtype']}) in "
+            f"RUN/conditions/; {cache['time']} (reused by later runs and --resume)"
+        )
     return "\n".join(lines)
 
 

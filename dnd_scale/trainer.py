@@ -58,6 +58,7 @@ from dnd_scale.encoder import (
     ConditionCache,
     ConditionEncoder,
     EncoderConfig,
+    condition_cache_bound,
     encoder_weights_sha256,
     resolve_encoder_path,
 )
@@ -465,7 +466,7 @@ def condition_source(
         if stale:
             encoder = ConditionEncoder(config.name, length, device, config.batch_size)
             prompts = sum(len(pools[task]) for task in stale)
-            bound = prompts * length * encoder.dim * CACHE_DTYPES[config.cache_dtype].itemsize
+            bound = condition_cache_bound(prompts, length, encoder.dim, config.cache_dtype)
             # The one encoder pass of the run, and its largest file write: say so before it starts.
             print(f"dnd train: encoding {prompts} prompts of {len(stale)} tasks once into the condition cache "
                   f"{folder} (at most {bound / 2**20:.0f} MiB; later runs and --resume reuse it; --no-cache "

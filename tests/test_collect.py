@@ -29,6 +29,7 @@ from dnd_scale.collect import (
     read_manifest,
 )
 from dnd_scale.evaluate import check_adapter
+from dnd_scale.export import check_vllm_contract, write_adapter
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from tinymodels import tiny_config
@@ -151,6 +152,16 @@ def test_checkpoint_keys_are_what_peft_save_pretrained_writes(reference_run, con
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved.keys() == state.keys()
     assert all(torch.equal(saved[k], state[k]) for k in state)
+    assert check_vllm_contract(tmp_path / "adapter") == 8  # peft's own folder of a collected LoRA (r=2)
+
+
+def test_every_collected_checkpoint_as_an_adapter_folder_meets_the_vllm_contract(reference_run, tmp_path):
+    """Each checkpoint written as the PEFT folder dnd eval applies (`write_adapter`), as a user exports it."""
+    run_dir, records = reference_run
+    layout = LoraLayout.load(run_dir / "checkpoints" / "layout.json")
+    for index, record in enumerate(records):
+        folder = write_adapter(load_checkpoint(run_dir, record, layout), layout, tmp_path / str(index))
+        assert check_vllm_contract(folder) == 8
 
 
 def test_eval_checks_checkpoints_against_the_base_identity_collect_recorded(reference_run, config):

@@ -40,6 +40,9 @@ def test_demo_runs_in_time_and_reports_what_it_measured(tmp_path):
     # generated adapters are real PEFT folders for a family the generator never saw
     adapters = sorted((tmp_path / "demo" / "adapters").iterdir())
     assert len(adapters) == summary["n_generated"] and all((a / "adapter_config.json").is_file() for a in adapters)
+    from dnd_scale.export import check_vllm_contract
+
+    assert all(check_vllm_contract(a) for a in adapters)  # and in the format vLLM's LoRA loader takes
 
     # seeded: a second run reproduces the table exactly
     stdout_again, _ = run_demo(tmp_path / "demo-again")

@@ -13,12 +13,14 @@ import torch
 from safetensors import safe_open
 
 from dnd_scale.encoder import (
+    CACHE_DTYPES,
     DEFAULT_ENCODER,
     ConditionCache,
     ConditionEncoder,
     EncoderConfig,
     EncoderError,
     PromptTruncationWarning,
+    condition_cache_bound,
     encoder_weights_sha256,
 )
 from dnd_scale.io import ArtifactError
@@ -126,6 +128,22 @@ def test_cache_file_is_plain_safetensors(encoder, tmp_path):
     assert offsets.tolist() == [0] + torch.tensor(counts).cumsum(0).tolist()
     assert embeddings.shape == (sum(counts), 384)  # unpadded: a pool costs its real token count
     torch.testing.assert_close(cache.gather(torch.tensor([1]))[0, : counts[1]], embeddings[offsets[1] : offsets[2]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_cache_bound_is_what_prompts_at_full_length_take(encoder, tmp_path, dtype):
+    """`condition_cache_bound` (what `dnd train` and `dnd plan` state): reached by prompts of L tokens, not
+    exceeded by shorter ones."""
+    pool = [LONG, LONG + "?"]
+    with pytest.warns(PromptTruncationWarning):
+        ConditionCache.build(encoder, pool, tmp_path / "long.safetensors", dtype=CACHE_DTYPES[dtype])
+    ConditionCache.build(encoder, SHORT, tmp_path / "short.safetensors", dtype=CACHE_DTYPES[dtype])
+    with safe_open(tmp_path / "long.safetensors", framework="pt") as f:
+        long = f.get_tensor("embeddings")
+    with safe_open(tmp_path / "short.safetensors", framework="pt") as f:
+        short = f.get_tensor("embeddings")
+    assert long.numel() * long.element_size() == condition_cache_bound(len(pool), LENGTH, 384, dtype)
+    assert short.numel() * short.element_size() < condition_cache_bound(len(SHORT), LENGTH, 384, dtype)
 
 
 def test_cache_errors(encoder, tmp_path):

@@ -21,6 +21,7 @@ from dnd_scale.experiment import (
     split_heldout,
     update_gram,
 )
+from dnd_scale.export import check_vllm_contract, vllm_max_lora_rank
 from dnd_scale.io import read_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +91,15 @@ def test_generated_adapters_see_only_the_conditioning_half(tiny_run):
     # the scored records are exactly the scoring half
     scored = read_json(out / "scores" / "sum" / "loglik" / "base.json")
     assert scored["count"] == len(scoring)
+
+
+def test_every_adapter_folder_the_study_writes_meets_the_vllm_contract(tiny_run):
+    config, out, _ = tiny_run
+    folders = sorted(path.parent for path in out.rglob("adapter_config.json"))
+    names = {folder.name.rsplit("-", 1)[0] for folder in folders}
+    assert {"generated", "control", "average"} <= names, names  # generated, control and weight-averaged
+    rank = config.collect.lora.rank
+    assert all(check_vllm_contract(folder) == vllm_max_lora_rank(rank) for folder in folders)
 
 
 def test_a_stopped_run_continues_without_redoing_finished_work(tiny_run):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dnd_scale.basemodel import base_identity
 from dnd_scale.encoder import EncoderConfig, PromptTruncationWarning
-from dnd_scale.export import ADAPTER_WEIGHTS, PROVENANCE
+from dnd_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE, check_vllm_contract
 from dnd_scale.generate import AdapterGenerator, main, read_prompts
 from dnd_scale.generator import GeneratorConfig
 from dnd_scale.io import ArtifactError, sha256_file, write_json
@@ -71,7 +71,7 @@ def test_generated_adapter_loads_in_peft_and_changes_logits(export, tmp_path):
     assert len(loaded) == len(gen.layout.matrices)
 
 
-def test_bf16_adapter_and_cli(export, tmp_path):
+def test_bf16_adapter_and_cli(export, tmp_path, capsys):
     prompts = tmp_path / "task.json"
     prompts.write_text(json.dumps(PROMPTS))
     assert read_prompts(prompts) == PROMPTS
@@ -80,6 +80,29 @@ def test_bf16_adapter_and_cli(export, tmp_path):
     for i in range(2):
         weights = load_file(tmp_path / "out" / f"task-{i}" / ADAPTER_WEIGHTS)
         assert all(v.dtype == torch.bfloat16 for v in weights.values())
+    # the tiny layout's rank 2 is served by vLLM's smallest max_lora_rank above 1
+    assert capsys.readouterr().out.count("vLLM's LoRA contract met: serve with --max-lora-rank 8") == 2
+
+
+def test_generated_adapters_meet_the_vllm_contract(export, tmp_path, capsys, monkeypatch):
+    gen = AdapterGenerator(export)
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert check_vllm_contract(gen.generate(PROMPTS, tmp_path / dtype, dtype=dtype)) == 8
+    # a folder the check refuses is still written, and the command says why vLLM would not load it
+    prompts = tmp_path / "task.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    real = check_vllm_contract
+
+    def with_dora(folder):
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+        return real(folder)
+
+    monkeypatch.setattr("dnd_scale.generate.check_vllm_contract", with_dora)
+    assert main(["--generator", str(export), "--prompts", str(prompts), "--out", str(tmp_path / "cli")]) == 0
+    out, err = capsys.readouterr()
+    assert "not one vLLM loads" in out and "use_dora is true" in err
+    assert (tmp_path / "cli" / "task" / ADAPTER_WEIGHTS).is_file()
 
 
 def test_bad_inputs_get_clear_errors(export):

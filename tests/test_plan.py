@@ -70,6 +70,25 @@ def test_paper_05b_plan_uses_the_paper_preset():
     assert plan["tokens"]["count"] == 4296 and plan["lora"]["params"] == 4_399_104
 
 
+def test_plan_states_the_condition_cache_size_given_the_pool_prompts(capsys):
+    """The paper's 0.5B recipe: its four train sets' 17,754 prompts, L = 384, D = 384, float32."""
+    model = str(MODELS[0].parent / "qwen2.5-0.5b.json")
+    cache = make_plan(model, LoraSpec(rank=8), PlanConfig(pool_prompts=17_754))["condition_cache"]
+    assert cache["bytes_at_most"] == 17_754 * 384 * 384 * 4 == 10_471_735_296
+    assert (cache["prompts"], cache["length"], cache["dim"], cache["dtype"]) == (17_754, 384, 384, "float32")
+    assert cache["time"].startswith("one encoder pass over all prompts")
+    half = make_plan(model, LoraSpec(rank=8), PlanConfig(pool_prompts=17_754, cache_dtype="float16"))
+    assert half["condition_cache"]["bytes_at_most"] == cache["bytes_at_most"] // 2
+    assert "condition_cache" not in make_plan(model, LoraSpec(rank=8))  # the committed plans stay as made
+    assert main(["--model", model, "--lora", "r=8", "--pool-prompts", "17754"]) == 0
+    assert ("condition cache <= 9.75 GiB (10.47 GB: 17,754 prompts x L 384 x D 384 x 4 B float32) in "
+            "RUN/conditions/; one encoder pass over all prompts") in capsys.readouterr().out
+    assert main(["--model", model, "--lora", "r=8"]) == 0
+    assert "condition cache: give --pool-prompts" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        PlanConfig(pool_prompts=10, cache_dtype="bfloat16")
+
+
 def test_model_state_formula_follows_zero():
     p, largest = 1_000_000, 10_000
     assert model_state_bytes(p, largest, 0, 8) == 20 * p
