@@ -357,15 +357,13 @@ def bench_generate(preset: str, impls, reps: int, warmup: int) -> dict:
     """Prompt set -> PEFT folder: encoder + generator forward + detokenize + write, per impl.
 
     triton: fused stages, Triton detokenization; eager/compile: the reference stages and the
-    PyTorch detokenization reference, both on the GPU. Both write through ``write_flat_adapter``.
+    PyTorch detokenization reference, both on the GPU. Both write through ``export_tokens``.
     """
     import transformers
 
-    from dnd_kernels.detokenize.reference import detokenize_reference
-    from dnd_scale.export import export_tokens, write_flat_adapter
+    from dnd_scale.export import export_tokens
 
     tok = model_tokenizer("qwen2.5-0.5b", 8, 128)
-    table = tok.token_table().cuda()
     out = {}
     # The condition encoder's cost: all-MiniLM-L6-v2's architecture, random weights (no downloads
     # on the benchmark machine), N prompts x L tokens.
@@ -388,12 +386,8 @@ def bench_generate(preset: str, impls, reps: int, warmup: int) -> dict:
                     return model(cond)[0]
 
             def write(tokens):
-                if impl == "triton":
-                    export_tokens(tokens, tok, Path(tmp) / impl, dtype=torch.bfloat16)
-                else:
-                    flat = detokenize_reference(tokens.float(), table, tok.flat_numel, tok.rank, tok.chunk,
-                                                tok.config.mean_scale, tok.config.std_shift, torch.bfloat16)  # fmt: skip
-                    write_flat_adapter(flat, tok, Path(tmp) / impl)
+                export_tokens(tokens, tok, Path(tmp) / impl, dtype=torch.bfloat16, overwrite=True,
+                              impl="triton" if impl == "triton" else "torch")  # fmt: skip
 
             tokens = forward()
 
