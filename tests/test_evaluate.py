@@ -9,20 +9,11 @@ import pytest
 import torch
 
 from dnd_scale.basemodel import base_identity, load_base_model
-from dnd_scale.evaluate import (
-    EvalConfig,
-    check_adapter,
-    evaluate,
-    main,
-    parse_adapter_groups,
-    parse_choice,
-    prepare_task,
-    render_context,
-    score_continuations,
-    select_records,
-    wilson_interval,
-    write_report,
-)
+from dnd_scale.eval_adapters import check_adapter, expand_adapter_paths
+from dnd_scale.eval_records import prepare_task, render_context, select_records
+from dnd_scale.eval_report import write_report
+from dnd_scale.eval_scoring import parse_choice, score_continuations, wilson_interval
+from dnd_scale.evaluate import EvalConfig, evaluate, main, parse_adapter_groups
 from dnd_scale.export import PROVENANCE, write_adapter
 from dnd_scale.io import ArtifactError, append_jsonl, sha256_file
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
@@ -193,6 +184,7 @@ def test_collect_checkpoint_file_scores_like_the_same_peft_folder(tiny, tmp_path
 def test_a_failed_eval_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
     import tempfile
 
+    import dnd_scale.eval_report as report_module
     import dnd_scale.evaluate as evaluate_module
 
     base = tiny["base"]
@@ -222,7 +214,7 @@ def test_a_failed_eval_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
     assert list(scratch.iterdir()) == []
     monkeypatch.undo()
     results = evaluate(base, [mc_task()], config=EvalConfig(max_records=2, **FP32_CPU))
-    monkeypatch.setattr(evaluate_module, "plot_report", lambda results, path: 1 / 0)
+    monkeypatch.setattr(report_module, "plot_report", lambda results, path: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         write_report(results, tmp_path / "report")
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["results.json", "results.md"]
@@ -496,7 +488,7 @@ def test_parse_choice_true_false_ignores_case():
 
 
 def test_generate_mode_scores_option_items_by_the_parsed_choice(tiny, monkeypatch):
-    import dnd_scale.evaluate as evaluate_module
+    import dnd_scale.eval_scoring as scoring_module
 
     task = mc_task(records=6)
     answers = [record.options.index(record.answer) for record in task.records]
@@ -504,7 +496,7 @@ def test_generate_mode_scores_option_items_by_the_parsed_choice(tiny, monkeypatc
     right = [task.records[i].answer for i in range(6)]
     wrong = task.records[2].options[(answers[2] + 1) % len(task.records[2].options)]
     replies = [right[0], right[1][1:-1] + ".", wrong, "no idea", f"so {right[4]}", right[5].lower()]
-    monkeypatch.setattr(evaluate_module, "generate_replies", lambda model, tokenizer, prompts, **kw: replies)
+    monkeypatch.setattr(scoring_module, "generate_replies", lambda model, tokenizer, prompts, **kw: replies)
     metrics = evaluate(tiny["base"], [task], config=EvalConfig(mode="generate", max_new_tokens=3, **FP32_CPU))
     scores = metrics["models"][0]["tasks"][task.name]
     assert scores["predictions"][:4] == [answers[0], answers[1], (answers[2] + 1) % len(task.records[2].options), None]
@@ -522,8 +514,6 @@ def test_wilson_interval_brackets_the_accuracy():
 
 
 def test_adapters_given_as_a_quoted_glob_or_a_folder(tiny, tmp_path):
-    from dnd_scale.evaluate import expand_adapter_paths
-
     folder = tiny["folder"]
     adapters = sorted(str(tiny["adapters"][name]) for name in ("big", "zero"))
     assert expand_adapter_paths([str(folder / "[bz]*")]) == adapters  # a glob the shell left alone
