@@ -3,13 +3,15 @@ and applying them to it.
 
 Adapters are PEFT folders (`adapter_config.json` + `adapter_model.safetensors`, optionally
 `provenance.json`) or `dnd collect` checkpoints (`<run>/checkpoints/<task>/<step>.safetensors`, whose
-layout is `<run>/checkpoints/layout.json`). Each adapter is applied to the one loaded base model with
-`PeftModel.from_pretrained` and removed again with `unload()`. Before any scoring, every adapter's
-layout (keys, shapes, and the fingerprint in provenance.json) is checked against the layout the base
-model gives for that adapter's LoRA spec, and the base model it was made for (its family and a sample
-of its weights, `basemodel.base_identity`, which collect records in collect.json and generate copies
-into provenance.json) against this base model: an adapter of another seed or family of the same
-shapes is refused unless `allow_other_base` (`--allow-other-base`).
+layout is `<run>/checkpoints/layout.json`); a PEFT folder's LoRA spec is read from its config and
+its tensor keys (MoE models: attention, shared-expert projections and the routed experts' fused
+parameters, which peft adapts through `target_parameters`). Each adapter is applied to the one
+loaded base model with `PeftModel.from_pretrained` and removed again with `unload()`. Before any
+scoring, every adapter's layout (keys, shapes, and the fingerprint in provenance.json) is checked
+against the layout the base model gives for that adapter's LoRA spec, and the base model it was made
+for (its family and a sample of its weights, `basemodel.base_identity`, which collect records in
+collect.json and generate copies into provenance.json) against this base model: an adapter of
+another seed or family of the same shapes is refused unless `allow_other_base` (`--allow-other-base`).
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ from dnd_scale.basemodel import identity_mismatch
 from dnd_scale.collect import COLLECT_META
 from dnd_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE, write_adapter
 from dnd_scale.io import ArtifactError, load_safetensors, read_json, read_jsonl, sha256_file
-from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
+from dnd_scale.layout import EXPERT_PARAMETERS, LayoutError, LoraLayout, LoraSpec
 
 logger = logging.getLogger(__name__)
 
 # A collect checkpoint's layout and manifest live two folders up: <run>/checkpoints/<task>/<step>.safetensors.
 COLLECT_LAYOUT = "layout.json"
 COLLECT_MANIFEST = "manifest.jsonl"
-# PEFT key of one adapted linear layer of a decoder layer: ...<layers>.<i>.<self_attn|mlp>.<name>.lora_<A|B>.weight
-_PEFT_KEY = re.compile(r"\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_[AB]\.weight$")
+# PEFT keys of a decoder layer's LoRA tensors (...<layers>.<i>.<path>.lora_<A|B>.weight), as peft
+# writes them for the layouts LoraLayout makes: an adapted linear module, self_attn.<name> or
+# mlp.<name> (Qwen2-MoE's shared expert: mlp.shared_expert.<name>); and the routed experts' 3-D
+# parameters, which peft adapts on their module, mlp.experts (gate_up_proj one `base_layer.` deeper
+# when down_proj is adapted too, LoraLayout.from_config). Which parameter an expert key holds only
+# the config's target_parameters say.
+_LINEAR_KEY = re.compile(r"\.(\d+)\.(?:self_attn|mlp)\.((?:shared_expert\.)?\w+)\.lora_[AB]\.weight$")
+_EXPERTS_KEY = re.compile(r"\.(\d+)\.mlp\.experts\.(?:base_layer\.)?lora_[AB]\.weight$")
 
 
 @dataclass(frozen=True)
@@ -57,19 +65,24 @@ def _spec_from_peft(path: Path, adapter_config: Mapping[str, Any], keys: Sequenc
     """The LoraSpec an adapter was made with, from its adapter_config.json and its tensor keys."""
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise LayoutError(f"adapter {path} is a {adapter_config['peft_type']} adapter; dnd eval applies LoRA adapters")
-    found = [_PEFT_KEY.search(key) for key in keys]
-    foreign = [key for key, match in zip(keys, found) if match is None]
+    experts = [_EXPERTS_KEY.search(key) for key in keys]
+    linear = [None if e else _LINEAR_KEY.search(key) for key, e in zip(keys, experts)]
+    foreign = [key for key, e, m in zip(keys, experts, linear) if e is None and m is None]
     if foreign:
         raise LayoutError(
-            f"adapter {path} has tensors outside the decoder layers' linear modules, e.g. {foreign[:3]}; "
-            "dnd eval checks adapters against a LoRA layout of q/k/v/o and gate/up/down projections"
+            f"adapter {path} has tensors outside the decoder layers' linear modules and routed experts, e.g. "
+            f"{foreign[:3]}; dnd eval checks adapters against a LoRA layout of attention and MLP projections "
+            "(MoE: shared-expert projections, routed experts' gate_up_proj/down_proj)"
         )
+    names = [m.group(2) for m in linear if m]
+    if any(experts):
+        names += _expert_parameters(path, adapter_config)
     try:
         return LoraSpec(
             rank=int(adapter_config["r"]),
             alpha=float(adapter_config.get("lora_alpha", adapter_config["r"])),
-            target_modules=tuple(dict.fromkeys(match.group(2) for match in found)),
-            layers=tuple(sorted({int(match.group(1)) for match in found})),
+            target_modules=tuple(dict.fromkeys(names)),
+            layers=tuple(sorted({int(m.group(1)) for m in experts + linear if m})),
             use_rslora=bool(adapter_config.get("use_rslora", False)),
         )
     except KeyError as missing:
@@ -78,6 +91,20 @@ def _spec_from_peft(path: Path, adapter_config: Mapping[str, Any], keys: Sequenc
         ) from None
     except LayoutError as error:
         raise LayoutError(f"adapter {path}: {error}") from None
+
+
+def _expert_parameters(path: Path, adapter_config: Mapping[str, Any]) -> list[str]:
+    """The routed-expert parameters (EXPERT_PARAMETERS) an adapter adapts: its config's
+    target_parameters, e.g. model.layers.1.mlp.experts.down_proj."""
+    targets = adapter_config.get("target_parameters") or []
+    names = [next((n for n in EXPERT_PARAMETERS if t == n or t.endswith(f".{n}")), None) for t in targets]
+    if not names or None in names:
+        raise LayoutError(
+            f"adapter {path} has LoRA tensors of routed experts (mlp.experts) but its {ADAPTER_CONFIG} "
+            f"target_parameters {targets} do not name them as {EXPERT_PARAMETERS} (or paths ending so); "
+            "make the adapter with the peft config of its LoRA layout (LoraLayout.to_peft_config)"
+        )
+    return names
 
 
 def _check_collected_hash(path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dnd_scale.basemodel import base_identity, load_base_model
-from dnd_scale.eval_adapters import check_adapter, expand_adapter_paths
+from dnd_scale.eval_adapters import applied_adapter, check_adapter, expand_adapter_paths
 from dnd_scale.eval_records import prepare_task, render_context, select_records
 from dnd_scale.eval_report import write_report
 from dnd_scale.eval_scoring import parse_choice, score_continuations, wilson_interval
@@ -151,6 +151,60 @@ def test_adapter_changes_scores_zero_adapter_does_not_and_base_is_restored(tiny)
         after = base.model(probe).logits
     assert torch.equal(before, after)
     assert not any("lora" in name for name, _ in base.model.named_modules())
+
+
+# MoE adapters as peft writes them for the layouts dnd_scale supports: routed experts through
+# target_parameters (keys ...mlp.experts.[base_layer.]lora_A.weight), a shared expert as linear modules.
+MOE_ADAPTERS = {
+    "mixtral-experts-down-L1": ("mixtral", LoraSpec(rank=2, target_modules=("experts.down_proj",), layers=(1,))),
+    "mixtral-attention+experts": ("mixtral", LoraSpec(rank=2, target_modules="attention", experts=True)),
+    "qwen2moe-all+experts-L0": ("qwen2_moe", LoraSpec(rank=2, experts=True, layers=(0,))),
+    "qwen3moe-experts-gate-up": ("qwen3_moe", LoraSpec(rank=2, target_modules=("experts.gate_up_proj",))),
+}
+
+
+def peft_moe_adapter(name: str, folder: Path):
+    """(base model, layout, peft model) of MOE_ADAPTERS[name]; the adapter, random, saved to `folder`."""
+    from peft import get_peft_model
+
+    family, spec = MOE_ADAPTERS[name]
+    base = tiny_model(family, layers=2)
+    layout = LoraLayout.from_config(base.config, spec)
+    made = get_peft_model(tiny_model(family, layers=2), layout.to_peft_config())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, tensor in made.named_parameters():
+            if "lora_" in key:  # peft starts lora_B at zero: an adapter that changes nothing
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    made.save_pretrained(folder)
+    return base, layout, made
+
+
+@pytest.mark.parametrize("name", list(MOE_ADAPTERS))
+def test_moe_expert_adapters_made_by_peft_are_applied_as_peft_made_them(name, tmp_path):
+    base, layout, made = peft_moe_adapter(name, tmp_path / "adapter")
+    checked = check_adapter(tmp_path / "adapter", base.config)
+    assert checked.layout.fingerprint() == layout.fingerprint()
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before, expected = base(ids).logits, made(ids).logits
+        with applied_adapter(base, checked) as model:
+            adapted = model(ids).logits
+        after = base(ids).logits
+    # peft only warns about keys it does not load: the logits show that every tensor was loaded
+    assert (adapted - before).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, expected)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_expert_keys_need_target_parameters_that_name_the_expert_parameters(tmp_path):
+    base, _, _ = peft_moe_adapter("mixtral-experts-down-L1", tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for targets in (None, ["down_proj"]):  # ...mlp.experts.lora_A.weight alone says neither parameter
+        config_path.write_text(json.dumps({**config, "target_parameters": targets}))
+        with pytest.raises(LayoutError, match="routed experts.*do not name them"):
+            check_adapter(tmp_path / "adapter", base.config)
 
 
 def test_collect_checkpoint_file_scores_like_the_same_peft_folder(tiny, tmp_path):
