@@ -149,7 +149,7 @@ def _stage_fns(impl: str):
 def _stage_errors(fn, x, params, grad_out) -> dict:
     """RMS ratio of output and each gradient vs the fp32 reference (TF32 off) on the same inputs."""
     from dnd_kernels.hyperconv.reference import hyperconv_stage_reference
-    from dnd_kernels.hyperconv.testing import PARAM_NAMES, error_report, stage_outputs
+    from dnd_kernels.testing import PARAM_NAMES, error_report, stage_outputs
 
     def run(f, autocast, x):
         out, grads = stage_outputs(f, x, params, grad_out, autocast)
@@ -174,7 +174,7 @@ def bench_stages(features, kernel_size: int, batch: int, impls, reps: int, warmu
                  stages=None, rows: list | None = None, on_row: Callable[[], None] = lambda: None) -> list[dict]:  # fmt: skip
     """Time every stage (or `stages`) of a feature list; rows are appended to `rows` as they finish."""
     from dnd_kernels.hyperconv import kernel as K
-    from dnd_kernels.hyperconv.testing import stage_inputs
+    from dnd_kernels.testing import stage_inputs
     from dnd_scale.generator import stage_flops
 
     rows = [] if rows is None else rows
@@ -245,7 +245,8 @@ def _print_stage(row: dict) -> None:
     print(" | ".join(parts), flush=True)
 
 
-def _layout_tokenizer(model: str, rank: int, chunk: int):
+def model_tokenizer(model: str, rank: int, chunk: int):
+    """The WeightTokenizer of a shipped model config (configs/models/<model>.json), every linear module."""
     from dnd_scale.layout import LoraLayout, LoraSpec
     from dnd_scale.tokenizer import WeightTokenizer
 
@@ -254,23 +255,15 @@ def _layout_tokenizer(model: str, rank: int, chunk: int):
     return WeightTokenizer(layout, chunk=chunk)
 
 
-def _random_tokens(tok, batch_shape=(), device="cuda") -> torch.Tensor:
-    """Random tokens with border codes in the tokenizer's range (std ~ e^-4, small means)."""
-    r = tok.rank
-    t = torch.randn(*batch_shape, tok.num_tokens, *tok.token_shape, device=device)
-    t[..., r:, :] = t[..., r:, :] * 0.05 - 2.0
-    t[..., :r, tok.chunk:] = t[..., :r, tok.chunk:] * 0.05 - 2.0
-    return t
-
-
 def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512))) -> list[dict]:
     from dnd_kernels.detokenize.kernel import detokenize_triton
     from dnd_kernels.detokenize.reference import detokenize_reference, table_facts
+    from dnd_kernels.testing import dtype_name, random_tokens
 
     rows = []
     for model, rank, chunk in models:
-        tok = _layout_tokenizer(model, rank, chunk)
-        tokens = _random_tokens(tok)
+        tok = model_tokenizer(model, rank, chunk)
+        tokens = random_tokens(tok.num_tokens, rank, chunk, "cuda")
         table = tok.token_table().cuda()
         args = (tok.flat_numel, tok.rank, tok.chunk, tok.config.mean_scale, tok.config.std_shift)
         facts = table_facts(table, rank)
@@ -289,8 +282,7 @@ def bench_detokenize(models=(("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)))
             src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
             dst = torch.empty_like(src)
             c_ms, _ = median_ms(lambda: [dst.copy_(src) for _ in range(loop)], 10, 2)
-            name = str(dtype).removeprefix("torch.")
-            row[name] = {
+            row[dtype_name(dtype)] = {
                 "bytes": nbytes, "triton_us": 1e3 * t_ms / loop, "reference_us": 1e3 * r_ms,
                 "copy_same_bytes_us": 1e3 * c_ms / loop,
                 "triton_gbps": nbytes / (t_ms / loop) / 1e6, "copy_gbps": nbytes / (c_ms / loop) / 1e6,
@@ -365,15 +357,13 @@ def bench_generate(preset: str, impls, reps: int, warmup: int) -> dict:
     """Prompt set -> PEFT folder: encoder + generator forward + detokenize + write, per impl.
 
     triton: fused stages, Triton detokenization; eager/compile: the reference stages and the
-    PyTorch detokenization reference, both on the GPU. Both write through ``write_flat_adapter``.
+    PyTorch detokenization reference, both on the GPU. Both write through ``export_tokens``.
     """
     import transformers
 
-    from dnd_kernels.detokenize.reference import detokenize_reference
-    from dnd_scale.export import export_tokens, write_flat_adapter
+    from dnd_scale.export import export_tokens
 
-    tok = _layout_tokenizer("qwen2.5-0.5b", 8, 128)
-    table = tok.token_table().cuda()
+    tok = model_tokenizer("qwen2.5-0.5b", 8, 128)
     out = {}
     # The condition encoder's cost: all-MiniLM-L6-v2's architecture, random weights (no downloads
     # on the benchmark machine), N prompts x L tokens.
@@ -396,12 +386,8 @@ def bench_generate(preset: str, impls, reps: int, warmup: int) -> dict:
                     return model(cond)[0]
 
             def write(tokens):
-                if impl == "triton":
-                    export_tokens(tokens, tok, Path(tmp) / impl, dtype=torch.bfloat16)
-                else:
-                    flat = detokenize_reference(tokens.float(), table, tok.flat_numel, tok.rank, tok.chunk,
-                                                tok.config.mean_scale, tok.config.std_shift, torch.bfloat16)  # fmt: skip
-                    write_flat_adapter(flat, tok, Path(tmp) / impl)
+                export_tokens(tokens, tok, Path(tmp) / impl, dtype=torch.bfloat16, overwrite=True,
+                              impl="triton" if impl == "triton" else "torch")  # fmt: skip
 
             tokens = forward()
 

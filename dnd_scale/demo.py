@@ -66,8 +66,9 @@ class DemoConfig:
 def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     from dnd_scale.basemodel import build_tiny_tokenizer, load_base_model
     from dnd_scale.collect import CollectConfig, collect, read_manifest
-    from dnd_scale.evaluate import EvalConfig, evaluate, write_report
     from dnd_scale.encoder import EncoderConfig
+    from dnd_scale.eval_report import write_report
+    from dnd_scale.evaluate import EvalConfig, evaluate
     from dnd_scale.generate import AdapterGenerator
     from dnd_scale.generator import GeneratorConfig
     from dnd_scale.layout import LoraSpec

@@ -46,7 +46,8 @@ import torch
 
 from dnd_scale.collect import CHECKPOINTS, COLLECT_META, CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, save_config, to_dict
-from dnd_scale.evaluate import EvalConfig, wilson_interval
+from dnd_scale.eval_scoring import wilson_interval
+from dnd_scale.evaluate import EvalConfig
 from dnd_scale.io import load_safetensors, read_json, sha256_file, sha256_text, write_json
 from dnd_scale.shards import ShardConfig
 from dnd_scale.tasks import Task, TaskRecord, load_task
@@ -411,7 +412,7 @@ class Scorer:
         self._prepared: dict[tuple[str, str], Any] = {}
 
     def _prepare(self, task: str, scorer: str):
-        from dnd_scale.evaluate import prepare_task
+        from dnd_scale.eval_records import prepare_task
 
         if (task, scorer) not in self._prepared:
             _, scoring = split_heldout(self.config, task)
@@ -422,7 +423,8 @@ class Scorer:
 
     def score(self, task: str, scorer: str, label: str, adapter: Path | None) -> dict:
         """Scores of one model (the base when `adapter` is None) on a held-out task's scoring half."""
-        from dnd_scale.evaluate import applied_adapter, check_adapter, score_model
+        from dnd_scale.eval_adapters import applied_adapter, check_adapter
+        from dnd_scale.eval_scoring import score_model
 
         name = "base" if adapter is None else f"{label}--" + "--".join(adapter.relative_to(self.out).parts)
         cache = self.out / "scores" / task / scorer / f"{name}.json"

@@ -126,11 +126,13 @@ def export_tokens(
     base_model: str | None = None,
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    impl: str = "auto",
 ) -> Path:
-    """Generator output tokens (T, r+2, c+2) → detokenize on the tokens' device (the Triton kernel on a
-    GPU) → PEFT adapter folder (``write_flat_adapter``)."""
+    """Generator output tokens (T, r+2, c+2) → detokenize on the tokens' device (`impl` as in
+    ``WeightTokenizer.detokenize_flat``: "auto" runs the Triton kernel on a GPU) → PEFT adapter folder
+    (``write_flat_adapter``)."""
     dtype = parse_dtype(dtype)
-    flat = tokenizer.detokenize_flat(tokens.detach().float(), dtype=dtype)
+    flat = tokenizer.detokenize_flat(tokens.detach().float(), dtype=dtype, impl=impl)
     return write_flat_adapter(flat, tokenizer, out_dir, base_model=base_model, provenance=provenance,
                               overwrite=overwrite)
 

@@ -42,6 +42,8 @@ class AdapterGenerator:
         gen_config = from_dict(GeneratorConfig, config["generator"])
         if impl is not None:
             gen_config.impl = impl
+        # One switch for both fused paths: "torch" runs no Triton at all, "triton" both kernels.
+        self.impl = gen_config.impl
         self.generator = HyperConvGenerator(gen_config).to(self.device).eval()
         # Hashed once per load (a loaded generator serves many prompt sets): provenance.json names
         # this hash, so weights replaced after the export must not pass for the exported ones.
@@ -114,7 +116,7 @@ class AdapterGenerator:
         chosen = self.pick_prompts(prompts, seed)
         tokens = self.tokens(chosen)
         return export_tokens(tokens, self.tokenizer, out_dir, dtype=parse_dtype(dtype), base_model=self.base_model,
-                             overwrite=overwrite, provenance={
+                             overwrite=overwrite, impl=self.impl, provenance={
                                  "generator_sha256": self.generator_sha256,
                                  "generator_dir": str(self.export_dir),
                                  "prompts_sha256": prompts_fingerprint(chosen),
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1, help="adapters per prompt file, each from another prompt sample")
     parser.add_argument("--dtype", default="float32", help="adapter dtype: float32, bfloat16 or float16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impl", choices=["auto", "torch", "triton"], default=None)
+    parser.add_argument("--impl", choices=["auto", "torch", "triton"], default=None,
+                        help="generator stages and detokenization: the fused Triton kernels (triton), the PyTorch "
+                             "references (torch), or Triton on a GPU only (auto; default: the exported config's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace adapter folders that already exist")
     args = parser.parse_args(argv)

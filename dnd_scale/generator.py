@@ -140,7 +140,8 @@ class GeneratorConfig:
     impl: str = "auto"
     """"auto": the fused Triton stage on a GPU (measured faster on an H100, benchmarks/README.md),
     the PyTorch reference on CPU or where Triton does not import; "torch": always the PyTorch
-    reference; "triton": always the fused Triton stage (error if it does not import)."""
+    reference; "triton": always the fused Triton stage (error if it does not import). `dnd generate`
+    detokenizes by the same switch (``WeightTokenizer.detokenize_flat``)."""
     eps: float = 1e-5
     """LayerNorm epsilon of every stage."""
 

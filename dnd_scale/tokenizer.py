@@ -169,16 +169,20 @@ class WeightTokenizer:
             out.append(tokens.float())
         return torch.cat(out, dim=0).cpu(), self.mask().clone()
 
-    def detokenize_flat(self, tokens: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    def detokenize_flat(self, tokens: Tensor, dtype: torch.dtype = torch.float32, impl: str = "auto") -> Tensor:
         """Tokens (T, r+2, c+2) → the flat PEFT buffer (every tensor concatenated in layout order), on
-        the tokens' device."""
+        the tokens' device.
+
+        `impl`: "auto" (the fused kernel writes the buffer in one pass on a GPU, the PyTorch reference
+        elsewhere), "torch" (always the reference) or "triton" (always the kernel). A layout whose
+        routed-expert lora_B the kernel cannot write detokenizes through the reference whatever `impl`.
+        """
         self._check_tokens(tokens)
-        # On a GPU the fused kernel writes the buffer in one pass; elsewhere the PyTorch reference.
         table, facts = self._table_on(tokens.device)
         return detokenize(
             tokens.contiguous(), table, self.flat_numel, self.rank, self.chunk,
             self.config.mean_scale, self.config.std_shift, dtype, facts=facts,
-            impl="auto" if self._kernel_writes_all else "torch",
+            impl=impl if self._kernel_writes_all else "torch",
         )
 
     def _table_on(self, device: torch.device) -> tuple[Tensor, tuple[int, int] | None]:

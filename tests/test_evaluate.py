@@ -9,20 +9,11 @@ import pytest
 import torch
 
 from dnd_scale.basemodel import base_identity, load_base_model
-from dnd_scale.evaluate import (
-    EvalConfig,
-    check_adapter,
-    evaluate,
-    main,
-    parse_adapter_groups,
-    parse_choice,
-    prepare_task,
-    render_context,
-    score_continuations,
-    select_records,
-    wilson_interval,
-    write_report,
-)
+from dnd_scale.eval_adapters import applied_adapter, check_adapter, expand_adapter_paths
+from dnd_scale.eval_records import prepare_task, render_context, select_records
+from dnd_scale.eval_report import write_report
+from dnd_scale.eval_scoring import parse_choice, score_continuations, wilson_interval
+from dnd_scale.evaluate import EvalConfig, evaluate, main, parse_adapter_groups
 from dnd_scale.export import PROVENANCE, write_adapter
 from dnd_scale.io import ArtifactError, append_jsonl, sha256_file
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
@@ -162,6 +153,60 @@ def test_adapter_changes_scores_zero_adapter_does_not_and_base_is_restored(tiny)
     assert not any("lora" in name for name, _ in base.model.named_modules())
 
 
+# MoE adapters as peft writes them for the layouts dnd_scale supports: routed experts through
+# target_parameters (keys ...mlp.experts.[base_layer.]lora_A.weight), a shared expert as linear modules.
+MOE_ADAPTERS = {
+    "mixtral-experts-down-L1": ("mixtral", LoraSpec(rank=2, target_modules=("experts.down_proj",), layers=(1,))),
+    "mixtral-attention+experts": ("mixtral", LoraSpec(rank=2, target_modules="attention", experts=True)),
+    "qwen2moe-all+experts-L0": ("qwen2_moe", LoraSpec(rank=2, experts=True, layers=(0,))),
+    "qwen3moe-experts-gate-up": ("qwen3_moe", LoraSpec(rank=2, target_modules=("experts.gate_up_proj",))),
+}
+
+
+def peft_moe_adapter(name: str, folder: Path):
+    """(base model, layout, peft model) of MOE_ADAPTERS[name]; the adapter, random, saved to `folder`."""
+    from peft import get_peft_model
+
+    family, spec = MOE_ADAPTERS[name]
+    base = tiny_model(family, layers=2)
+    layout = LoraLayout.from_config(base.config, spec)
+    made = get_peft_model(tiny_model(family, layers=2), layout.to_peft_config())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, tensor in made.named_parameters():
+            if "lora_" in key:  # peft starts lora_B at zero: an adapter that changes nothing
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    made.save_pretrained(folder)
+    return base, layout, made
+
+
+@pytest.mark.parametrize("name", list(MOE_ADAPTERS))
+def test_moe_expert_adapters_made_by_peft_are_applied_as_peft_made_them(name, tmp_path):
+    base, layout, made = peft_moe_adapter(name, tmp_path / "adapter")
+    checked = check_adapter(tmp_path / "adapter", base.config)
+    assert checked.layout.fingerprint() == layout.fingerprint()
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before, expected = base(ids).logits, made(ids).logits
+        with applied_adapter(base, checked) as model:
+            adapted = model(ids).logits
+        after = base(ids).logits
+    # peft only warns about keys it does not load: the logits show that every tensor was loaded
+    assert (adapted - before).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, expected)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_expert_keys_need_target_parameters_that_name_the_expert_parameters(tmp_path):
+    base, _, _ = peft_moe_adapter("mixtral-experts-down-L1", tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for targets in (None, ["down_proj"]):  # ...mlp.experts.lora_A.weight alone says neither parameter
+        config_path.write_text(json.dumps({**config, "target_parameters": targets}))
+        with pytest.raises(LayoutError, match="routed experts.*do not name them"):
+            check_adapter(tmp_path / "adapter", base.config)
+
+
 def test_collect_checkpoint_file_scores_like_the_same_peft_folder(tiny, tmp_path):
     base = tiny["base"]
     layout = LoraLayout.from_config(base.model.config, SPEC)
@@ -193,6 +238,7 @@ def test_collect_checkpoint_file_scores_like_the_same_peft_folder(tiny, tmp_path
 def test_a_failed_eval_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
     import tempfile
 
+    import dnd_scale.eval_report as report_module
     import dnd_scale.evaluate as evaluate_module
 
     base = tiny["base"]
@@ -222,7 +268,7 @@ def test_a_failed_eval_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
     assert list(scratch.iterdir()) == []
     monkeypatch.undo()
     results = evaluate(base, [mc_task()], config=EvalConfig(max_records=2, **FP32_CPU))
-    monkeypatch.setattr(evaluate_module, "plot_report", lambda results, path: 1 / 0)
+    monkeypatch.setattr(report_module, "plot_report", lambda results, path: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         write_report(results, tmp_path / "report")
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["results.json", "results.md"]
@@ -496,7 +542,7 @@ def test_parse_choice_true_false_ignores_case():
 
 
 def test_generate_mode_scores_option_items_by_the_parsed_choice(tiny, monkeypatch):
-    import dnd_scale.evaluate as evaluate_module
+    import dnd_scale.eval_scoring as scoring_module
 
     task = mc_task(records=6)
     answers = [record.options.index(record.answer) for record in task.records]
@@ -504,7 +550,7 @@ def test_generate_mode_scores_option_items_by_the_parsed_choice(tiny, monkeypatc
     right = [task.records[i].answer for i in range(6)]
     wrong = task.records[2].options[(answers[2] + 1) % len(task.records[2].options)]
     replies = [right[0], right[1][1:-1] + ".", wrong, "no idea", f"so {right[4]}", right[5].lower()]
-    monkeypatch.setattr(evaluate_module, "generate_replies", lambda model, tokenizer, prompts, **kw: replies)
+    monkeypatch.setattr(scoring_module, "generate_replies", lambda model, tokenizer, prompts, **kw: replies)
     metrics = evaluate(tiny["base"], [task], config=EvalConfig(mode="generate", max_new_tokens=3, **FP32_CPU))
     scores = metrics["models"][0]["tasks"][task.name]
     assert scores["predictions"][:4] == [answers[0], answers[1], (answers[2] + 1) % len(task.records[2].options), None]
@@ -522,8 +568,6 @@ def test_wilson_interval_brackets_the_accuracy():
 
 
 def test_adapters_given_as_a_quoted_glob_or_a_folder(tiny, tmp_path):
-    from dnd_scale.evaluate import expand_adapter_paths
-
     folder = tiny["folder"]
     adapters = sorted(str(tiny["adapters"][name]) for name in ("big", "zero"))
     assert expand_adapter_paths([str(folder / "[bz]*")]) == adapters  # a glob the shell left alone

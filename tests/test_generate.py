@@ -105,6 +105,35 @@ def test_generated_adapters_meet_the_vllm_contract(export, tmp_path, capsys, mon
     assert (tmp_path / "cli" / "task" / ADAPTER_WEIGHTS).is_file()
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_impl_switches_the_detokenizer_too(export, tmp_path, monkeypatch, impl):
+    """--impl torch runs no Triton kernel, the detokenizer included (which "auto" runs on a GPU);
+    --impl triton runs the Triton detokenizer (here under the interpreter)."""
+    import dnd_kernels.detokenize.kernel as DK
+    import dnd_scale.tokenizer as tokenizer_module
+
+    asked, launched = [], []
+    real_detokenize, real_kernel = tokenizer_module.detokenize, DK.detokenize_triton
+
+    def detokenize(*args, impl, **kwargs):  # what the tokenizer asks for decides on a GPU
+        asked.append(impl)
+        return real_detokenize(*args, impl=impl, **kwargs)
+
+    def kernel(*args, **kwargs):
+        if impl == "torch":
+            raise AssertionError("dnd generate --impl torch ran the Triton detokenizer")
+        launched.append(args[0].shape)
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_module, "detokenize", detokenize)
+    monkeypatch.setattr(DK, "detokenize_triton", kernel)
+    (tmp_path / "task.txt").write_text("\n".join(PROMPTS))
+    assert main(["--generator", str(export), "--prompts", str(tmp_path / "task.txt"), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--impl", impl]) == 0
+    assert asked == [impl] and len(launched) == (impl == "triton")
+    assert load_file(tmp_path / "out" / "task" / ADAPTER_WEIGHTS)
+
+
 def test_bad_inputs_get_clear_errors(export):
     gen = AdapterGenerator(export)
     with pytest.raises(ArtifactError, match="empty"):

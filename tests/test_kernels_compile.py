@@ -15,17 +15,10 @@ import triton.language as tl
 import dnd_kernels.detokenize.kernel as DK
 import dnd_kernels.hyperconv.function as F
 import dnd_kernels.hyperconv.kernel as K
-from dnd_kernels.compile_check import CompileCheckError, Launch, NoCudaCompiler, compile_launches, recorded_launches
-from dnd_kernels.hyperconv.testing import stage_inputs, stage_outputs
+from dnd_kernels.compile_check import CompileCheckError, Launch, recorded_launches
+from dnd_kernels.testing import HAS_CUDA, compile_or_skip, random_tokens, stage_inputs, stage_outputs, token_table
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every launch compiles for real")
-
-
-def _compile(launches: list[Launch]) -> list[str]:
-    try:
-        return compile_launches(launches)
-    except NoCudaCompiler as err:
-        pytest.skip(f"triton cannot compile for CUDA here: {err}")
+pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU every launch compiles for real")
 
 
 def test_hyperconv_stage_kernels_compile_for_hopper():
@@ -35,15 +28,15 @@ def test_hyperconv_stage_kernels_compile_for_hopper():
     assert grads[1] is not None  # the interpreter still ran every launch
     assert {x.kernel for x in launches} == {"_ln_fwd_kernel", "_pack_weight_kernel", "_conv_kernel", "_ln_bwd_kernel",
                                             "_ln_param_grad_kernel", "_wgrad_kernel"}  # fmt: skip
-    assert all(".entry" in ptx for ptx in _compile(launches))
+    assert all(".entry" in ptx for ptx in compile_or_skip(launches))
 
 
 def test_detokenize_kernel_compiles_for_hopper():
-    table = torch.tensor([[0, 6, 1, 6], [12, 1, 2, 5]])  # a lora_A chunk (2 x 6) and a lora_B chunk (5 x 2)
+    table, numel = token_table([6], [5], rank=2, chunk=6)  # a lora_A chunk (2 x 6) and a lora_B chunk (5 x 2)
     with recorded_launches(DK) as launches:
-        out = DK.detokenize_triton(torch.randn(2, 4, 8), table, 22, 2, 6, 8.0, 6.0, torch.bfloat16)
+        out = DK.detokenize_triton(random_tokens(2, rank=2, chunk=6), table, numel, 2, 6, 8.0, 6.0, torch.bfloat16)
     assert [x.kernel for x in launches] == ["_detokenize_kernel"] and out.shape == (22,)
-    assert ".entry" in _compile(launches)[0]
+    assert ".entry" in compile_or_skip(launches)[0]
 
 
 @triton.jit
@@ -57,4 +50,4 @@ def _rebinding_kernel(out_ptr, N: tl.constexpr):
 def test_a_kernel_the_compiler_refuses_fails_the_check():
     bad = Launch(__name__, "_rebinding_kernel", {"out_ptr": "*fp32", "N": "constexpr"}, {"N": 16}, [0])
     with pytest.raises(CompileCheckError, match="_rebinding_kernel does not compile"):
-        _compile([bad])
+        compile_or_skip([bad])

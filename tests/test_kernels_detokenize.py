@@ -10,30 +10,15 @@ import torch
 import dnd_kernels.detokenize.kernel as DK
 from dnd_kernels.detokenize.function import detokenize
 from dnd_kernels.detokenize.reference import detokenize_reference
-from dnd_kernels.hyperconv.testing import assert_close
+from dnd_kernels.testing import DEVICE, HAS_CUDA, assert_close, compile_or_skip, dtype_name, random_tokens, token_table
 
-HAS_CUDA = torch.cuda.is_available()  # without CUDA, conftest runs the kernel under TRITON_INTERPRET=1
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 # (RMS ratio, max error / max|ref|): fp32 statistics vs the reference's fp64, then at most one
 # rounding step of the output dtype. The interpreter truncates fp32 -> bf16 instead of rounding
 # (half of all values land one ulp low, measured), hence the bf16 RMS bound of ~1 ulp.
 TOLERANCE = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (8e-3, 2**-7), torch.float16: (5e-4, 2**-10)}
 
 
-def _table(widths_a: list[int], widths_b: list[int], rank: int, chunk: int) -> tuple[torch.Tensor, int]:
-    """A token table like WeightTokenizer's: lora_A matrices (r × n) then lora_B (n × r) matrices."""
-    rows, offset = [], 0
-    for n in widths_a:
-        rows += [(offset + j, n, 1, min(chunk, n - j)) for j in range(0, n, chunk)]
-        offset += rank * n
-    for n in widths_b:
-        rows += [(offset + j * rank, 1, rank, min(chunk, n - j)) for j in range(0, n, chunk)]
-        offset += rank * n
-    return torch.tensor(rows, dtype=torch.int64), offset
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_name)
 @pytest.mark.parametrize(
     "rank,chunk,widths_a,widths_b",
     [
@@ -44,11 +29,8 @@ def _table(widths_a: list[int], widths_b: list[int], rank: int, chunk: int) -> t
     ],
 )
 def test_detokenize_matches_reference(rank, chunk, widths_a, widths_b, dtype):
-    table, numel = _table(widths_a, widths_b, rank, chunk)
-    gen = torch.Generator().manual_seed(rank * 100 + chunk)
-    tokens = torch.randn(table.shape[0], rank + 2, chunk + 2, generator=gen)
-    tokens[:, rank:, :] = tokens[:, rank:, :] * 0.1 - 3.0  # realistic codes: std ~ e^-3
-    tokens, table = tokens.to(DEVICE), table.to(DEVICE)
+    table, numel = token_table(widths_a, widths_b, rank, chunk)
+    tokens, table = random_tokens(table.shape[0], rank, chunk, DEVICE, seed=rank * 100 + chunk), table.to(DEVICE)
     ref = detokenize_reference(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype)
     poison = torch.full((numel,), float("nan"), dtype=dtype, device=DEVICE)  # every element must be written
     out = detokenize(tokens, table, numel, rank, chunk, 8.0, 6.0, dtype, impl="triton", out=poison)
@@ -77,10 +59,10 @@ def test_detokenize_round_trip_through_tokenizer():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model,rank,chunk", [("qwen2.5-0.5b", 8, 128), ("qwen2.5-7b", 16, 512)])
 def test_detokenize_preset_layouts_gpu(model, rank, chunk):
-    from dnd_scale.bench_kernels import _layout_tokenizer, _random_tokens
+    from dnd_scale.bench_kernels import model_tokenizer
 
-    tok = _layout_tokenizer(model, rank, chunk)
-    tokens, table = _random_tokens(tok), tok.token_table().cuda()
+    tok = model_tokenizer(model, rank, chunk)
+    tokens, table = random_tokens(tok.num_tokens, rank, chunk, "cuda"), tok.token_table().cuda()
     args = (tok.flat_numel, rank, chunk, tok.config.mean_scale, tok.config.std_shift, torch.bfloat16)
     ref = detokenize_reference(tokens, table, *args)
     poison = torch.full((tok.flat_numel,), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -89,7 +71,7 @@ def test_detokenize_preset_layouts_gpu(model, rank, chunk):
 
 
 def test_detokenize_rejects_a_table_with_holes():
-    table, numel = _table([8], [], 2, 4)
+    table, numel = token_table([8], [], 2, 4)
     tokens = torch.randn(table.shape[0], 4, 6, device=DEVICE)
     with pytest.raises(ValueError, match="covers 16 values but the flat buffer has 20"):
         DK.detokenize_triton(tokens, table.to(DEVICE), numel + 4, 2, 4, 8.0, 6.0)
@@ -98,11 +80,11 @@ def test_detokenize_rejects_a_table_with_holes():
 
 
 def test_table_facts_find_the_store_alignment_and_refuse_foreign_strides():
-    aligned, numel = _table([32], [48, 16], 8, 16)
+    aligned, numel = token_table([32], [48, 16], 8, 16)
     assert DK.table_facts(aligned, 8) == (numel, 16)
-    odd, numel = _table([9, 6], [7, 1], 4, 6)
+    odd, numel = token_table([9, 6], [7, 1], 4, 6)
     assert DK.table_facts(odd, 4) == (numel, 1)
-    half, numel = _table([12], [6], 2, 6)  # offsets 0, 6, 24, widths 6, A row stride 12
+    half, numel = token_table([12], [6], 2, 6)  # offsets 0, 6, 24, widths 6, A row stride 12
     assert DK.table_facts(half, 2) == (numel, 2)
     bad = aligned.clone()
     bad[-1, 2] = 4  # a lora_B row whose column stride is not the rank
@@ -116,15 +98,12 @@ def test_detokenize_compiles_for_hopper_with_vector_stores(rank, chunk, out_dtyp
     """The kernel compiled for sm_90 (what a GPU runs; the interpreter runs the Python instead), with
     the 16-byte-aligned pointers a GPU launch gets, stores the flat buffer in 16-byte vectors, lora_A
     and lora_B chunks alike: no scalar stores are left."""
-    from dnd_kernels.compile_check import Launch, NoCudaCompiler, compile_launches
+    from dnd_kernels.compile_check import Launch
 
     consts = {"RANK": rank, "CHUNK": chunk, "BLOCK_R": rank, "BLOCK_C": chunk, "BLOCK_B": 2 * chunk, "ALIGN": 16}
     signature = {"tok_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": out_dtype, "mean_scale": "fp32",
                  "std_shift": "fp32", **dict.fromkeys(consts, "constexpr")}  # fmt: skip
     launch = Launch(DK.__name__, "_detokenize_kernel", signature, consts, [0, 1, 2], {"num_warps": 4 if rank * chunk <= 2048 else 8})
-    try:
-        (ptx,) = compile_launches([launch])
-    except NoCudaCompiler as err:
-        pytest.skip(f"triton cannot compile for CUDA here: {err}")
+    (ptx,) = compile_or_skip([launch])
     stores = re.findall(r"st\.global[.\w]*", ptx)
     assert stores and set(stores) == {"st.global.v4.b32"}, sorted(set(stores))

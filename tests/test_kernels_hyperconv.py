@@ -14,9 +14,7 @@ import torch
 import dnd_kernels.hyperconv.function as F
 import dnd_kernels.hyperconv.kernel as K
 from dnd_kernels.hyperconv.reference import hyperconv_stage_reference
-from dnd_kernels.hyperconv.testing import PARAM_NAMES, assert_close, error_report, stage_inputs, stage_outputs
-
-HAS_CUDA = torch.cuda.is_available()  # without CUDA, conftest runs the kernels under TRITON_INTERPRET=1
+from dnd_kernels.testing import DEVICE, HAS_CUDA, PARAM_NAMES, assert_close, error_report, stage_inputs, stage_outputs
 
 EPS = 1e-5
 
@@ -70,20 +68,19 @@ def test_channels_last_padding_is_zero_and_views_are_logical():
 
 
 def test_launchers_reject_bad_inputs():
-    dev = torch.device("cuda" if HAS_CUDA else "cpu")
-    x = K.empty_channels_last((1, 2, 3, 4), axis=3, dtype=torch.float32, device=dev)
-    w = K.conv_weight(torch.randn(5, 4, 3, 3, device=dev), x.padded, torch.float32)
+    x = K.empty_channels_last((1, 2, 3, 4), axis=3, dtype=torch.float32, device=DEVICE)
+    w = K.conv_weight(torch.randn(5, 4, 3, 3, device=DEVICE), x.padded, torch.float32)
     with pytest.raises(ValueError, match="output must be"):
-        K.channel_conv(x, w, torch.empty(1, 2, 3, 6, device=dev))  # 6 output channels, weight makes 5
+        K.channel_conv(x, w, torch.empty(1, 2, 3, 6, device=DEVICE))  # 6 output channels, weight makes 5
     with pytest.raises(ValueError, match="stored channels"):
-        K.channel_conv(x, K.conv_weight(torch.randn(5, 4, 3, 3, device=dev), 32, torch.float32), torch.empty(1, 2, 3, 5, device=dev))
+        K.channel_conv(x, K.conv_weight(torch.randn(5, 4, 3, 3, device=DEVICE), 32, torch.float32), torch.empty(1, 2, 3, 5, device=DEVICE))
     with pytest.raises(ValueError, match="share one of"):
-        K.channel_conv(x, w.half(), torch.empty(1, 2, 3, 5, device=dev))
+        K.channel_conv(x, w.half(), torch.empty(1, 2, 3, 5, device=DEVICE))
     with pytest.raises(ValueError, match="tanh-average epilogue needs"):
-        K.channel_conv(x, w, torch.empty(1, 2, 3, 5, device=dev), epilogue=K.EPILOGUE_TANH_AVG)
+        K.channel_conv(x, w, torch.empty(1, 2, 3, 5, device=DEVICE), epilogue=K.EPILOGUE_TANH_AVG)
     with pytest.raises(ValueError, match="contiguous"):
-        K.layer_norm_channels_last(torch.randn(1, 2, 4, 3, device=dev).transpose(2, 3), torch.ones(3, 4, device=dev),
-                                   torch.ones(3, 4, device=dev), 1e-5, torch.float32)  # fmt: skip
+        K.layer_norm_channels_last(torch.randn(1, 2, 4, 3, device=DEVICE).transpose(2, 3), torch.ones(3, 4, device=DEVICE),
+                                   torch.ones(3, 4, device=DEVICE), 1e-5, torch.float32)  # fmt: skip
     if HAS_CUDA:  # outside the interpreter the kernels take CUDA tensors only
         with pytest.raises(ValueError, match="take CUDA tensors"):
             K.conv_weight(torch.randn(5, 4, 3, 3), 16, torch.float32)

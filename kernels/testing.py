@@ -1,4 +1,9 @@
-"""Inputs and error metrics shared by the kernel tests and the kernel benchmarks."""
+"""Inputs, error metrics and checks shared by the kernel tests and the kernel benchmarks.
+
+Without CUDA the kernel tests run every kernel under ``TRITON_INTERPRET=1`` (tests/conftest.py sets it
+before any kernel is defined) on CPU tensors, at small shapes; on a GPU they run compiled, at real
+shapes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,21 @@ import math
 
 import torch
 from torch import Tensor
+
+from .compile_check import Launch, NoCudaCompiler, compile_launches
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+"""Where the kernel tests put their tensors: the GPU, else the CPU (for the interpreter)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: test ids and result keys."""
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyper-convolution stage
 
 PARAM_NAMES = ("ln_weight", "ln_bias", "w_w1", "w_h1", "w_h2", "w_w2", "bias", "mix_weight", "mix_bias")
 
@@ -62,6 +82,37 @@ def stage_outputs(fn, x: Tensor, params: list[Tensor], grad_out: Tensor, autocas
     return out.detach(), [t.grad for t in leaves]
 
 
+# --------------------------------------------------------------------------------------------------
+# Detokenization
+
+
+def token_table(widths_a: list[int], widths_b: list[int], rank: int, chunk: int) -> tuple[Tensor, int]:
+    """(token table (T, 4) int64, values it covers) laid out like WeightTokenizer's: lora_A matrices
+    (r × n) then lora_B matrices (n × r), each cut into chunks of at most `chunk` columns."""
+    rows, offset = [], 0
+    for n in widths_a:
+        rows += [(offset + j, n, 1, min(chunk, n - j)) for j in range(0, n, chunk)]
+        offset += rank * n
+    for n in widths_b:
+        rows += [(offset + j * rank, 1, rank, min(chunk, n - j)) for j in range(0, n, chunk)]
+        offset += rank * n
+    return torch.tensor(rows, dtype=torch.int64), offset
+
+
+def random_tokens(num_tokens: int, rank: int, chunk: int, device: str | torch.device = "cpu", seed: int = 0) -> Tensor:
+    """Fresh random tokens (T, r+2, c+2): an N(0, 1) interior and border codes ~ N(-3, 0.1²), so that
+    every token de-standardizes to small, nonzero values (mean -3 / mean_scale, std e^(-3 - std_shift))."""
+    gen = torch.Generator(device).manual_seed(seed)
+    tokens = torch.randn(num_tokens, rank + 2, chunk + 2, device=device, generator=gen)
+    tokens[:, rank:, :] = tokens[:, rank:, :] * 0.1 - 3.0
+    tokens[:, :rank, chunk:] = tokens[:, :rank, chunk:] * 0.1 - 3.0
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+
+
 def error_report(actual: Tensor, expected: Tensor) -> dict:
     """max |a - e|, the RMS ratio ‖a - e‖ / ‖e‖, max |e|, and the index of the largest error."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
@@ -91,3 +142,14 @@ def assert_close(name: str, actual: Tensor, expected: Tensor, rms_tol: float, ma
             f"{r['where']} (tol {max_tol:.1e} x max|ref| {r['max_ref']:.3e}), finite={r['finite']}"
         )
     return r
+
+
+def compile_or_skip(launches: list[Launch]) -> list[str]:
+    """PTX of each launch compiled for an H100 (``compile_check.compile_launches``); the calling test
+    is skipped where this triton build cannot compile for CUDA."""
+    try:
+        return compile_launches(launches)
+    except NoCudaCompiler as err:
+        import pytest  # a test helper: only tests call it
+
+        pytest.skip(f"triton cannot compile for CUDA here: {err}")
