@@ -608,6 +608,20 @@ def _models(config: ExperimentConfig, held: HeldOut, out: Path, adapters: dict[s
     return models
 
 
+def run_order(config: ExperimentConfig, out: Path) -> list[tuple[str, HeldOut, ExperimentConfig, Path]]:
+    """The generator runs of a study, in the order they run: (key, held-out task, its recipe, folder).
+    Each held-out task is followed by its variations (in recipe order): a run cut short by a time
+    limit then has finished tasks with their variations, whose baselines are already scored."""
+    runs = []
+    for held in config.heldout:
+        runs.append((held.task, held, config, out / f"heldout-{held.task}"))
+        for variation in (v for v in config.variations if v.heldout == held.task):
+            varied = from_dict(ExperimentConfig, apply_overrides(to_dict(config), variation.overrides))
+            varied.data_dir = config.data_dir
+            runs.append((f"variation-{variation.name}", held, varied, out / f"variation-{variation.name}"))
+    return runs
+
+
 def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
     """Run (or continue) the study into `out`; returns the results (also written as results.json/.md)."""
     out = Path(out)
@@ -621,16 +635,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
 
     scorer: Scorer | None = None
     report: dict[str, Any] = {"heldout": {}, "variations": {}}
-    # Each held-out task, then its variations (in recipe order): a run cut short by a time limit has
-    # finished tasks with their variations, and a variation's baselines are already scored.
-    runs = []
-    for held in config.heldout:
-        runs.append((held.task, held, config, out / f"heldout-{held.task}"))
-        for variation in (v for v in config.variations if v.heldout == held.task):
-            varied = from_dict(ExperimentConfig, apply_overrides(to_dict(config), variation.overrides))
-            varied.data_dir = config.data_dir
-            runs.append((f"variation-{variation.name}", held, varied, out / f"variation-{variation.name}"))
-    for key, held, run_config, run in runs:
+    for key, held, run_config, run in run_order(config, out):
         export = train_generator(run_config, held, run, out, timings, key)
         if export is None:
             _log(f"{key}: training stopped before its last step; run the same command again to resume")

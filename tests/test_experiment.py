@@ -18,6 +18,7 @@ from dnd_scale.experiment import (
     load_experiment,
     prompt_batches,
     run_experiment,
+    run_order,
     split_heldout,
     update_gram,
 )
@@ -131,10 +132,21 @@ def test_recipe_errors_name_the_problem(tmp_path):
         prompt_batches(["p"] * 5, 4, 2, "s")
 
 
+def test_each_held_out_task_runs_before_the_next_with_its_variations(tmp_path):
+    config, _ = load_experiment(REAL)
+    runs = run_order(config, tmp_path)
+    assert [key for key, *_ in runs] == [
+        "science", "ARC-e", "variation-ARC-e-16-prompts", "variation-ARC-e-2x-steps", "OBQA"]
+    by_key = {key: (held, recipe, folder) for key, held, recipe, folder in runs}
+    held, recipe, folder = by_key["variation-ARC-e-2x-steps"]
+    assert held.task == "ARC-e" and folder == tmp_path / "variation-ARC-e-2x-steps"
+    assert recipe.train.steps == 2 * config.train.steps and by_key["ARC-e"][1] is config
+
+
 def test_shipped_recipe_resolves_and_splits_disjointly():
     config, _ = load_experiment(REAL)
     assert Path(config.data_dir).is_absolute()
-    assert [h.task for h in config.heldout] == ["ARC-e", "OBQA", "science"]
+    assert [h.task for h in config.heldout] == ["science", "ARC-e", "OBQA"]
     if not (Path(config.data_dir) / "ARC-e_test.json").is_file():
         pytest.skip("the public QA sets are not beside the repository")
     conditioning, scoring = split_heldout(config, "OBQA")
