@@ -173,7 +173,7 @@ def _stage_errors(fn, x, params, grad_out) -> dict:
 def bench_stages(features, kernel_size: int, batch: int, impls, reps: int, warmup: int, peak: float | None,
                  stages=None, rows: list | None = None, on_row: Callable[[], None] = lambda: None) -> list[dict]:  # fmt: skip
     """Time every stage (or `stages`) of a feature list; rows are appended to `rows` as they finish."""
-    from dnd_kernels.hyperconv import kernel as K
+    from dnd_kernels.hyperconv import tiling
     from dnd_kernels.testing import stage_inputs
     from dnd_scale.generator import stage_flops
 
@@ -182,7 +182,7 @@ def bench_stages(features, kernel_size: int, batch: int, impls, reps: int, warmu
         if stages is not None and i not in stages:
             continue
         flops = stage_flops(a, b, kernel_size) * batch
-        tiles_before = set(K.tuned_configs())
+        tiles_before = set(tiling.tuned_configs())
         row = {"stage": i, "in": list(a), "out": list(b), "batch": batch, "fwd_tflop": flops / 1e12, "impls": {}}
         x, params = stage_inputs(batch, a, b, kernel_size, torch.float32, "cuda", seed=i)
         if i > 0:
@@ -228,7 +228,7 @@ def bench_stages(features, kernel_size: int, batch: int, impls, reps: int, warmu
             if impl != "triton" and "fwd_bwd_ms" in row["impls"].get(impl, {}) and "fwd_bwd_ms" in row["impls"].get("triton", {}):
                 row[f"speedup_vs_{impl}"] = {m: row["impls"][impl][m] / row["impls"]["triton"][m]
                                              for m in ("fwd_ms", "fwd_bwd_ms", "bwd_ms")}  # fmt: skip
-        row["tuned_tiles"] = {k: v for k, v in K.tuned_configs().items() if k not in tiles_before}
+        row["tuned_tiles"] = {k: v for k, v in tiling.tuned_configs().items() if k not in tiles_before}
         rows.append(row)
         _print_stage(row)
         on_row()
@@ -554,7 +554,7 @@ def bench_kernels(
     """Run the chosen sections and return (and write to `out`) the results dict."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_kernels needs a CUDA GPU: the benchmarks time GPU kernels")
-    from dnd_kernels.hyperconv import kernel as K
+    from dnd_kernels.hyperconv import tiling
     from dnd_scale.generator import PRESETS
 
     unknown = set(sections) - set(SECTIONS)
@@ -570,8 +570,8 @@ def bench_kernels(
     peak = None
 
     def _save_tiles() -> None:
-        if os.environ.get(K.TUNE_FILE_ENV):
-            K.save_tuned(os.environ[K.TUNE_FILE_ENV])
+        if os.environ.get(tiling.TUNE_FILE_ENV):
+            tiling.save_tuned(os.environ[tiling.TUNE_FILE_ENV])
 
     for section in sections:
         t0 = time.perf_counter()

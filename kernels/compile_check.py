@@ -102,22 +102,23 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def recorded_launches(module: types.ModuleType) -> Iterator[list[Launch]]:
-    """Inside the block, each launch (``kernel[grid](...)``) of a kernel named ``*_kernel`` in `module`
-    is recorded, once per signature, and then runs; the yielded list is filled when the block exits."""
+def recorded_launches(*modules: types.ModuleType) -> Iterator[list[Launch]]:
+    """Inside the block, each launch (``kernel[grid](...)``) of a kernel named ``*_kernel`` in any of
+    `modules` is recorded, once per signature, and then runs; the yielded list is filled when the
+    block exits."""
     import triton
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernels = {n: v for n, v in vars(module).items()
-               if isinstance(v, (InterpretedFunction, triton.runtime.jit.JITFunction)) and n.endswith("_kernel")}  # fmt: skip
+    kernels = [(module, n, v) for module in modules for n, v in vars(module).items()
+               if isinstance(v, (InterpretedFunction, triton.runtime.jit.JITFunction)) and n.endswith("_kernel")]  # fmt: skip
     launches: dict[str, Launch] = {}
     records: list[Launch] = []
     try:
-        for name, kernel in kernels.items():
+        for module, name, kernel in kernels:
             setattr(module, name, _Recorder(module.__name__, name, kernel, launches))
         yield records
     finally:
-        for name, kernel in kernels.items():
+        for module, name, kernel in kernels:
             setattr(module, name, kernel)
         records.extend(launches.values())
 

@@ -15,6 +15,7 @@ import triton.language as tl
 import dnd_kernels.detokenize.kernel as DK
 import dnd_kernels.hyperconv.function as F
 import dnd_kernels.hyperconv.kernel as K
+import dnd_kernels.hyperconv.layernorm as LN
 from dnd_kernels.compile_check import CompileCheckError, Launch, recorded_launches
 from dnd_kernels.testing import HAS_CUDA, compile_or_skip, random_tokens, stage_inputs, stage_outputs, token_table
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU every launch compiles
 
 def test_hyperconv_stage_kernels_compile_for_hopper():
     x, params = stage_inputs(2, (3, 5, 7), (4, 6, 5), 3, torch.float32, seed=0)
-    with recorded_launches(K) as launches:
+    with recorded_launches(K, LN) as launches:
         _, grads = stage_outputs(F.hyperconv_stage, x, params, torch.randn(2, 4, 6, 5))
     assert grads[1] is not None  # the interpreter still ran every launch
     assert {x.kernel for x in launches} == {"_ln_fwd_kernel", "_pack_weight_kernel", "_conv_kernel", "_ln_bwd_kernel",

@@ -13,6 +13,7 @@ import torch
 
 import dnd_kernels.hyperconv.function as F
 import dnd_kernels.hyperconv.kernel as K
+from dnd_kernels.hyperconv.layernorm import layer_norm_channels_last
 from dnd_kernels.hyperconv.reference import hyperconv_stage_reference
 from dnd_kernels.testing import DEVICE, HAS_CUDA, PARAM_NAMES, assert_close, error_report, stage_inputs, stage_outputs
 
@@ -79,7 +80,7 @@ def test_launchers_reject_bad_inputs():
     with pytest.raises(ValueError, match="tanh-average epilogue needs"):
         K.channel_conv(x, w, torch.empty(1, 2, 3, 5, device=DEVICE), epilogue=K.EPILOGUE_TANH_AVG)
     with pytest.raises(ValueError, match="contiguous"):
-        K.layer_norm_channels_last(torch.randn(1, 2, 4, 3, device=DEVICE).transpose(2, 3), torch.ones(3, 4, device=DEVICE),
+        layer_norm_channels_last(torch.randn(1, 2, 4, 3, device=DEVICE).transpose(2, 3), torch.ones(3, 4, device=DEVICE),
                                    torch.ones(3, 4, device=DEVICE), 1e-5, torch.float32)  # fmt: skip
     if HAS_CUDA:  # outside the interpreter the kernels take CUDA tensors only
         with pytest.raises(ValueError, match="take CUDA tensors"):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import kernel as K
+from .layernorm import layer_norm_backward, layer_norm_channels_last
 from .kernel import pack_forward_weights  # noqa: F401 - part of this module's API (generation)
 
 
@@ -84,7 +85,7 @@ class HyperConvStageFunction(torch.autograd.Function):
         x = x.contiguous()
         dev = x.device
 
-        y_w, y_h, mean, rstd = K.layer_norm_channels_last(x, ln_weight, ln_bias, eps, cdt)
+        y_w, y_h, mean, rstd = layer_norm_channels_last(x, ln_weight, ln_bias, eps, cdt)
         # Branch A: W -> W' over (H, N), then H -> H' over (N, W').
         a1 = K.empty_channels_last((B, N, H, W2), 2, cdt, dev)
         K.channel_conv(y_w, p_w1, a1.view)
@@ -154,7 +155,7 @@ class HyperConvStageFunction(torch.autograd.Function):
         K.channel_conv(db1, K.conv_weight(w_h2, db1.padded, cdt, data_grad=True), dy, aux=dy_a)
         d_w_h2 = K.conv_wgrad(db1, y_h, k)
 
-        dx, d_ln_weight, d_ln_bias = K.layer_norm_backward(
+        dx, d_ln_weight, d_ln_bias = layer_norm_backward(
             dy, x, ln_weight, mean, rstd, dout.contiguous() if ctx.residual else None, need_dx=ctx.needs_input_grad[0]
         )
         grads = (d_ln_weight, d_ln_bias, d_w_w1, d_w_h1, d_w_h2, d_w_w2, d_bias, d_mix_weight, d_mix_bias)

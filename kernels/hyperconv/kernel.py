@@ -1,4 +1,6 @@
-"""Triton kernels of the hyper-convolution stage, and launchers that check what they are given.
+"""Triton channel convolutions of the hyper-convolution stage (forward, data and weight gradients), and
+launchers that check what they are given. The LayerNorm is in `layernorm`, the tiles and their
+autotuner in `tiling`, the channels-last buffers in `buffers`.
 
 Every convolution of a stage is a k×k "channel convolution": one axis of a (B, N, H, W) tensor is the
 channel axis and the two others form the convolved plane (``reference._conv_channels``). As an
@@ -34,214 +36,24 @@ stored anyway (the weight gradient of the branches' first convolutions reads it)
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# (p, q): the plane axes of a channel convolution, in the order in which conv2d sees them
-# (reference._conv_channels): kernel index u runs along p, v along q.
-PLANE_AXES = {1: (2, 3), 2: (1, 3), 3: (2, 1)}
-
-EPILOGUE_STORE, EPILOGUE_TANH_AVG, EPILOGUE_GATE = 0, 1, 2
-_MAX_INT32 = 2**31 - 1
-
-
-def interpreted() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, read when kernels are defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def channel_pad(channels: int) -> int:
-    """Stored length of a channel axis: 16 up to 16 channels, else a multiple of 32, so that every
-    row of a GEMM tile is 32-byte aligned and the K loop runs unmasked blocks of 32 or 64 channels.
-    (Multiples of 16 forced 16-channel K blocks for 200 and 300 channels, measured 35% slower than
-    64-channel blocks on an H100 at the 0.5B preset's first stage; 32 costs at most 12% padding.)"""
-    return 16 if channels <= 16 else 32 * triton.cdiv(channels, 32)
-
-
-class ChannelsLast(NamedTuple):
-    """An activation stored for a channel convolution along `axis`."""
-
-    view: Tensor
-    """Logical (B, N, H, W) view; stride 1 along `axis`; every other stride a multiple of `padded`."""
-    axis: int
-    """The channel axis (1 = N, 2 = H, 3 = W)."""
-    padded: int
-    """Stored length of the channel axis (``channel_pad``); the entries past ``view.shape[axis]`` are
-    zero, because they enter the sums of the convolutions that read this tensor."""
-
-
-def empty_channels_last(
-    shape: tuple[int, int, int, int], axis: int, dtype: torch.dtype, device: torch.device, zero_pad: bool = True
-) -> ChannelsLast:
-    """Allocate a logical (B, N, H, W) tensor whose channel `axis` is innermost and padded.
-
-    The other axes keep their logical order in memory. `zero_pad=False` for a tensor that no
-    convolution reads (its padding is never looked at).
-    """
-    order = [a for a in range(4) if a != axis] + [axis]
-    padded = channel_pad(shape[axis])
-    storage = torch.empty([shape[a] for a in order[:3]] + [padded], dtype=dtype, device=device)
-    if zero_pad and padded > shape[axis]:
-        storage[..., shape[axis] :].zero_()
-    inverse = [order.index(a) for a in range(4)]
-    return ChannelsLast(storage[..., : shape[axis]].permute(inverse), axis, padded)
-
-
-def channels_last_copy(x: Tensor, axis: int, dtype: torch.dtype) -> ChannelsLast:
-    """`x` (B, N, H, W) copied into a ChannelsLast tensor (the stage boundary's upstream gradient
-    arrives in whatever layout the next op produced; this is the one copy the backward pass makes)."""
-    out = empty_channels_last(tuple(x.shape), axis, dtype, x.device)
-    out.view.copy_(x)
-    return out
-
-
-def _check_int32(*tensors: Tensor) -> None:
-    for t in tensors:
-        if t is not None and t.untyped_storage().nbytes() // max(t.element_size(), 1) > _MAX_INT32:
-            raise ValueError(
-                f"hyperconv kernels index with 32-bit offsets; a tensor of shape {tuple(t.shape)} has more "
-                "than 2**31 elements: run the stage on a smaller batch (split it into chunks)"
-            )
-
-
-# --------------------------------------------------------------------------------------------------
-# Configurations and the small autotuner
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile shape and launch parameters of a GEMM-like kernel."""
-
-    block_m: int
-    """Rows of the output tile (positions for the convolution, output channels for wgrad)."""
-    block_n: int
-    """Columns of the output tile (output channels; input channels for wgrad)."""
-    block_k: int
-    """Reduction step (channels of one tap; positions for wgrad)."""
-    num_warps: int
-    """Warps per program."""
-    num_stages: int
-    """Software-pipelining depth of the K loop."""
-
-
-# Candidates timed on first use of each shape (sides shrink to the problem: see _cap). At the 0.5B
-# preset's shapes on an H100 (benchmarks/results/kernels_h100_run2_tiles.json, every candidate's
-# time) the convolution picks 128x256 and 256x128 most often, 128x128 and the 4-warp 128x64 for
-# some batch-1 shapes; the weight gradient picks 128x128 at every large shape (wider tiles spill)
-# when cuDNN is not among its candidates (conv_wgrad).
-# Under the interpreter one small tile is used.
-_GPU_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4))
-_TUNED: dict[tuple, TileConfig | str] = {}
-_TUNE_LOG: dict[tuple, dict[str, float]] = {}
-TUNE_FILE_ENV = "DND_KERNELS_TUNE_FILE"
-
-
-# Candidates that are not Triton tiles: the weight gradient through cuDNN on the channels-last
-# buffers themselves, or on NCHW copies of them (see conv_wgrad).
-CUDNN = "cudnn"
-CUDNN_NCHW = "cudnn-nchw"
-
-
-def _candidate_from_json(best: dict | str) -> TileConfig | str:
-    return best if isinstance(best, str) else TileConfig(**best)
-
-
-def _candidate_name(c: TileConfig | str) -> str:
-    return c if isinstance(c, str) else f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/s{c.num_stages}"
-
-
-def _tuned_from_file() -> dict[str, TileConfig | str]:
-    """Choices made by an earlier process (JSON written by `save_tuned`), when the env var names one."""
-    path = os.environ.get(TUNE_FILE_ENV)
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {k: _candidate_from_json(v["best"]) for k, v in json.load(f).items()}
-
-
-def save_tuned(path: str | os.PathLike) -> None:
-    """Write the tiles chosen so far (and their timings) to `path` (JSON, atomic), merged with any
-    file already there; a later process reads it through DND_KERNELS_TUNE_FILE and skips the timing."""
-    merged = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = json.load(f)
-    # A choice read back from the file carries no timings; keep the entry that has them.
-    merged.update({k: v for k, v in tuned_configs().items() if v["candidates_ms"] or k not in merged})
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(merged, f, indent=1)
-    os.replace(tmp, path)
-
-
-def autotune_enabled() -> bool:
-    """Time the candidate tiles on first use of a shape (default on GPU; DND_KERNELS_AUTOTUNE=0 off)."""
-    return not interpreted() and os.environ.get("DND_KERNELS_AUTOTUNE", "1") != "0"
-
-
-def _largest_block(extent: int, options: tuple[int, ...] = (64, 32, 16)) -> int:
-    """The largest of `options` that divides `extent` (extents are multiples of 16)."""
-    return next(b for b in options if extent % b == 0)
-
-
-def _cap(block: int, extent: int) -> int:
-    """Shrink a tile side to the smallest power of two >= extent (>= 16, the MMA minimum)."""
-    return min(block, max(16, triton.next_power_of_2(extent)))
-
-
-def _candidates(m_extent: int, n_extent: int, block_k: int) -> list[TileConfig]:
-    if interpreted():
-        return [TileConfig(_cap(32, m_extent), _cap(32, n_extent), min(16, block_k), 4, 1)]
-    seen, out = set(), []
-    for bm, bn, warps, stages in _GPU_TILES:
-        cfg = TileConfig(_cap(bm, m_extent), _cap(bn, n_extent), block_k, warps, stages)
-        if (cfg.block_m, cfg.block_n) not in seen:
-            seen.add((cfg.block_m, cfg.block_n))
-            out.append(cfg)
-    return out
-
-
-def _pick(key: tuple, candidates: list, launch: Callable[[TileConfig | str], None]) -> TileConfig | str:
-    """The fastest candidate for `key` (timed once with CUDA events, then cached), else the first."""
-    if len(candidates) == 1 or not autotune_enabled():
-        return candidates[0]
-    if key not in _TUNED:
-        saved = _tuned_from_file().get(repr(key))
-        if saved in candidates:
-            _TUNED[key] = saved
-    if key not in _TUNED:
-        timings = []
-        for cfg in candidates:
-            launch(cfg)  # compile and warm up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            launch(cfg)
-            end.record()
-            end.synchronize()
-            first = start.elapsed_time(end)
-            reps = max(1, min(10, int(20.0 / max(first, 1e-3))))  # about 20 ms per candidate
-            start.record()
-            for _ in range(reps):
-                launch(cfg)
-            end.record()
-            end.synchronize()
-            timings.append(start.elapsed_time(end) / reps)
-        _TUNED[key] = candidates[min(range(len(candidates)), key=timings.__getitem__)]
-        _TUNE_LOG[key] = {_candidate_name(c): ms for c, ms in zip(candidates, timings)}
-    return _TUNED[key]
-
-
-def tuned_configs() -> dict[str, dict]:
-    """The tiles chosen so far with every candidate's time (ms), keyed by the problem description."""
-    return {repr(k): {"best": v if isinstance(v, str) else vars(v), "candidates_ms": _TUNE_LOG.get(k, {})}
-            for k, v in _TUNED.items()}  # fmt: skip
+from .buffers import (  # noqa: F401 - PLANE_AXES, EPILOGUE_* and the buffer helpers are this module's API
+    EPILOGUE_GATE,
+    EPILOGUE_STORE,
+    EPILOGUE_TANH_AVG,
+    PLANE_AXES,
+    ChannelsLast,
+    channel_pad,
+    channels_last_copy,
+    check_int32,
+    empty_channels_last,
+    interpreted,
+)
+from .tiling import CUDNN, CUDNN_NCHW, TileConfig, largest_block, pick, tile_candidates
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,7 +262,7 @@ def conv_weight(weight: Tensor, in_padded: int, dtype: torch.dtype, data_grad: b
         raise ValueError(f"conv_weight: input channels padded to {in_padded} < {cin} channels")
     ld = channel_pad(cout)
     out = torch.empty(k * k, in_padded, ld, dtype=dtype, device=weight.device)
-    _check_int32(out, weight)
+    check_int32(out, weight)
     w = weight.contiguous()
     s_in, s_out = (c_in * k * k, k * k) if data_grad else (k * k, c_in * k * k)
     block_o = 64 if not interpreted() else 16  # not tuned: one pass over the weights per step
@@ -509,7 +321,7 @@ def channel_conv(
         raise ValueError(f"channel_conv: x and weight must share one of fp32/fp16/bf16, got {dtypes}")
     if weight.stride(2) != 1 or w_ld % 16 or w_ld < c_out or weight.stride(0) != c_in * w_ld:
         raise ValueError(f"channel_conv: weight strides {weight.stride()} are not conv_weight's; build it with conv_weight")
-    _check_int32(x.view, out, aux, out2)
+    check_int32(x.view, out, aux, out2)
 
     p_axis, q_axis = PLANE_AXES[axis]
     # Positions run fastest along the plane axis where the output is densest (coalesced epilogue).
@@ -538,9 +350,9 @@ def channel_conv(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
-    candidates = _candidates(M, c_out, _largest_block(c_in))
+    candidates = tile_candidates(M, c_out, largest_block(c_in))
     key = ("conv", axis, B, R, S, c_in, c_out, k, epilogue, x.view.dtype)
-    launch(_pick(key, candidates, launch))
+    launch(pick(key, candidates, launch))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,7 +491,7 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
     shape_dy[axis] = shape_x[axis] = 0
     if shape_dy != shape_x:
         raise ValueError(f"conv_wgrad: dy {tuple(dy.view.shape)} and x {tuple(x.view.shape)} differ off the channel axis")
-    _check_int32(dy.view, x.view)
+    check_int32(dy.view, x.view)
     k = kernel_size
     p_axis, q_axis = PLANE_AXES[axis]
     r_is_p = int(abs(dy.view.stride(p_axis)) > abs(dy.view.stride(q_axis)))
@@ -718,179 +530,11 @@ def conv_wgrad(dy: ChannelsLast, x: ChannelsLast, kernel_size: int) -> Tensor:
         )  # fmt: skip
         result["dw"] = dw.view(k, k, c_in, c_out).permute(3, 2, 0, 1)
 
-    candidates = _candidates(c_out, c_in, 64 if not interpreted() else 16)
+    candidates = tile_candidates(c_out, c_in, 64 if not interpreted() else 16)
     cudnn_ok = (device.type == "cuda" and torch.backends.cudnn.is_available() and x.view.dtype != torch.float32
                 and None not in dense)  # fmt: skip
     if cudnn_ok:
         candidates += [CUDNN, CUDNN_NCHW]
     key = ("wgrad", axis, B, R, S, c_in, c_out, k, x.view.dtype)
-    launch(_pick(key, candidates, launch))
+    launch(pick(key, candidates, launch))
     return result["dw"]
-
-
-# --------------------------------------------------------------------------------------------------
-# LayerNorm over (H, W): forward into the two channels-last layouts, backward
-
-
-@triton.jit
-def _ln_fwd_kernel(
-    x_ptr, g_ptr, beta_ptr, yw_ptr, yh_ptr, mean_ptr, rstd_ptr,
-    H, W, HP, WP, eps,
-    BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-):  # fmt: skip
-    """One (b, n) row: statistics in fp32, then y = (x - mean)·rstd·g + beta written W-major
-    (B, N, H, WP) and H-major (B, N, W, HP), zeros in the padding of each."""
-    row = tl.program_id(0)
-    HW = H * W
-    x_row = x_ptr + row * HW
-    # Shift by the row's first element: the sums of (x - x0) keep the variance accurate when
-    # |mean| >> std.
-    x0 = tl.load(x_row).to(tl.float32)
-    acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, HW, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        v = tl.where(offs < HW, tl.load(x_row + offs, mask=offs < HW, other=0.0).to(tl.float32) - x0, 0.0)
-        acc1 += v
-        acc2 += v * v
-    shifted_mean = tl.sum(acc1, axis=0) / HW
-    var = tl.maximum(tl.sum(acc2, axis=0) / HW - shifted_mean * shifted_mean, 0.0)
-    mean = shifted_mean + x0
-    rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
-
-    yw_row = yw_ptr + row * H * WP
-    yh_row = yh_ptr + row * W * HP
-    for h0 in range(0, HP, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        for w0 in range(0, WP, BLOCK_W):
-            w = w0 + tl.arange(0, BLOCK_W)
-            valid = (h < H)[:, None] & (w < W)[None, :]
-            hw = h[:, None] * W + w[None, :]
-            xv = tl.load(x_row + hw, mask=valid, other=0.0).to(tl.float32)
-            gv = tl.load(g_ptr + hw, mask=valid, other=0.0)
-            bv = tl.load(beta_ptr + hw, mask=valid, other=0.0)
-            y = tl.where(valid, (xv - mean) * rstd * gv + bv, 0.0)
-            tl.store(yw_row + h[:, None] * WP + w[None, :], y.to(yw_ptr.dtype.element_ty), mask=(h < H)[:, None] & (w < WP)[None, :])
-            tl.store(yh_row + w[None, :] * HP + h[:, None], y.to(yh_ptr.dtype.element_ty), mask=(h < HP)[:, None] & (w < W)[None, :])
-
-
-def layer_norm_channels_last(
-    x: Tensor,  # (B, N, H, W) contiguous
-    weight: Tensor,  # (H, W)
-    bias: Tensor,  # (H, W)
-    eps: float,
-    dtype: torch.dtype,
-) -> tuple[ChannelsLast, ChannelsLast, Tensor, Tensor]:
-    """LayerNorm over (H, W) -> (y W-major, y H-major, mean (B·N,), rstd (B·N,)); stats in fp32."""
-    if x.dim() != 4 or not x.is_contiguous():
-        raise ValueError(f"layer_norm_channels_last: x must be a contiguous (B, N, H, W) tensor, got {tuple(x.shape)}")
-    B, N, H, W = x.shape
-    if tuple(weight.shape) != (H, W) or tuple(bias.shape) != (H, W):
-        raise ValueError(
-            f"layer_norm_channels_last: weight and bias must be ({H}, {W}), got {tuple(weight.shape)} and {tuple(bias.shape)}"
-        )
-    _check_int32(x)
-    y_w = empty_channels_last((B, N, H, W), 3, dtype, x.device, zero_pad=False)
-    y_h = empty_channels_last((B, N, H, W), 2, dtype, x.device, zero_pad=False)
-    mean = torch.empty(B * N, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
-    _ln_fwd_kernel[(B * N,)](
-        x, weight.float().contiguous(), bias.float().contiguous(), y_w.view, y_h.view, mean, rstd,
-        H, W, y_h.padded, y_w.padded, float(eps),
-        BLOCK=1024 if not interpreted() else 64, BLOCK_H=32, BLOCK_W=32 if not interpreted() else 16,
-        num_warps=4,
-    )  # fmt: skip
-    return y_w, y_h, mean, rstd
-
-
-@triton.jit
-def _ln_bwd_kernel(
-    dy_ptr, x_ptr, g_ptr, mean_ptr, rstd_ptr, res_ptr, dx_ptr, HW,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """One (b, n) row: dx = rstd·(g·dy - mean(g·dy) - xhat·mean(g·dy·xhat)) (+ residual grad)."""
-    row = tl.program_id(0)
-    base = row * HW
-    mean = tl.load(mean_ptr + row)
-    rstd = tl.load(rstd_ptr + row)
-    c1 = tl.zeros((BLOCK,), dtype=tl.float32)
-    c2 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, HW, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        ok = offs < HW
-        gdy = tl.load(dy_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(g_ptr + offs, mask=ok, other=0.0)
-        xhat = (tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) - mean) * rstd
-        c1 += gdy * xhat
-        c2 += gdy
-    m1 = tl.sum(c1, axis=0) / HW
-    m2 = tl.sum(c2, axis=0) / HW
-    for i in range(0, HW, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        ok = offs < HW
-        gdy = tl.load(dy_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(g_ptr + offs, mask=ok, other=0.0)
-        xhat = (tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(tl.float32) - mean) * rstd
-        dx = rstd * (gdy - m2 - xhat * m1)
-        if HAS_RES:
-            dx += tl.load(res_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _ln_param_grad_kernel(
-    dy_ptr, x_ptr, mean_ptr, rstd_ptr, dg_ptr, db_ptr, ROWS, HW, ROWS_PER_PROG,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Partial sums over a group of rows of dy·xhat and dy, per (h, w) column -> (groups, HW)."""
-    pid_c = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    cols = pid_c * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < HW
-    acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
-    row_hi = tl.minimum((pid_g + 1) * ROWS_PER_PROG, ROWS)
-    for row in range(pid_g * ROWS_PER_PROG, row_hi):
-        base = row * HW
-        dy = tl.load(dy_ptr + base + cols, mask=ok, other=0.0).to(tl.float32)
-        xhat = (tl.load(x_ptr + base + cols, mask=ok, other=0.0).to(tl.float32) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
-        acc_g += dy * xhat
-        acc_b += dy
-    tl.store(dg_ptr + pid_g * HW + cols, acc_g, mask=ok)
-    tl.store(db_ptr + pid_g * HW + cols, acc_b, mask=ok)
-
-
-def layer_norm_backward(
-    dy: Tensor,  # (B, N, H, W) contiguous, dL/d(LayerNorm output)
-    x: Tensor,  # (B, N, H, W) contiguous, the LayerNorm input
-    weight: Tensor,  # (H, W)
-    mean: Tensor,  # (B·N,) fp32
-    rstd: Tensor,  # (B·N,) fp32
-    residual_grad: Tensor | None = None,  # (B, N, H, W) contiguous, added to dx
-    need_dx: bool = True,
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(dx in x.dtype or None when not `need_dx`, d weight (H, W) fp32, d bias (H, W) fp32)."""
-    for name, t in (("dy", dy), ("residual_grad", residual_grad)):
-        if t is not None and (t.shape != x.shape or not t.is_contiguous()):
-            raise ValueError(f"layer_norm_backward: {name} must be contiguous {tuple(x.shape)}, got {tuple(t.shape)}")
-    if not x.is_contiguous():
-        raise ValueError("layer_norm_backward: x must be contiguous")
-    B, N, H, W = x.shape
-    rows, hw = B * N, H * W
-    _check_int32(x)
-    block = 1024 if not interpreted() else 64
-    dx = None
-    if need_dx:
-        dx = torch.empty_like(x)
-        _ln_bwd_kernel[(rows,)](
-            dy, x, weight.float().contiguous(), mean, rstd, residual_grad if residual_grad is not None else dy, dx, hw,
-            HAS_RES=residual_grad is not None, BLOCK=block, num_warps=4,
-        )  # fmt: skip
-    col_blocks = triton.cdiv(hw, block)
-    groups = min(rows, max(1, triton.cdiv(1024, col_blocks)))  # ~1k programs in flight
-    per = triton.cdiv(rows, groups)
-    groups = triton.cdiv(rows, per)
-    dg = torch.empty(groups, hw, dtype=torch.float32, device=x.device)
-    db = torch.empty_like(dg)
-    _ln_param_grad_kernel[(col_blocks, groups)](dy, x, mean, rstd, dg, db, rows, hw, per, BLOCK=block, num_warps=4)
-    return dx, dg.sum(0).view(H, W), db.sum(0).view(H, W)
