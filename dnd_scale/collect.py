@@ -11,9 +11,11 @@ prompt/response records, with the loss on the response tokens only, and the adap
                                 {task, step, loss, seed, layout_fingerprint, file, sha256}
     <task>/<step>.safetensors   the adapter: PEFT keys exactly as `get_peft_model_state_dict` (and
                                 `save_pretrained`) give them, float32
+    <task>/prompts.jsonl        the task's prompt pool, one {"prompt": ...} per line (no answers):
+                                what `dnd shard` pairs with the checkpoints (`read_prompt_pools`)
     <task>/complete.json        written after the task's last checkpoint: the task is finished. It
-                                also holds the task's manifest lines and which rank (of how many,
-                                on which host) collected it.
+                                also holds the task's manifest lines, its prompt pool's size and
+                                sha256, and which rank (of how many, on which host) collected it.
     <task>/resume.safetensors   while a task is unfinished: its LoRA, AdamW state, RNG state, step,
                                 losses and manifest lines so far (see "Crash safety"); removed when
                                 the task completes
@@ -82,7 +84,6 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dnd_scale.basemodel import BaseModel, base_identity, load_base_model, save_base_model
-from dnd_scale.config import parse_stage_args
 from dnd_scale.io import (
     TMP_SUFFIX,
     ArtifactError,
@@ -106,6 +107,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.jsonl"
 COLLECT_META = "collect.json"  # the store's config, base model and its identity, layout
 COMPLETE = "complete.json"
+PROMPTS = "prompts.jsonl"  # a task's prompt pool, for `dnd shard`
 RESUME = "resume.safetensors"  # an unfinished task's training state
 BASE_MODEL = "base_model"
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's causal-LM loss) skips
@@ -606,6 +608,7 @@ def _train_task(
             "num_records": len(task.records), "steps": config.checkpoint_steps(), "losses": losses,
             "skipped_steps": skipped,
             "manifest": lines,
+            "prompt_pool": _save_prompt_pool(task_dir, task),
             "collected_by": {"rank": ranks.rank, "world_size": ranks.world_size, "host": socket.gethostname()},
         })
         (task_dir / RESUME).unlink(missing_ok=True)
@@ -614,6 +617,26 @@ def _train_task(
         model = peft_model.unload()
         model.eval()
     return model, lines
+
+
+def _save_prompt_pool(task_dir: Path, task: Task) -> dict[str, Any]:
+    """Write the task's prompt pool (prompts only); return its entry in complete.json."""
+    path = task_dir / PROMPTS
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in task.prompts),
+                       encoding="utf-8")
+    return {"file": PROMPTS, "size": len(task.prompts), "sha256": sha256_file(path)}
+
+
+def _keep_prompt_pool(checkpoints: Path, task: Task) -> None:
+    """A finished task whose prompt pool is missing or damaged (collected before collect kept pools,
+    or the file was removed) gets it again: the pool is a function of the task's records, which
+    `_is_finished` checked against the task fingerprint."""
+    marker = checkpoints / task.name / COMPLETE
+    done = read_json(marker, "task completion marker")
+    entry, path = done.get("prompt_pool"), checkpoints / task.name / PROMPTS
+    if entry is None or not path.is_file() or sha256_file(path) != entry["sha256"]:
+        write_json(marker, {**done, "prompt_pool": _save_prompt_pool(checkpoints / task.name, task)})
 
 
 def _save_resume_state(
@@ -709,6 +732,7 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
         for task in tasks:
             if _is_finished(task, config, checkpoints, manifest + missing.get(task.name, [])):
                 logger.info("task %s: already collected, skipped", task.name)
+                _keep_prompt_pool(checkpoints, task)
                 for record in missing.get(task.name, []):  # finished by a rank of a job that stopped early
                     append_jsonl(checkpoints / MANIFEST, record)
                 continue
@@ -736,8 +760,12 @@ def _collect_as_rank(config: CollectConfig, tasks: Sequence[Task], run_dir: Path
                 layout = LoraLayout.from_config(base.model.config, config.lora)
                 _prepare_run(config, base, layout, run_dir)
                 manifest, missing = _reconcile_manifest(checkpoints, layout.fingerprint(), names)
-                pending = [task.name for task in tasks
-                           if not _is_finished(task, config, checkpoints, manifest + missing.get(task.name, []))]
+                pending = []
+                for task in tasks:
+                    if _is_finished(task, config, checkpoints, manifest + missing.get(task.name, [])):
+                        _keep_prompt_pool(checkpoints, task)
+                    else:
+                        pending.append(task.name)
                 plan = [{"pending": pending}]
             except Exception as error:
                 dist.broadcast_object_list([{"error": f"{type(error).__name__}: {error}"}], src=0)
@@ -783,6 +811,23 @@ def read_manifest(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(checkpoints / MANIFEST) if (checkpoints / r["task"] / COMPLETE).is_file()]
 
 
+def read_prompt_pools(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, list[str]]:
+    """The prompt pools `dnd collect` kept for `tasks`, each checked against its completion marker."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    pools = {}
+    for task in tasks:
+        marker = checkpoints / task / COMPLETE
+        if not marker.is_file():
+            raise ArtifactError(f"task {task!r} has not been collected in {run_dir}; run `dnd collect` for it")
+        entry = read_json(marker, "task completion marker").get("prompt_pool")
+        path = checkpoints / task / PROMPTS
+        if entry is None or not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"the prompt pool of task {task!r} in {checkpoints / task} is missing or changed "
+                                f"since collection; run `dnd collect` into {run_dir} again: it writes it anew")
+        pools[task] = [record["prompt"] for record in read_jsonl(path)]
+    return pools
+
+
 def load_checkpoint(
     run_dir: str | os.PathLike, record: dict[str, Any], layout: LoraLayout | None = None
 ) -> dict[str, torch.Tensor]:
@@ -814,19 +859,25 @@ def main(argv: list[str] | None = None) -> int:
                     "Overrides: --collect.field=value (e.g. --collect.steps=300 --collect.lora.rank=16).",
     )
     parser.add_argument("--run", required=True, help="run folder; checkpoints go to <run>/checkpoints")
-    parser.add_argument("--config", help="YAML recipe; its `collect:` section and `tasks:` list are read")
+    parser.add_argument("--config", help="YAML recipe; its `collect:` section and `tasks:` list are read "
+                                         "(default: the recipe saved in the run folder)")
     parser.add_argument("--tasks", nargs="+", metavar="SPEC",
                         help="task specs (default: the recipe's tasks): file.json, file.jsonl, hf:name[:split], "
                              "synthetic:family")
-    parser.add_argument("--synthetic-records", type=int, default=256, help="records per synthetic task")
+    parser.add_argument("--synthetic-records", type=int,
+                        help="records per synthetic task (default: the recipe's synthetic_records)")
     # The deepspeed launcher appends --local_rank unless given --no_local_rank; the rank comes from
     # the environment either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args, config, recipe = parse_stage_args(parser, argv, CollectConfig, "collect")
-    specs = args.tasks or list(recipe.get("tasks") or [])
-    if not specs:
+    # The recipe machinery imports every stage's config; only the command line needs it.
+    from dnd_scale.recipe import parse_stage_args
+
+    args, run = parse_stage_args(parser, argv, "collect", lambda args: {
+        "tasks": args.tasks, "synthetic_records": args.synthetic_records})
+    if not run.tasks:
         parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")
-    tasks = load_tasks(specs, num_records=args.synthetic_records, seed=config.seed)
+    config = run.collect
+    tasks = load_tasks(run.tasks, num_records=run.synthetic_records, seed=config.seed)
     records = collect(config, tasks, args.run)
     ranks = Ranks.from_environment()
     if ranks.rank == 0:

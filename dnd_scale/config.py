@@ -1,14 +1,13 @@
 """Typed configuration: dataclasses ⇄ YAML, `--section.field=value` overrides, resolved copies per run.
 
-Every stage reads one `RunConfig`; each section is the component's own dataclass (one docstring per
-field, next to the code that uses it). A recipe in `configs/*.yaml` sets what differs from the
-defaults; the command line overrides single fields; the resolved config is written into the run
-folder so that a run can always be reproduced.
+Every stage reads one `RunConfig` (`dnd_scale/recipe.py`); each section is the component's own
+dataclass (one docstring per field, next to the code that uses it). A recipe in `configs/*.yaml`
+sets what differs from the defaults; the command line overrides single fields; the resolved config
+is written into the run folder so that a run can always be reproduced.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import types
@@ -59,7 +58,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for {hint.__name__}, got {value!r}")
-        return from_dict(hint, value, where)
+        return from_dict(hint, value, f"{where}.")
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -121,7 +120,18 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"section.field": value} (what overrides and messages name)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -140,14 +150,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``--a.b=value`` overrides to a nested dict (validated when the dataclass is built)."""
     for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key} is not a section")
-        node[path[-1]] = value
+        set_field(data, *parse_override(text), what=f"override {text!r}")
     return data
+
+
+def set_field(data: dict[str, Any], path: Sequence[str], value: Any, what: str = "") -> None:
+    """Set ``data[path[0]][path[1]]... = value`` in a nested dict, making the sections on the way."""
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what or '.'.join(path)}: {key} is not a section")
+    node[path[-1]] = value
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
@@ -183,33 +197,3 @@ def read_recipe(recipe: str | os.PathLike | None) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(loaded).__name__}")
     return loaded
-
-
-def load_section(
-    cls: type, section: str, recipe: str | os.PathLike | None = None, overrides: Sequence[str] = ()
-) -> tuple[Any, dict[str, Any]]:
-    """(``cls`` from the recipe's ``section:`` mapping and ``--section.field=value`` overrides, the whole recipe).
-
-    A stage owns one section; an override of another section is refused, so a typo never goes unseen.
-    """
-    loaded = read_recipe(recipe)
-    foreign = [o for o in overrides if not (o.lstrip("-").startswith(f"{section}.") and "=" in o)]
-    if foreign:
-        raise ConfigError(
-            f"dnd {section} takes overrides of the {section} section only (--{section}.field=value), got {foreign}"
-        )
-    data = apply_overrides({section: loaded.get(section) or {}}, overrides)
-    return from_dict(cls, data[section], f"{section}."), loaded
-
-
-def parse_stage_args(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None, cls: type, section: str
-) -> tuple[argparse.Namespace, Any, dict[str, Any]]:
-    """(arguments, ``cls`` from ``--config``'s ``section:`` and the ``--section.field=value`` overrides,
-    the whole recipe) for a stage's command line; any other unknown argument is a usage error."""
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
-    if bad:
-        parser.error(f"unrecognized arguments: {bad}")
-    config, recipe = load_section(cls, section, args.config, overrides)
-    return args, config, recipe

@@ -1,11 +1,12 @@
 """`dnd demo`: the whole pipeline at tiny scale on CPU, for a task family the generator never saw.
 
-Synthetic task families → a tiny random-init Qwen2 base → collect a LoRA trajectory per training
-family → pack → shard → train the generator (DeepSpeed, one process) → generate adapters for the
-held-out family from its prompts alone → evaluate base / training LoRAs / generated adapters on the
-held-out family. Prints the table and writes a report folder. Seeded: the same command gives the
-same numbers. A random-init base knows nothing, so the table shows the machinery working end to
-end — accuracies near chance are expected; real numbers need a pretrained base (see README).
+The recipe `configs/tiny-cpu.yaml` (synthetic task families, a tiny random-init Qwen2 base) → collect
+a LoRA trajectory per training family → pack → shard → train the generator (DeepSpeed, one process)
+→ generate adapters for the held-out family from its prompts alone → evaluate base / training LoRAs /
+generated adapters on the held-out family. Prints the table and writes a report folder. Seeded: the
+same command gives the same numbers. A random-init base knows nothing, so the table shows the
+machinery working end to end — accuracies near chance are expected; real numbers need a pretrained
+base (see README).
 """
 
 from __future__ import annotations
@@ -15,74 +16,50 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from dnd_scale.config import save_config
+from dnd_scale.config import ConfigError, save_config
 from dnd_scale.io import write_json
+
+if TYPE_CHECKING:  # the recipe imports every stage; the demo imports it when it runs
+    from dnd_scale.recipe import RunConfig
+
+# The recipe the demo runs: every number of its stages comes from there.
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
 
 @dataclass
 class DemoConfig:
-    """What the demo runs (every number small enough for 2 CPU cores in a few minutes)."""
+    """What the demo does besides running the recipe's stages."""
 
-    train_families: tuple[str, ...] = (
-        "reverse_word", "sort_letters", "uppercase", "add_numbers", "count_letters",
-        "largest_number_mc", "starts_with_mc", "parity_tf", "palindrome_tf",
-    )
-    """Synthetic families the generator learns from (one LoRA trajectory each)."""
     heldout_family: str = "sum_mc"
-    """The family the generator never sees; adapters for it come from its prompts alone."""
-    records: int = 96
-    """Records generated per family (prompt pools and LoRA training data)."""
-    hidden: int = 64
-    """Width of the tiny random-init Qwen2 base."""
-    layers: int = 2
-    """Decoder layers of the base."""
-    rank: int = 4
-    """LoRA rank."""
-    chunk: int = 32
-    """Token chunk width c (tokens are (rank + 2, c + 2))."""
-    collect_steps: int = 40
-    """LoRA training steps per family; the last `trajectory` are kept as checkpoints."""
-    trajectory: int = 8
-    """Checkpoints kept per family."""
-    num_prompts: int = 8
-    """Prompts per condition."""
-    condition_length: int = 32
-    """Encoder tokens per prompt."""
-    pairs_per_task: int = 96
-    """Prompt-checkpoint pairs sharded per family."""
-    train_steps: int = 150
-    """Generator optimizer steps."""
+    """The synthetic family the generator never sees; adapters for it come from its prompts alone."""
     generated_samples: int = 5
     """Adapters generated for the held-out family, each from another prompt sample."""
-    eval_records: int = 64
-    """Held-out records scored per adapter."""
     seed: int = 0
-    """Seed of everything (records, base init, LoRA training, generator, sampling)."""
+    """Seed of the first prompt sample (the i-th adapter's is seed + i)."""
 
 
-def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
-    from dnd_scale.basemodel import build_tiny_tokenizer, load_base_model
-    from dnd_scale.collect import CollectConfig, collect, read_manifest
-    from dnd_scale.encoder import EncoderConfig
+def run_demo(run: RunConfig, demo: DemoConfig, out: str | os.PathLike) -> dict:
+    """Run recipe `run` into `out` and score adapters generated for `demo.heldout_family`."""
+    from dnd_scale.basemodel import load_base_model
+    from dnd_scale.collect import collect, read_manifest, read_prompt_pools
     from dnd_scale.eval_report import write_report
-    from dnd_scale.evaluate import EvalConfig, evaluate
+    from dnd_scale.evaluate import evaluate
     from dnd_scale.generate import AdapterGenerator
-    from dnd_scale.generator import GeneratorConfig
-    from dnd_scale.layout import LoraSpec
     from dnd_scale.pack import pack
-    from dnd_scale.shards import ShardConfig, build_shards
+    from dnd_scale.recipe import record_recipe
+    from dnd_scale.shards import build_shards
     from dnd_scale.targets import PackedTargets
-    from dnd_scale.tasks import load_task
-    from dnd_scale.tokenizer import TokenizerConfig
-    from dnd_scale.trainer import CHECKPOINTS_DIR, TrainConfig, latest_checkpoint, train
-    import transformers
+    from dnd_scale.tasks import load_task, load_tasks
+    from dnd_scale.trainer import CHECKPOINTS_DIR, latest_checkpoint, train
 
     out = Path(out)
-    _claim_folder(config, out)
-    save_config(config, out / DEMO_CONFIG)
+    _claim_folder(run, demo, out)
+    save_config(demo, out / DEMO_CONFIG)
+    record_recipe(out, run, "collect")  # the run folder's recipe, as `dnd collect --config` records it
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -92,64 +69,47 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
         clock = time.perf_counter()
         print(f"[demo] {stage} done in {timings[stage]:.1f} s", flush=True)
 
-    # 1. tasks and a tiny random-init base whose vocabulary is the offline character tokenizer's
-    tasks = [load_task(f"synthetic:{f}", num_records=config.records, seed=config.seed) for f in config.train_families]
-    heldout_spec = f"synthetic:{config.heldout_family}"
-    heldout = load_task(heldout_spec, num_records=config.records, seed=config.seed)
-    base_dir = out / "base_config"
-    base_config = transformers.Qwen2Config(
-        hidden_size=config.hidden, intermediate_size=2 * config.hidden, num_hidden_layers=config.layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(build_tiny_tokenizer()),
-        max_position_embeddings=512, tie_word_embeddings=True,
-    )
-    base_config.save_pretrained(base_dir)
+    # 1. the recipe's tasks (the held-out family's prompts are drawn as collect draws a task's)
+    tasks = load_tasks(run.tasks, num_records=run.synthetic_records, seed=run.collect.seed)
+    heldout_spec = f"synthetic:{demo.heldout_family}"
+    if heldout_spec in run.tasks:
+        raise ConfigError(f"the held-out family {demo.heldout_family!r} is one of the recipe's training tasks; "
+                          "hold out another (--demo.heldout_family=...) or drop it from the recipe's tasks")
+    heldout = load_task(heldout_spec, num_records=run.synthetic_records, seed=run.collect.seed)
 
     # 2. collect a LoRA trajectory per training family
-    collect(CollectConfig(
-        base_model=str(base_dir / "config.json"), lora=LoraSpec(rank=config.rank, alpha=2.0 * config.rank),
-        steps=config.collect_steps, save_last=config.trajectory, lr=5e-3, batch_size=8, max_length=256,
-        seed=config.seed, device="cpu", dtype="float32",
-    ), tasks, out)
+    collect(run.collect, tasks, out)
     lap("collect")
 
     # 3. pack and shard
-    targets = pack(out, TokenizerConfig(chunk=config.chunk))
-    build_shards(PackedTargets(targets), {t.name: t.prompts for t in tasks}, out / "shards",
-                 ShardConfig(num_prompts=config.num_prompts, pairs_per_task=config.pairs_per_task,
-                             shard_size=128, seed=config.seed))
+    targets = PackedTargets(pack(out, run.pack))
+    build_shards(targets, read_prompt_pools(out, targets.tasks), out / "shards", run.shard)
     lap("pack+shard")
 
-    # 4. train the generator (one DeepSpeed process on CPU, ZeRO-0, fp32)
-    export = train(TrainConfig(
-        generator=GeneratorConfig(preset="auto", num_stages=3, max_channels=64, kernel_size=3),
-        encoder=EncoderConfig(max_length=config.condition_length),
-        micro_batch_size=8, steps=config.train_steps, lr=1e-3, warmup_steps=10, zero_stage=0,
-        checkpoint_every=config.train_steps, log_every=10, seed=config.seed, num_workers=0,
-    ), out, resume=latest_checkpoint(out / "generator" / CHECKPOINTS_DIR) is not None) / "export"
+    # 4. train the generator (one DeepSpeed process on CPU)
+    export = train(run.train, out, resume=latest_checkpoint(out / "generator" / CHECKPOINTS_DIR) is not None) / "export"
     lap("train")
 
     # 5. generate adapters for the held-out family from its prompts only (no answers, no training)
     generator = AdapterGenerator(export, "cpu")
     generated = [
-        generator.generate(heldout.prompts, out / "adapters" / f"{config.heldout_family}-{i}", seed=config.seed + i,
+        generator.generate(heldout.prompts, out / "adapters" / f"{demo.heldout_family}-{i}", seed=demo.seed + i,
                            overwrite=True)
-        for i in range(config.generated_samples)
+        for i in range(demo.generated_samples)
     ]
     lap("generate")
 
-    # 6. evaluate on held-out records the LoRAs never trained on (another record seed)
+    # 6. evaluate on held-out records the LoRAs never trained on (eval.task_seed, not collect's seed)
     finals = {}
     for record in read_manifest(out):
         finals[record["task"]] = record  # manifest order: the last line of a task is its last step
     training = [out / "checkpoints" / r["file"] for r in finals.values()]
-    base = load_base_model(out / "base_model", dtype="float32", device="cpu")
-    eval_task = load_task(heldout_spec, num_records=config.eval_records, seed=config.seed + 1)
-    results = evaluate(base, [eval_task], {"training_lora": training, "generated": generated},
-                       EvalConfig(device="cpu", dtype="float32"))
+    base = load_base_model(out / "base_model", dtype=run.eval.dtype, device=run.eval.device)
+    results = evaluate(base, [heldout_spec], {"training_lora": training, "generated": generated}, run.eval)
     results["demo"] = {"timings_s": timings}
     paths = write_report(results, out / "report")
     lap("eval")
-    summary = _summary(results, config.heldout_family)
+    summary = _summary(results, demo.heldout_family)
     write_json(out / "report" / "demo_summary.json", summary)
     print(_table(summary))
     print(f"[demo] report: {paths['results.md']}")
@@ -159,18 +119,19 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
 DEMO_CONFIG = "demo_config.yaml"
 
 
-def _claim_folder(config: DemoConfig, out: Path) -> None:
+def _claim_folder(run: RunConfig, demo: DemoConfig, out: Path) -> None:
     """The demo's run folder: new, empty, or an earlier demo of the same settings (whose finished
     stages are then reused: collect skips its tasks, train resumes its finished run, the rest is
     redone). Anything else is refused before a file is written."""
-    import yaml
-
-    from dnd_scale.config import ConfigError, to_dict
+    from dnd_scale.config import flatten, read_yaml, to_dict
+    from dnd_scale.recipe import saved_recipe
 
     saved_path = out / DEMO_CONFIG
     if saved_path.is_file():
-        saved, now = yaml.safe_load(saved_path.read_text()) or {}, to_dict(config)
-        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        saved = flatten({"recipe": read_yaml(saved_recipe(out), "saved recipe") or {},
+                         "demo": read_yaml(saved_path, "saved demo config") or {}})
+        now = flatten({"recipe": to_dict(run), "demo": to_dict(demo)})
+        changed = {k.partition(".")[2]: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ConfigError(
@@ -213,15 +174,25 @@ def _table(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dnd demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dnd demo", description=__doc__.splitlines()[0] + " Overrides: --section.field=value of any recipe "
+        "section (e.g. --train.steps=300) and --demo.field=value (e.g. --demo.heldout_family=parity_tf).")
     parser.add_argument("--out", default="runs/demo",
                         help="run folder: created, or an earlier demo of the same settings (its finished stages are reused)")
-    parser.add_argument("--train-steps", type=int, default=DemoConfig.train_steps)
-    parser.add_argument("--seed", type=int, default=DemoConfig.seed)
-    args = parser.parse_args(argv)
+    parser.add_argument("--config", default=str(TINY_RECIPE), help="the recipe to run (default: configs/tiny-cpu.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
+    if bad:
+        parser.error(f"unrecognized arguments: {bad}")
+    from dnd_scale.config import apply_overrides, from_dict
+    from dnd_scale.recipe import load_recipe
+
+    demo_overrides = [o for o in overrides if o.startswith("--demo.")]
+    demo = from_dict(DemoConfig, apply_overrides({}, demo_overrides).get("demo", {}), "demo.")
+    run = load_recipe(args.config, [o for o in overrides if o not in demo_overrides])
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    run_demo(DemoConfig(train_steps=args.train_steps, seed=args.seed), args.out)
+    run_demo(run, demo, args.out)
     print(f"[demo] total {time.perf_counter() - start:.0f} s")
     return 0

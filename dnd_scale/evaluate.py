@@ -207,9 +207,17 @@ def parse_adapter_groups(tokens: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
+# `dnd eval` flags that set a field of the recipe's `eval:` section (as --eval.<field>=value does).
+EVAL_FLAGS = ("mode", "max_records", "seed", "batch_size", "max_length", "max_new_tokens", "dtype", "device",
+              "task_records", "task_seed", "base_seed")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dnd eval", description=__doc__.splitlines()[0])
-    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(
+        prog="dnd eval", description=__doc__.splitlines()[0] + " Settings: the recipe's `eval:` section; "
+        "overrides: --eval.field=value or the flags below.")
+    parser.add_argument("--config", help="YAML recipe; its `eval:` section is read")
+    parser.add_argument("--run", help="run folder whose saved recipe is read when --config is not given")
     parser.add_argument("--base", required=True, help="base model: HF folder, .gguf file, or config.json (random init)")
     parser.add_argument("--tasks", nargs="+", required=True, help="task files (.json/.jsonl) or synthetic:<family>")
     parser.add_argument("--adapters", nargs="+", action="extend", default=[], metavar="LABEL=PATH [PATH ...]",
@@ -217,31 +225,28 @@ def main(argv: list[str] | None = None) -> int:
                              "generated=out/adapters: a path is an adapter folder, a checkpoint, a glob (quoted, "
                              "dnd expands it) or a folder of adapters")
     parser.add_argument("--out", required=True, help="report folder (results.json, results.md, accuracy.png)")
-    parser.add_argument("--mode", choices=sorted(METRICS), default=defaults.mode)
-    parser.add_argument("--max-records", type=int, default=defaults.max_records, help="seeded subsample per task")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="subsample seed")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max-length", type=int, default=defaults.max_length)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=defaults.dtype)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--task-records", type=int, default=defaults.task_records, help="records per synthetic family")
-    parser.add_argument("--task-seed", type=int, default=defaults.task_seed, help="seed of synthetic family records")
-    parser.add_argument("--base-seed", type=int, default=defaults.base_seed, help="init seed of a random-init base")
-    parser.add_argument("--allow-other-base", action="store_true",
+    parser.add_argument("--mode", choices=sorted(METRICS))
+    parser.add_argument("--max-records", type=int, help="seeded subsample per task")
+    parser.add_argument("--seed", type=int, help="subsample seed")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--device")
+    parser.add_argument("--task-records", type=int, help="records per synthetic family")
+    parser.add_argument("--task-seed", type=int, help="seed of synthetic family records")
+    parser.add_argument("--base-seed", type=int, help="init seed of a random-init base")
+    parser.add_argument("--allow-other-base", action="store_true", default=None,
                         help="score adapters made for another base model of the same shapes anyway (a warning)")
-    args = parser.parse_args(argv)
-    config = EvalConfig(
-        mode=args.mode, max_records=args.max_records, seed=args.seed, batch_size=args.batch_size,
-        max_length=args.max_length, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-        task_records=args.task_records, task_seed=args.task_seed, base_seed=args.base_seed,
-        allow_other_base=args.allow_other_base,
-    )
+    from dnd_scale.recipe import parse_stage_args  # imports every stage's config: for the command line only
+
+    args, run = parse_stage_args(parser, argv, "eval", lambda args: {
+        f"eval.{name}": getattr(args, name) for name in (*EVAL_FLAGS, "allow_other_base")})
     try:
         adapters = {label: expand_adapter_paths(paths) for label, paths in parse_adapter_groups(args.adapters).items()}
     except ValueError as error:
         parser.error(str(error))
-    results = evaluate(args.base, args.tasks, adapters, config)
+    results = evaluate(args.base, args.tasks, adapters, run.eval)
     paths = write_report(results, args.out)
     print("\n".join(accuracy_tables(results)))
     print(f"report: {', '.join(str(p) for p in paths.values())}")

@@ -24,7 +24,6 @@ import torch
 from tqdm import tqdm
 
 from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
-from dnd_scale.config import parse_stage_args
 from dnd_scale.io import _UMASK, ArtifactError, building, exclusive_folder, remove_stale_staging
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, link_task_targets, write_common, write_task_targets
@@ -173,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="dnd pack", description=__doc__.splitlines()[0] + " Overrides: --pack.field=value (e.g. --pack.chunk=256)."
     )
     parser.add_argument("--run", required=True, help="run folder holding checkpoints/ from `dnd collect`")
-    parser.add_argument("--config", help="YAML recipe; its `pack:` section (the token scheme) is read")
+    parser.add_argument("--config", help="YAML recipe; its `pack:` section (the token scheme) is read "
+                                         "(default: the recipe saved in the run folder)")
     parser.add_argument("--tasks", nargs="*", help="pack only these tasks (default: all collected)")
-    args, config, _ = parse_stage_args(parser, argv, TokenizerConfig, "pack")
-    out = pack(args.run, config, args.tasks)
+    from dnd_scale.recipe import parse_stage_args  # imports every stage's config: for the command line only
+
+    args, run = parse_stage_args(parser, argv, "pack")
+    out = pack(args.run, run.pack, args.tasks)
     packed = PackedTargets(out)
     print(f"packed {len(packed.tasks)} tasks, {sum(packed.num_checkpoints.values())} checkpoints, "
           f"{packed.num_tokens} tokens of {packed.token_shape} -> {out}")

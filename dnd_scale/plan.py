@@ -22,7 +22,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dnd_scale.encoder import CACHE_DTYPES, condition_cache_bound
 from dnd_scale.generator import (
@@ -30,6 +30,9 @@ from dnd_scale.generator import (
 )
 from dnd_scale.layout import LoraLayout, LoraSpec
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer
+
+if TYPE_CHECKING:  # the recipe imports every stage; plan imports it for --config only
+    from dnd_scale.recipe import RunConfig
 
 WORLD_SIZES = (1, 8, 64)
 ZERO_STAGES = (0, 1, 2, 3)
@@ -220,12 +223,16 @@ def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: i
     )
 
 
-def make_plan(model_config: Any, spec: LoraSpec, config: PlanConfig | None = None) -> dict[str, Any]:
+def make_plan(
+    model_config: Any, spec: LoraSpec, config: PlanConfig | None = None, generator: GeneratorConfig | None = None
+) -> dict[str, Any]:
+    """The plan of `model_config` with LoRA `spec`; `generator` (a recipe's `train.generator`) is
+    sized as it is, instead of the generator `config.preset` picks."""
     config = config or PlanConfig()
     layout = LoraLayout.from_config(model_config, spec)
     tok = WeightTokenizer(layout, TokenizerConfig(chunk=config.chunk))
     condition = (config.num_prompts, config.max_tokens, config.embed_dim)
-    gen = _preset_for(config, condition, tok.token_shape, tok.num_tokens)
+    gen = generator or _preset_for(config, condition, tok.token_shape, tok.num_tokens)
     features = resolve_features(gen, condition, tok.token_shape, tok.num_tokens)
     kernel = gen.kernel_size or (PRESETS[gen.preset].kernel_size if gen.preset in PRESETS else 9)
     params = count_parameters(features, kernel)
@@ -346,28 +353,57 @@ def display_name(model: str | Path) -> str:
     return path.name
 
 
+def recipe_plan_config(run: RunConfig) -> PlanConfig:
+    """What a recipe's run sizes: N from `shard`, L, the micro-batch and the cache dtype from `train`,
+    c from `pack`."""
+    from dnd_scale.trainer import condition_length
+
+    return PlanConfig(num_prompts=run.shard.num_prompts, max_tokens=condition_length(run.train), chunk=run.pack.chunk,
+                      kernel_size=run.train.generator.kernel_size, micro_batch=run.train.micro_batch_size,
+                      cache_dtype=run.train.encoder.cache_dtype)
+
+
+DEFAULT_LORA = "r=8,alpha=16,modules=all-linear"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dnd plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", required=True,
-                        help="config.json files or model folders (shapes only), e.g. configs/models/*.json")
-    parser.add_argument("--lora", default="r=8,alpha=16,modules=all-linear",
-                        help="LoRA spec: r=8,alpha=16,modules=q_proj+v_proj|all-linear,layers=0-3,rslora")
+    parser = argparse.ArgumentParser(
+        prog="dnd plan", description=__doc__.splitlines()[0] + " With --config (or --run), the model, the LoRA, "
+        "the generator and the numbers below come from the recipe; a flag given overrides its number.")
+    parser.add_argument("--model", nargs="+",
+                        help="config.json files or model folders (shapes only), e.g. configs/models/*.json "
+                             "(default: the recipe's model_config, else its collect.base_model)")
+    parser.add_argument("--config", help="YAML recipe to size")
+    parser.add_argument("--run", help="run folder whose saved recipe is sized")
+    parser.add_argument("--lora", help=f"LoRA spec: r=8,alpha=16,modules=q_proj+v_proj|all-linear,layers=0-3,rslora "
+                                       f"(default: the recipe's collect.lora, else {DEFAULT_LORA})")
     for field, default in asdict(PlanConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default) if default is not None else int,
-                            default=default)
+                            help=f"(default: {default})")
     parser.add_argument("--lora-experts", action="store_true", help="MoE models: also plan the routed experts' LoRAs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--out", help="also write the plans as JSON to this file (e.g. benchmarks/results/plans.json)")
     args = parser.parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is for the plan
         import deepspeed.runtime.zero.stage3  # noqa: F401
-    spec = LoraSpec.parse(args.lora)
+    given = {k: getattr(args, k) for k in asdict(PlanConfig()) if getattr(args, k) is not None}
+    if args.config or args.run:
+        from dnd_scale.recipe import load_recipe, recipe_for
+
+        run = load_recipe(recipe_for("plan", args.config, args.run))
+        models = args.model or [run.model_config or run.collect.base_model]
+        spec = LoraSpec.parse(args.lora) if args.lora else run.collect.lora
+        config = replace(recipe_plan_config(run), **given)
+        generator = None if "preset" in given else run.train.generator
+    elif args.model:
+        models, spec, config, generator = args.model, LoraSpec.parse(args.lora or DEFAULT_LORA), PlanConfig(**given), None
+    else:
+        parser.error("give --model CONFIG.json ... (shapes only), or a recipe: --config R.yaml or --run RUN")
     if args.lora_experts:
         spec = replace(spec, experts=True)
-    config = PlanConfig(**{k: getattr(args, k) for k in asdict(PlanConfig())})
     plans = {}
-    for model in args.model:
-        plans[model] = make_plan(model, spec, config)
+    for model in models:
+        plans[model] = make_plan(model, spec, config, generator)
         if not args.json:
             print(format_plan(plans[model], display_name(model)), end="\n\n")
     if args.json:

@@ -43,7 +43,6 @@ from dnd_scale.io import (
     ArtifactError,
     building,
     exclusive_folder,
-    read_json,
     remove_stale_staging,
     reporting_full_disk,
     sha256_file,
@@ -461,51 +460,25 @@ def shard_set_id(index: dict) -> str:
     return canonical_json_sha256(index["shards"])
 
 
-def collected_prompt_pools(run_dir: Path, specs: list[str], synthetic_records: int) -> dict[str, list[str]]:
-    """Prompt pools of the tasks `dnd collect` trained on, reloaded from their specs.
-
-    Synthetic families are regenerated with the seed recorded in collect.json, and every task must
-    give the records its checkpoints were trained on (the fingerprint in its completion marker).
-    """
-    # collect imports the model stack; only the command line needs it.
-    from dnd_scale.collect import CHECKPOINTS, COLLECT_META, COMPLETE
-    from dnd_scale.tasks import load_tasks
-
-    collect_meta = read_json(run_dir / CHECKPOINTS / COLLECT_META, "collect metadata (run `dnd collect` first)")
-    tasks = load_tasks(specs, num_records=synthetic_records, seed=collect_meta["config"]["seed"])
-    for task in tasks:
-        marker = run_dir / CHECKPOINTS / task.name / COMPLETE
-        if not marker.is_file():
-            raise ShardsError(f"task {task.name!r} has not been collected in {run_dir}; run `dnd collect` for it")
-        if read_json(marker, "task completion marker")["task_fingerprint"] != task.fingerprint():
-            raise ShardsError(
-                f"task {task.name!r} from {task.source!r} gives other records than its checkpoints were "
-                f"trained on; pass the task specs and --synthetic-records given to `dnd collect`"
-            )
-    return {task.name: task.prompts for task in tasks}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dnd shard",
         description="Pair N-prompt batches (prompts only) with checkpoints of their task in WebDataset shards "
                     "under <run>/shards. Overrides: --shard.field=value (e.g. --shard.num_prompts=64).",
     )
-    parser.add_argument("--run", required=True, help="run folder holding targets/ from `dnd pack`")
-    parser.add_argument("--config", help="YAML recipe; its `shard:` section and `tasks:` list are read")
-    parser.add_argument("--tasks", nargs="+", metavar="SPEC", help="the task specs given to `dnd collect` "
-                        "(default: the recipe's tasks)")
-    parser.add_argument("--synthetic-records", type=int, default=256, help="records per synthetic task, as for collect")
-    # Imported here: the config machinery is for the command line only.
-    from dnd_scale.config import parse_stage_args
+    parser.add_argument("--run", required=True, help="run folder holding checkpoints/ (dnd collect: the prompt "
+                                                     "pools) and targets/ (dnd pack)")
+    parser.add_argument("--config", help="YAML recipe; its `shard:` section is read (default: the recipe saved in "
+                                         "the run folder)")
+    # Imported here: the recipe machinery and the checkpoint store are for the command line only.
+    from dnd_scale.collect import read_prompt_pools
+    from dnd_scale.recipe import parse_stage_args
 
-    args, config, recipe = parse_stage_args(parser, argv, ShardConfig, "shard")
-    specs = args.tasks or list(recipe.get("tasks") or [])
-    if not specs:
-        parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")
+    args, run = parse_stage_args(parser, argv, "shard")
     run_dir = Path(args.run)
-    pools = collected_prompt_pools(run_dir, specs, args.synthetic_records)
-    index = build_shards(PackedTargets(run_dir / "targets"), pools, run_dir / "shards", config)
+    targets = PackedTargets(run_dir / "targets")
+    pools = read_prompt_pools(run_dir, targets.tasks)  # the prompts each packed task was collected with
+    index = build_shards(targets, pools, run_dir / "shards", run.shard)
     print(f"dnd shard: {index['num_samples']} pairs of {len(pools)} tasks in {len(index['shards'])} shards "
           f"-> {run_dir / 'shards'}")
     return 0

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from dnd_scale.config import load_section, parse_stage_args, read_yaml, save_config, to_dict
+from dnd_scale.config import flatten, read_yaml, save_config, to_dict
 from dnd_scale.encoder import (
     CACHE_DTYPES,
     ConditionCache,
@@ -691,7 +691,7 @@ def check_checkpoint_run(saved: Mapping | None, current: Mapping, where: Path) -
     RESUME_MAY_CHANGE) or different data. Checkpoints written before run binding (no record) pass."""
     if saved is None:
         return
-    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    flat_saved, flat_now = flatten(saved), flatten(current)
     changed = {
         key: (flat_saved.get(key), flat_now.get(key))
         for key in sorted(set(flat_saved) | set(flat_now))
@@ -770,22 +770,12 @@ RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "encod
                      "cudnn_benchmark", "steps", "resident"}  # fmt: skip
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
     """Refuse to resume with a config that would not continue the same trajectory."""
     if not saved_path.is_file():
         return  # nothing recorded: the checkpoint lookup reports the real problem
-    saved = _flatten(read_yaml(saved_path, "saved train config") or {})
-    current = _flatten(to_dict(config))
+    saved = flatten(read_yaml(saved_path, "saved train config") or {})
+    current = flatten(to_dict(config))
     changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE}
     if changed:
         raise TrainError(
@@ -1125,8 +1115,11 @@ def skip_totals(stream: BatchStream, device: torch.device) -> dict[str, int]:
 
 
 def load_train_config(recipe: str | None, overrides: Sequence[str]) -> TrainConfig:
-    """TrainConfig from a recipe's `train:` section and `--train.field=value` overrides."""
-    return load_section(TrainConfig, "train", recipe, overrides)[0]
+    """TrainConfig from a recipe's `train:` section (None: the defaults) and `--train.field=value` overrides."""
+    from dnd_scale.recipe import check_stage_overrides, load_recipe
+
+    check_stage_overrides("train", overrides)
+    return load_recipe(recipe, overrides).train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1136,7 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(e.g. --train.zero_stage=3 --train.generator.preset=auto).",
     )
     parser.add_argument("--run", required=True, help="run folder holding targets/ (dnd pack) and shards/ (dnd shard)")
-    parser.add_argument("--config", help="YAML recipe; its `train:` section is read")
+    parser.add_argument("--config", help="YAML recipe; its `train:` section is read (default: the recipe saved in "
+                                         "the run folder)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the output folder")
     parser.add_argument("--export-only", action="store_true", help="load the newest checkpoint and only export it")
     parser.add_argument("--no-cache", action="store_true",
@@ -1145,9 +1139,11 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank unless given --no_local_rank; the rank comes from
     # the environment either way.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args, config, _ = parse_stage_args(parser, argv, TrainConfig, "train")
-    if args.no_cache:
-        config.encoder.cache = False
+    from dnd_scale.recipe import parse_stage_args
+
+    args, run = parse_stage_args(parser, argv, "train",
+                                 lambda args: {"train.encoder.cache": False if args.no_cache else None})
+    config = run.train
     launched = "RANK" in os.environ
     out = train(config, args.run, resume=args.resume, export_only=args.export_only)
     if int(os.environ.get("RANK", 0)) == 0:

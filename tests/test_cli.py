@@ -16,17 +16,21 @@ def _error_paragraph(capsys) -> str:
 
 @pytest.mark.parametrize("argv, expected", [
     (["collect", "--run", "{tmp}/run", "--config", "{tmp}/missing.yaml"], "dnd collect: error: config recipe"),
-    (["collect", "--run", "{tmp}/run", "--tasks", "{tmp}/missing.json", "--collect.base_model={tmp}/none.json"],
+    (["collect", "--run", "{tmp}/run", "--config", "{tmp}/r.yaml", "--tasks", "{tmp}/missing.json"],
      "dnd collect: error: task file"),
-    (["collect", "--run", "{tmp}/run", "--tasks", "synthetic:sum_mc", "--collect.steps=abc"],
+    (["collect", "--run", "{tmp}/run", "--config", "{tmp}/r.yaml", "--tasks", "synthetic:sum_mc", "--collect.steps=abc"],
      "dnd collect: error: collect.steps: expected int"),
+    (["collect", "--run", "{tmp}/run", "--tasks", "synthetic:sum_mc"], "dnd collect: error: dnd collect needs a recipe"),
     (["plan", "--model", "{tmp}/foo.json"], "dnd plan: error: unsupported model family 'foo'"),
     (["pack", "--run", "{tmp}/nothing-here"], "dnd pack: error: "),
-    (["eval", "--base", "{tmp}/no-base", "--tasks", "synthetic:sum_mc", "--out", "{tmp}/report"],
+    (["shard", "--run", "{tmp}/nothing-here"], "dnd shard: error: dnd shard needs a recipe"),
+    (["eval", "--config", "{tmp}/r.yaml", "--base", "{tmp}/no-base", "--tasks", "synthetic:sum_mc", "--out", "{tmp}/report"],
      "dnd eval: error: base model"),
-], ids=["missing-recipe", "missing-task-file", "bad-override", "unsupported-family", "no-run", "no-base"])
+], ids=["missing-recipe", "missing-task-file", "bad-override", "no-recipe", "unsupported-family", "no-run", "no-shard-run",
+        "no-base"])
 def test_user_errors_print_one_paragraph_and_exit_1(tmp_path, capsys, argv, expected):
     (tmp_path / "foo.json").write_text(json.dumps({"model_type": "foo", "hidden_size": 8}))
+    (tmp_path / "r.yaml").write_text("collect: {base_model: none.json}\n")  # relative to the recipe: {tmp}/none.json
     assert main([a.format(tmp=tmp_path) for a in argv]) == 1
     err = _error_paragraph(capsys)
     assert err.startswith(expected), err

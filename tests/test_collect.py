@@ -27,10 +27,13 @@ from dnd_scale.collect import (
     encode_task,
     load_checkpoint,
     read_manifest,
+    read_prompt_pools,
 )
 from dnd_scale.eval_adapters import check_adapter
 from dnd_scale.export import check_vllm_contract, write_adapter
+from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
+from dnd_scale.recipe import RECIPE_FILE, load_recipe
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from tinymodels import tiny_config
 
@@ -191,6 +194,21 @@ def test_rerun_skips_finished_tasks_and_repairs_a_torn_manifest_line(reference_r
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*.safetensors")} == stamps
 
 
+def test_collect_keeps_each_tasks_prompt_pool_and_a_rerun_restores_a_lost_one(reference_run, config, tasks, tmp_path):
+    run_dir = copy_run(reference_run, tmp_path)
+    names = [task.name for task in tasks]
+    assert read_prompt_pools(run_dir, names) == {task.name: task.prompts for task in tasks}
+    lost = run_dir / "checkpoints" / names[0] / "prompts.jsonl"
+    lost.write_text('{"prompt": "another prompt"}\n')  # damaged (or gone, or collected before pools were kept)
+    with pytest.raises(ArtifactError, match=f"prompt pool of task {names[0]!r} .* missing or changed"):
+        read_prompt_pools(run_dir, names)
+    lost.unlink()
+    collect(config, tasks, run_dir)  # finished tasks are skipped; the pool is written anew from the task
+    assert read_prompt_pools(run_dir, names) == {task.name: task.prompts for task in tasks}
+    with pytest.raises(ArtifactError, match="has not been collected"):
+        read_prompt_pools(run_dir, ["never_collected"])
+
+
 @pytest.mark.parametrize("kill", ["sigkill-after-first-checkpoint", "sigkill-between-write-and-rename"])
 def test_killed_collect_finishes_on_rerun_like_an_uninterrupted_run(reference_run, config, tasks, tmp_path, kill):
     run_dir = tmp_path / "run"
@@ -255,7 +273,7 @@ def test_a_task_killed_mid_way_resumes_from_its_last_state_like_an_uninterrupted
                       for folder in (run_dir, tmp_path / "uninterrupted"))
     assert done == expected  # losses and skipped steps of all eight steps
     assert sorted(p.name for p in task_dir.iterdir()) == sorted(
-        ["complete.json", *(Path(r["file"]).name for r in records)])  # the resume state is gone
+        ["complete.json", "prompts.jsonl", *(Path(r["file"]).name for r in records)])  # the resume state is gone
 
 
 def test_checkpoints_of_another_layout_are_refused(reference_run, config, tasks, tmp_path):
@@ -352,6 +370,10 @@ def test_command_line_reads_recipe_tasks_and_overrides(base_config, tmp_path, ca
     assert meta["config"]["lora"]["rank"] == 2 and meta["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert meta["config"]["lr"] == 1e-3 and meta["base_model"]["kind"] == "random-init"
     assert [(r["task"], r["step"]) for r in read_manifest(tmp_path / "run")] == [("uppercase", 2), ("uppercase", 3)]
+    saved = load_recipe(tmp_path / "run" / RECIPE_FILE)  # what the later stages read
+    assert saved.collect.lora.rank == 2 and saved.synthetic_records == 8 and saved.tasks == ["synthetic:uppercase"]
+    pool = read_prompt_pools(tmp_path / "run", ["uppercase"])["uppercase"]
+    assert pool == load_task("synthetic:uppercase", num_records=8, seed=0).prompts  # collect kept the prompts
     with pytest.raises(ValueError, match="overrides of the collect section only"):
         main(["--run", str(tmp_path / "run"), "--tasks", "synthetic:uppercase", "--train.lr=1"])
 

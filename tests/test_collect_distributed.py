@@ -35,7 +35,7 @@ from dnd_scale.collect import (
     main,
     read_manifest,
 )
-from dnd_scale.config import load_section
+from dnd_scale.recipe import load_recipe
 from dnd_scale.io import ArtifactError, sha256_file
 from dnd_scale.tasks import load_tasks
 from tinymodels import tiny_config
@@ -233,7 +233,7 @@ def test_rank_zero_prepares_the_folder_like_one_process(reference, recipe, tmp_p
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    config, _ = load_section(CollectConfig, "collect", recipe)
+    config = load_recipe(recipe).collect
     tasks = load_tasks(TASK_SPECS, num_records=16, seed=config.seed)
     stamps = _stamps(run, TASKS)
     assert _collect_as_rank(config, tasks, run, Ranks()) == read_manifest(reference)

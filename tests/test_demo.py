@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 TIME_BOUND_S = 600
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
 
 def run_demo(out):
@@ -53,14 +55,31 @@ def test_demo_runs_in_time_and_reports_what_it_measured(tmp_path):
 def test_the_demo_runs_twice_into_one_folder_and_refuses_other_settings(tmp_path, one_thread):
     from dnd_scale.config import ConfigError
     from dnd_scale.demo import DemoConfig, run_demo
+    from dnd_scale.recipe import load_recipe
 
-    config = DemoConfig(train_families=("reverse_word", "parity_tf"), records=16, collect_steps=3, trajectory=2,
-                        num_prompts=4, pairs_per_task=8, train_steps=2, generated_samples=1, eval_records=4)
-    first = run_demo(config, tmp_path / "demo")
-    assert run_demo(config, tmp_path / "demo") == first  # the README's command, again: the same table
-    with pytest.raises(ConfigError, match=r"other settings \(train_steps: 2 -> 3\).*--out"):
-        run_demo(DemoConfig(**{**config.__dict__, "train_steps": 3}), tmp_path / "demo")
+    run = load_recipe(TINY_RECIPE, [
+        "--tasks=[synthetic:reverse_word, synthetic:parity_tf]", "--synthetic_records=16", "--collect.steps=3",
+        "--collect.save_last=2", "--shard.num_prompts=4", "--shard.pairs_per_task=8", "--train.steps=2",
+        "--eval.task_records=4"])
+    demo = DemoConfig(generated_samples=1)
+    first = run_demo(run, demo, tmp_path / "demo")
+    assert run_demo(run, demo, tmp_path / "demo") == first  # the README's command, again: the same table
+    with pytest.raises(ConfigError, match=r"other settings \(train.steps: 2 -> 3\).*--out"):
+        run_demo(load_recipe(tmp_path / "demo" / "recipe.yaml", ["--train.steps=3"]), demo, tmp_path / "demo")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no earlier demo"):
-        run_demo(config, tmp_path / "other")
+        run_demo(run, demo, tmp_path / "other")
+
+
+def test_the_demo_runs_the_tiny_recipe(monkeypatch):
+    """`dnd demo` takes every number of its stages from configs/tiny-cpu.yaml, not from a copy."""
+    from dnd_scale import demo
+    from dnd_scale.recipe import load_recipe
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda run, config, out: seen.append((run, config, out)))
+    assert demo.main(["--out", "somewhere", "--train.steps=7", "--demo.heldout_family=parity_tf"]) == 0
+    run, config, out = seen[0]
+    assert demo.TINY_RECIPE == TINY_RECIPE and run == load_recipe(TINY_RECIPE, ["--train.steps=7"])
+    assert config.heldout_family == "parity_tf" and out == "somewhere"

@@ -491,7 +491,9 @@ def test_adapter_groups_on_the_command_line(tmp_path):
 
 
 def test_main_writes_the_report(tiny, tmp_path, capsys):
-    argv = ["--base", str(tiny["config_path"]), "--tasks", "synthetic:parity_tf", "--task-records", "6",
+    (tmp_path / "r.yaml").write_text("eval: {task_records: 6, max_records: 4}\n")  # the flags below override it
+    argv = ["--config", str(tmp_path / "r.yaml"), "--base", str(tiny["config_path"]), "--tasks", "synthetic:parity_tf",
+            "--task-records", "6",
             "--adapters", f"gen={tiny['adapters']['big']}", str(tiny["adapters"]["zero"]),
             "--out", str(tmp_path / "out"), "--max-records", "4", "--dtype", "float32", "--device", "cpu"]
     assert main(argv) == 0
@@ -583,9 +585,9 @@ def test_adapters_given_as_a_quoted_glob_or_a_folder(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no adapter folders"):
         expand_adapter_paths([str(tmp_path / "empty")])
-    argv = ["--base", str(tiny["config_path"]), "--tasks", "synthetic:parity_tf", "--task-records", "6",
-            "--adapters", f"gen={tmp_path / 'generated'}", f"big={folder / 'b*'}",
-            "--out", str(tmp_path / "out"), "--max-records", "4", "--dtype", "float32", "--device", "cpu"]
+    (tmp_path / "r.yaml").write_text("eval: {task_records: 6, max_records: 4, dtype: float32, device: cpu}\n")
+    argv = ["--config", str(tmp_path / "r.yaml"), "--base", str(tiny["config_path"]), "--tasks", "synthetic:parity_tf",
+            "--adapters", f"gen={tmp_path / 'generated'}", f"big={folder / 'b*'}", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(results["adapters"]["gen"]) == 2 and len(results["adapters"]["big"]) == 1

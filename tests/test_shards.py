@@ -166,25 +166,26 @@ def test_missing_index_or_shard_is_refused(tmp_path):
         read_shard_index(tmp_path)
 
 
-def test_cli_shards_the_collected_tasks_only(tmp_path):
-    from dnd_scale.collect import CHECKPOINTS, COMPLETE
+def test_cli_shards_the_packed_tasks_with_the_prompt_pools_collect_kept(tmp_path):
+    from dnd_scale.collect import CHECKPOINTS, COMPLETE, _save_prompt_pool
 
-    specs = ["synthetic:reverse_word", "synthetic:parity_tf"]
-    tasks = [load_task(spec, num_records=12, seed=5) for spec in specs]
-    write_json(tmp_path / CHECKPOINTS / "collect.json", {"config": {"seed": 5}})
+    tasks = [load_task(spec, num_records=12, seed=5) for spec in ["synthetic:reverse_word", "synthetic:parity_tf"]]
     for task in tasks:
-        write_json(tmp_path / CHECKPOINTS / task.name / COMPLETE, {"task_fingerprint": task.fingerprint()})
+        (tmp_path / CHECKPOINTS / task.name).mkdir(parents=True)
+        write_json(tmp_path / CHECKPOINTS / task.name / COMPLETE,
+                   {"prompt_pool": _save_prompt_pool(tmp_path / CHECKPOINTS / task.name, task)})
         write_task_targets(tmp_path / "targets", task.name, torch.randn(2, 3, 2, 4))
-    write_task_targets(tmp_path / "targets", "packed_only", torch.randn(2, 3, 2, 4))
     write_common(tmp_path / "targets", torch.ones(3, 2, 4, dtype=torch.bool), torch.ones(3), {"rank": 2})
-    args = ["--run", str(tmp_path), "--tasks", *specs, "--shard.num_prompts=3", "--shard.pairs_per_task=5"]
-    assert main([*args, "--synthetic-records", "12"]) == 0
+    (tmp_path / "recipe.yaml").write_text("shard: {num_prompts: 3, pairs_per_task: 5}\n")
+    assert main(["--run", str(tmp_path)]) == 0  # no task specs: the run folder's recipe and collect's pools
     index = read_shard_index(tmp_path / "shards")
     assert sorted(index["tasks"]) == sorted(t.name for t in tasks) and index["num_samples"] == 10
     assert load_prompt_pools(tmp_path / "shards", index) == {t.name: t.prompts for t in tasks}
     assert index["targets_fingerprint"] is not None
-    with pytest.raises(ShardsError, match="other records than its checkpoints were trained on"):
-        main([*args, "--synthetic-records", "13"])
+    write_task_targets(tmp_path / "targets", "packed_only", torch.randn(2, 3, 2, 4))
+    write_common(tmp_path / "targets", torch.ones(3, 2, 4, dtype=torch.bool), torch.ones(3), {"rank": 2})
+    with pytest.raises(ArtifactError, match="task 'packed_only' has not been collected"):
+        main(["--run", str(tmp_path)])
 
 
 def test_a_failure_mid_write_leaves_the_previous_set_and_no_temporary_file(tmp_path, monkeypatch):

@@ -629,9 +629,11 @@ def test_no_cache_encodes_on_the_fly(tmp_path, monkeypatch):
     seen = []
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(trainer, "train", lambda config, run, **kwargs: seen.append(config) or run)
+    (tmp_path / "recipe.yaml").write_text("train: {steps: 3}\n")  # the run folder's recipe
     trainer.main(["--run", str(tmp_path), "--no-cache"])
     trainer.main(["--run", str(tmp_path)])
     assert [config.encoder.cache for config in seen] == [False, True]
+    assert [config.steps for config in seen] == [3, 3]
 
 
 def test_resident_data_gathers_what_the_host_stream_serves(tiny_run, tmp_path):
