@@ -92,6 +92,7 @@ from dnd_scale.io import (
     load_safetensors,
     read_json,
     read_jsonl,
+    remove_stale_builds,
     save_safetensors,
     sha256_file,
     sha256_text,
@@ -369,11 +370,12 @@ def _exclusive(checkpoints: Path) -> contextlib.AbstractContextManager[None]:
 def _remove_temporaries(run_dir: Path) -> None:
     """Temporary files left by a killed run; nothing refers to them (renames never happened). Also the
     resume state of a task killed after its complete.json was written."""
-    for path in [*(run_dir / CHECKPOINTS).rglob(f"*{TMP_SUFFIX}"), *run_dir.glob(f".{BASE_MODEL}.*{TMP_SUFFIX}")]:
+    for path in (run_dir / CHECKPOINTS).rglob(f"*{TMP_SUFFIX}"):
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+    remove_stale_builds(run_dir / BASE_MODEL, "dnd collect")
     for marker in (run_dir / CHECKPOINTS).glob(f"*/{COMPLETE}"):
         (marker.parent / RESUME).unlink(missing_ok=True)
 

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +22,7 @@ from tqdm import tqdm
 
 from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
 from dnd_scale.config import parse_stage_args
-from dnd_scale.io import _UMASK, ArtifactError, building, exclusive_folder, remove_stale_staging
+from dnd_scale.io import ArtifactError, atomic_folder, exclusive_folder
 from dnd_scale.layout import LoraLayout
 from dnd_scale.targets import PackedTargets, link_task_targets, write_common, write_task_targets
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
@@ -86,21 +83,14 @@ def _pack(run_dir: Path, config: TokenizerConfig, tasks: Sequence[str] | None, d
     # The new pack is built whole in a staging folder beside `out` and swapped in at the end: a run
     # killed half-way leaves the previous pack as it was (tokens, loss weights and index together);
     # a run killed by SIGKILL leaves its staging folder, removed by the next pack.
-    stale = remove_stale_staging(run_dir, [f".{TARGETS}-staging-*", f".{TARGETS}-old-*"])
-    if stale:
-        logger.warning("removed what a killed `dnd pack` left: %s", ", ".join(p.name for p in stale))
-    staging = Path(tempfile.mkdtemp(prefix=f".{TARGETS}-staging-", dir=run_dir))
-    try:
-        with building(staging):
-            _build(run_dir, store, earlier, tokenizer, layout, device, staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_folder(out, "dnd pack") as staging:
+        _build(run_dir, store, earlier, tokenizer, layout, device, staging)
     return out
 
 
 def _build(run_dir: Path, store: dict, earlier: list, tokenizer: WeightTokenizer, layout: LoraLayout,
-           device: str | torch.device, staging: Path, out: Path) -> None:
-    """The pack's files in `staging`, then swapped in for `out`."""
+           device: str | torch.device, staging: Path) -> None:
+    """The pack's files, in `staging`."""
     mask = tokenizer.mask()
     weights, hashes = [], {}
     for task, records in store.items():
@@ -122,28 +112,6 @@ def _build(run_dir: Path, store: dict, earlier: list, tokenizer: WeightTokenizer
         extra={"tokenizer": tokenizer.state_dict_config(), "checkpoint_sha256": hashes},
         fingerprint=layout.fingerprint(),
     )
-    _swap_in(staging, out)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Put the complete pack `staging` in place of `out` (two renames on one file system).
-
-    A crash between the renames leaves no `out` at all, which every reader refuses with "run
-    `dnd pack`", never a mix of the old and the new pack.
-    """
-    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a pack is as readable as any folder
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-    os.rmdir(retired)
-    os.replace(out, retired)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(retired, out)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _previous_pack(

@@ -24,12 +24,11 @@ every shard mixes tasks and a loader that shuffles shards sees a mixed stream.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,12 +39,11 @@ import webdataset as wds
 from tqdm import tqdm
 
 from dnd_scale.io import (
+    LOCK_FILE,
     ArtifactError,
-    building,
+    atomic_folder,
     exclusive_folder,
     read_json,
-    remove_stale_staging,
-    reporting_full_disk,
     sha256_file,
     write_json,
 )
@@ -56,7 +54,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 PROMPTS_DIR = "prompts"
 SHARD_PATTERN = "pairs-%06d.tar"
-STAGING_PREFIX = ".shard-staging-"
 BLOCK_SUFFIX = "safetensors"  # tar member `<key>.safetensors`
 
 
@@ -282,6 +279,12 @@ def _write_pool(path: Path, pool: list[str]) -> None:
             f.write(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\n")
 
 
+def writing_shard_set(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Refuse a second `dnd shard` of one folder. The set is swapped in whole, so its lock is a file
+    beside it: `.<name>.lock`."""
+    return exclusive_folder(out_dir.parent, "dnd shard", "wait for it to finish", name=f".{out_dir.name}{LOCK_FILE}")
+
+
 def build_shards(
     checkpoints: PackedTargets | Mapping[str, int],
     prompt_pools: Mapping[str, list[str]],
@@ -295,9 +298,8 @@ def build_shards(
     is recorded so the loader can refuse shards made for other targets) or a mapping task -> number of checkpoints.
     prompt_pools: task -> prompt strings (prompts only: answers must never be passed here). The
     shards cover these tasks; packed tasks without a pool are left out.
-    Files are written in a staging folder and moved into place; index.json is removed first and
-    written last, so an interrupted run leaves a folder the loader refuses rather than a mixed one.
-    Returns the index.
+    The set is built whole in a staging folder beside `out_dir` and swapped in for the previous one
+    (`atomic_folder`), so an interrupted run leaves the previous set as it was. Returns the index.
     """
     if isinstance(checkpoints, PackedTargets):
         checkpoints.verify()  # pairs must not be cut for targets that changed since packing
@@ -305,29 +307,21 @@ def build_shards(
     num_checkpoints = dict(checkpoints.num_checkpoints if isinstance(checkpoints, PackedTargets) else checkpoints)
     _validate(num_checkpoints, prompt_pools, config)
     out_dir = Path(out_dir)
-    with exclusive_folder(out_dir, "dnd shard", "wait for it to finish"):
-        stale = remove_stale_staging(out_dir, [f"{STAGING_PREFIX}*"])  # left by a run killed with SIGKILL
-        if stale:
-            log.warning("removed what a killed `dnd shard` left: %s", ", ".join(p.name for p in stale))
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-        try:
-            with building(staging), reporting_full_disk(out_dir):
-                index = _write_shard_set(staging, out_dir, num_checkpoints, prompt_pools, config, fingerprint, progress)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    with writing_shard_set(out_dir):
+        with atomic_folder(out_dir, "dnd shard") as staging:
+            index = _write_shard_set(staging, num_checkpoints, prompt_pools, config, fingerprint, progress)
     return index
 
 
 def _write_shard_set(
     staging: Path,
-    out_dir: Path,
     num_checkpoints: dict[str, int],
     prompt_pools: Mapping[str, list[str]],
     config: ShardConfig,
     fingerprint: str | None,
     progress: bool,
 ) -> dict:
-    """The body of `build_shards`: every file in `staging`, then swapped in for the previous set."""
+    """The body of `build_shards`: every file of the set, in `staging`."""
     tasks = sorted(prompt_pools)
     (staging / PROMPTS_DIR).mkdir()
     task_index = {}
@@ -384,19 +378,8 @@ def _write_shard_set(
         "targets_fingerprint": fingerprint,
         "config": asdict(config),
     }
-    _replace_shard_set(staging, out_dir, index)
+    write_json(staging / INDEX_FILE, index)
     return index
-
-
-def _replace_shard_set(staging: Path, out_dir: Path, index: dict) -> None:
-    """Swap the staged files in for any previous shard set; index.json last."""
-    (out_dir / INDEX_FILE).unlink(missing_ok=True)
-    for old in list(out_dir.glob("pairs-*.tar")) + list((out_dir / PROMPTS_DIR).glob("*.jsonl")):
-        old.unlink()
-    (out_dir / PROMPTS_DIR).mkdir(exist_ok=True)
-    for rel in [s["file"] for s in index["shards"]] + [t["prompts"] for t in index["tasks"].values()]:
-        os.replace(staging / rel, out_dir / rel)
-    write_json(out_dir / INDEX_FILE, index)
 
 
 def read_shard_index(shards_dir: str | os.PathLike) -> dict:

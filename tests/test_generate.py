@@ -212,7 +212,7 @@ def test_sigterm_and_a_killed_run_leave_no_temporary_folder(export, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 128 + 15, proc.stderr[-2000:]
     assert list(out.iterdir()) == [], "SIGTERM ran the cleanup: no staging folder is left"
-    (out / ".task.abc123").mkdir()  # what SIGKILL leaves: removed by the next generate of that adapter
+    (out / ".task-staging-abc123").mkdir()  # what SIGKILL leaves: removed by the next generate of that adapter
     main(["--generator", str(export), "--prompts", str(tmp_path / "task.txt"), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["task"]
 
