@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from dnd_scale.experiment import cached_scores, paired_summaries
+from dnd_scale.generator_export import export_folder, is_exported
 from dnd_scale.io import read_json, write_json
 
 
@@ -35,7 +36,7 @@ def generator_curves(run: Path) -> dict:
         steps = [row for row in lines if "loss" in row]
         curves[path.parent.parent.name] = {
             "last_step": max((row["step"] for row in steps), default=0),
-            "finished": (path.parent / "export" / "model.safetensors").is_file()
+            "finished": is_exported(export_folder(path.parent))
             or (path.parent.parent / "adapters").is_dir(),
             "loss": [[row["step"], row["loss"]] for row in steps],
             "step_time_s_median": sorted(row["step_time_s"] for row in steps)[len(steps) // 2] if steps else None,

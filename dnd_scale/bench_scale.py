@@ -342,29 +342,26 @@ def generate_worker(job: dict) -> dict:
     from dnd_scale.encoder import resolve_encoder_path
     from dnd_scale.generate import AdapterGenerator
     from dnd_scale.generator import HyperConvGenerator, resolve_impl
-    from dnd_scale.io import save_safetensors, sha256_file, write_json
-    from dnd_scale.trainer import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS
+    from dnd_scale.generator_export import export_folder, write_export
 
     target = TargetSpec(**job["target"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = target.tokenizer()
     layout = tok.layout
     work = Path(job["work_dir"])
-    export_dir = work / "export"
+    export_dir = export_folder(work)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):  # random init where the generator runs (fast on a GPU)
         module = HyperConvGenerator(target.generator_config(), target.condition, tok.token_shape, tok.num_tokens)
     encoder_name = resolve_encoder_path(job.get("encoder"))[0]
-    save_safetensors(module.state_dict(), export_dir / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT})
-    write_json(export_dir / EXPORT_CONFIG, {
-        "format": EXPORT_FORMAT, "generator": to_dict(module.config),
+    write_export(export_dir, module.state_dict(), {
+        "generator": to_dict(module.config),
         "layout": {**layout.to_dict(), "fingerprint": layout.fingerprint()},
         "tokenizer": tok.state_dict_config(),
         "encoder": {"name": encoder_name, "length": target.condition[1], "dim": target.condition[2]},
         "num_prompts": target.condition[0], "base_model": None, "step": 0, "random_init": True,
-        "weights_sha256": sha256_file(export_dir / EXPORT_WEIGHTS),  # checked by AdapterGenerator, as a real export
-    })  # fmt: skip
+    }, writer="dnd bench scale")  # fmt: skip
     record: dict[str, Any] = {"features": [list(f) for f in module.features], "kernel_size": module.config.kernel_size,
                               "parameters": sum(p.numel() for p in module.parameters()), "encoder": encoder_name,
                               "export_s": time.perf_counter() - t0}  # fmt: skip

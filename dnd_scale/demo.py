@@ -71,6 +71,7 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     from dnd_scale.evaluate import EvalConfig, evaluate
     from dnd_scale.generate import AdapterGenerator
     from dnd_scale.generator import GeneratorConfig
+    from dnd_scale.generator_export import export_folder
     from dnd_scale.layout import LoraSpec
     from dnd_scale.pack import pack
     from dnd_scale.shards import ShardConfig, build_shards
@@ -120,12 +121,12 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     lap("pack+shard")
 
     # 4. train the generator (one DeepSpeed process on CPU, ZeRO-0, fp32)
-    export = train(TrainConfig(
+    export = export_folder(train(TrainConfig(
         generator=GeneratorConfig(preset="auto", num_stages=3, max_channels=64, kernel_size=3),
         encoder=EncoderConfig(max_length=config.condition_length),
         micro_batch_size=8, steps=config.train_steps, lr=1e-3, warmup_steps=10, zero_stage=0,
         checkpoint_every=config.train_steps, log_every=10, seed=config.seed, num_workers=0,
-    ), out, resume=latest_checkpoint(out / "generator" / CHECKPOINTS_DIR) is not None) / "export"
+    ), out, resume=latest_checkpoint(out / "generator" / CHECKPOINTS_DIR) is not None))
     lap("train")
 
     # 5. generate adapters for the held-out family from its prompts only (no answers, no training)

@@ -48,6 +48,7 @@ from dnd_scale.collect import CHECKPOINTS, COLLECT_META, CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, save_config, to_dict
 from dnd_scale.eval_scoring import wilson_interval
 from dnd_scale.evaluate import EvalConfig
+from dnd_scale.generator_export import export_folder, is_exported
 from dnd_scale.io import load_safetensors, read_json, sha256_file, sha256_text, write_json
 from dnd_scale.shards import ShardConfig
 from dnd_scale.tasks import Task, TaskRecord, load_task
@@ -337,8 +338,8 @@ def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Pat
     from dnd_scale.targets import PackedTargets
     from dnd_scale.trainer import latest_checkpoint, train
 
-    export = run / config.train.output_dir / "export"
-    if (export / "model.safetensors").is_file():
+    export = export_folder(run / config.train.output_dir)
+    if is_exported(export):
         return export
     _link_store(run, out)
     if not (run / "shards" / "index.json").is_file():
@@ -351,7 +352,7 @@ def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Pat
     _log(f"train the generator of {key}" + (" (resumed)" if resume else ""))
     with timings.measure(f"{key}/train" + ("_resumed" if resume else "")):
         train(config.train, run, resume=resume)
-    return export if (export / "model.safetensors").is_file() else None
+    return export if is_exported(export) else None
 
 
 def generate_adapters(config: ExperimentConfig, held: HeldOut, export: Path, run: Path, timings: Timings,

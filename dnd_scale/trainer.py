@@ -63,6 +63,7 @@ from dnd_scale.encoder import (
     resolve_encoder_path,
 )
 from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_features, resolve_impl
+from dnd_scale.generator_export import export_folder, write_export
 from dnd_scale.io import (
     ArtifactError,
     DiskFullError,
@@ -73,8 +74,6 @@ from dnd_scale.io import (
     read_json,
     read_jsonl,
     reporting_full_disk,
-    save_safetensors,
-    sha256_file,
     sha256_text,
     write_json,
 )
@@ -88,10 +87,6 @@ TARGETS_DIR = "targets"
 SHARDS_DIR = "shards"
 CONDITIONS_DIR = "conditions"
 CHECKPOINTS_DIR = "checkpoints"
-EXPORT_DIR = "export"
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.json"
-EXPORT_FORMAT = "dnd-generator-1"
 LATEST = "latest"
 METRICS = "metrics.jsonl"
 DEFAULT_CONDITION_LENGTH = 128
@@ -850,14 +845,13 @@ def gather_fp32_state(model: torch.nn.Module, keep: bool) -> dict[str, Tensor]:
 
 
 def export_generator(model: torch.nn.Module, out_dir: Path, meta: dict, rank: int) -> Path | None:
-    """Write `export/model.safetensors` and `export/config.json` (rank 0); returns the folder there."""
+    """Write the generator export under `out_dir` (rank 0; `generator_export`); returns the folder there."""
     import deepspeed.comm as dist
 
     state = gather_fp32_state(model, keep=rank == 0)
-    folder = out_dir / EXPORT_DIR
+    folder = export_folder(out_dir)
     if rank == 0:
-        save_safetensors(state, folder / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT})
-        write_json(folder / EXPORT_CONFIG, {**meta, "weights_sha256": sha256_file(folder / EXPORT_WEIGHTS)})
+        write_export(folder, state, meta)
     dist.barrier()
     return folder if rank == 0 else None
 
@@ -978,7 +972,6 @@ def _train(
         step = _fit(config, engine, stream, conditions, data, out_dir, start_step, run)
     if step >= config.steps or export_only:
         meta = {
-            "format": EXPORT_FORMAT,
             "generator": to_dict(model.config),
             "layout": data.targets.layout_json(),
             "tokenizer": data.targets.extra["tokenizer"],
