@@ -26,7 +26,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dnd_scale.io import atomic_folder, canonical_json_sha256
-from dnd_scale.layout import load_config_dict
+from dnd_scale.layout import HF_CONFIG, load_config_dict
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -151,7 +151,7 @@ def load_base_model(
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return BaseModel(model.to(torch_device).eval(), tokenizer, str(path), "gguf")
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / HF_CONFIG).is_file():
             raise FileNotFoundError(
                 f"base model folder {path} has no config.json; expected a Hugging Face model folder"
             )

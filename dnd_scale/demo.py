@@ -65,16 +65,18 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     from dnd_scale.basemodel import build_tiny_tokenizer, load_base_model
-    from dnd_scale.collect import CollectConfig, collect, read_manifest
+    from dnd_scale.collect import CollectConfig, collect
     from dnd_scale.encoder import EncoderConfig
     from dnd_scale.eval_report import write_report
     from dnd_scale.evaluate import EvalConfig, evaluate
     from dnd_scale.generate import AdapterGenerator
     from dnd_scale.generator import GeneratorConfig
     from dnd_scale.generator_export import export_folder
-    from dnd_scale.layout import LoraSpec
+    from dnd_scale.layout import HF_CONFIG, LoraSpec
     from dnd_scale.pack import pack
+    from dnd_scale.rundir import RunDir
     from dnd_scale.shards import ShardConfig, build_shards
+    from dnd_scale.store import final_checkpoint, read_manifest
     from dnd_scale.targets import PackedTargets
     from dnd_scale.tasks import load_task
     from dnd_scale.tokenizer import TokenizerConfig
@@ -82,6 +84,7 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
     import transformers
 
     out = Path(out)
+    run = RunDir(out)
     _claim_folder(config, out)
     save_config(config, out / DEMO_CONFIG)
     timings: dict[str, float] = {}
@@ -107,7 +110,7 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
 
     # 2. collect a LoRA trajectory per training family
     collect(CollectConfig(
-        base_model=str(base_dir / "config.json"), lora=LoraSpec(rank=config.rank, alpha=2.0 * config.rank),
+        base_model=str(base_dir / HF_CONFIG), lora=LoraSpec(rank=config.rank, alpha=2.0 * config.rank),
         steps=config.collect_steps, save_last=config.trajectory, lr=5e-3, batch_size=8, max_length=256,
         seed=config.seed, device="cpu", dtype="float32",
     ), tasks, out)
@@ -115,35 +118,34 @@ def run_demo(config: DemoConfig, out: str | os.PathLike) -> dict:
 
     # 3. pack and shard
     targets = pack(out, TokenizerConfig(chunk=config.chunk))
-    build_shards(PackedTargets(targets), {t.name: t.prompts for t in tasks}, out / "shards",
+    build_shards(PackedTargets(targets), {t.name: t.prompts for t in tasks}, run.shards,
                  ShardConfig(num_prompts=config.num_prompts, pairs_per_task=config.pairs_per_task,
                              shard_size=128, seed=config.seed))
     lap("pack+shard")
 
     # 4. train the generator (one DeepSpeed process on CPU, ZeRO-0, fp32)
-    export = export_folder(train(TrainConfig(
+    train_config = TrainConfig(
         generator=GeneratorConfig(preset="auto", num_stages=3, max_channels=64, kernel_size=3),
         encoder=EncoderConfig(max_length=config.condition_length),
         micro_batch_size=8, steps=config.train_steps, lr=1e-3, warmup_steps=10, zero_stage=0,
         checkpoint_every=config.train_steps, log_every=10, seed=config.seed, num_workers=0,
-    ), out, resume=latest_checkpoint(out / "generator" / CHECKPOINTS_DIR) is not None))
+    )
+    resume = latest_checkpoint(run.train_output(train_config.output_dir) / CHECKPOINTS_DIR) is not None
+    export = export_folder(train(train_config, out, resume=resume))
     lap("train")
 
     # 5. generate adapters for the held-out family from its prompts only (no answers, no training)
     generator = AdapterGenerator(export, "cpu")
     generated = [
-        generator.generate(heldout.prompts, out / "adapters" / f"{config.heldout_family}-{i}", seed=config.seed + i,
+        generator.generate(heldout.prompts, run.adapters / f"{config.heldout_family}-{i}", seed=config.seed + i,
                            overwrite=True)
         for i in range(config.generated_samples)
     ]
     lap("generate")
 
     # 6. evaluate on held-out records the LoRAs never trained on (another record seed)
-    finals = {}
-    for record in read_manifest(out):
-        finals[record["task"]] = record  # manifest order: the last line of a task is its last step
-    training = [out / "checkpoints" / r["file"] for r in finals.values()]
-    base = load_base_model(out / "base_model", dtype="float32", device="cpu")
+    training = [final_checkpoint(out, name) for name in dict.fromkeys(r["task"] for r in read_manifest(out))]
+    base = load_base_model(run.base_model, dtype="float32", device="cpu")
     eval_task = load_task(heldout_spec, num_records=config.eval_records, seed=config.seed + 1)
     results = evaluate(base, [eval_task], {"training_lora": training, "generated": generated},
                        EvalConfig(device="cpu", dtype="float32"))

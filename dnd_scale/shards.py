@@ -43,15 +43,17 @@ from dnd_scale.io import (
     ArtifactError,
     atomic_folder,
     exclusive_folder,
-    read_json,
     sha256_file,
     write_json,
 )
-from dnd_scale.targets import INDEX_FILE, PackedTargets, canonical_json_sha256, check_task_name
+from dnd_scale.rundir import RunDir
+from dnd_scale.store import completion_marker, is_complete, read_collect_meta, read_completion, store_dir
+from dnd_scale.targets import PackedTargets, canonical_json_sha256, check_task_name
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+INDEX_FILE = "index.json"
 PROMPTS_DIR = "prompts"
 SHARD_PATTERN = "pairs-%06d.tar"
 BLOCK_SUFFIX = "safetensors"  # tar member `<key>.safetensors`
@@ -382,6 +384,11 @@ def _write_shard_set(
     return index
 
 
+def is_shard_set(shards_dir: str | os.PathLike) -> bool:
+    """Whether `shards_dir` holds a shard set (its index); nothing is checked."""
+    return (Path(shards_dir) / INDEX_FILE).is_file()
+
+
 def read_shard_index(shards_dir: str | os.PathLike) -> dict:
     """Load and check `<shards_dir>/index.json`: format, and every listed file present."""
     shards_dir = Path(shards_dir)
@@ -433,7 +440,7 @@ def load_prompt_pools(shards_dir: str | os.PathLike, index: dict) -> dict[str, l
             pools[task] = [json.loads(line)["prompt"] for line in f]
         if len(pools[task]) != entry["pool_size"]:
             raise ShardsError(
-                f"{path} has {len(pools[task])} prompts, index.json says {entry['pool_size']}; re-run `dnd shard`"
+                f"{path} has {len(pools[task])} prompts, {INDEX_FILE} says {entry['pool_size']}; re-run `dnd shard`"
             )
     return pools
 
@@ -450,17 +457,15 @@ def collected_prompt_pools(run_dir: Path, specs: list[str], synthetic_records: i
     Synthetic families are regenerated with the seed recorded in collect.json, and every task must
     give the records its checkpoints were trained on (the fingerprint in its completion marker).
     """
-    # collect imports the model stack; only the command line needs it.
-    from dnd_scale.collect import CHECKPOINTS, COLLECT_META, COMPLETE
     from dnd_scale.tasks import load_tasks
 
-    collect_meta = read_json(run_dir / CHECKPOINTS / COLLECT_META, "collect metadata (run `dnd collect` first)")
+    store = store_dir(run_dir)
+    collect_meta = read_collect_meta(store, "collect metadata (run `dnd collect` first)")
     tasks = load_tasks(specs, num_records=synthetic_records, seed=collect_meta["config"]["seed"])
     for task in tasks:
-        marker = run_dir / CHECKPOINTS / task.name / COMPLETE
-        if not marker.is_file():
+        if not is_complete(store, task.name):
             raise ShardsError(f"task {task.name!r} has not been collected in {run_dir}; run `dnd collect` for it")
-        if read_json(marker, "task completion marker")["task_fingerprint"] != task.fingerprint():
+        if read_completion(completion_marker(store, task.name))["task_fingerprint"] != task.fingerprint():
             raise ShardsError(
                 f"task {task.name!r} from {task.source!r} gives other records than its checkpoints were "
                 f"trained on; pass the task specs and --synthetic-records given to `dnd collect`"
@@ -486,9 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.tasks or list(recipe.get("tasks") or [])
     if not specs:
         parser.error("no tasks: pass --tasks SPEC ... or list them under `tasks:` in the recipe")
-    run_dir = Path(args.run)
-    pools = collected_prompt_pools(run_dir, specs, args.synthetic_records)
-    index = build_shards(PackedTargets(run_dir / "targets"), pools, run_dir / "shards", config)
+    run = RunDir(args.run)
+    pools = collected_prompt_pools(run.root, specs, args.synthetic_records)
+    index = build_shards(PackedTargets(run.targets), pools, run.shards, config)
     print(f"dnd shard: {index['num_samples']} pairs of {len(pools)} tasks in {len(index['shards'])} shards "
-          f"-> {run_dir / 'shards'}")
+          f"-> {run.shards}")
     return 0

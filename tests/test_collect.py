@@ -25,12 +25,11 @@ from dnd_scale.collect import (
     collect,
     encode_record,
     encode_task,
-    load_checkpoint,
-    read_manifest,
 )
 from dnd_scale.eval_adapters import check_adapter
 from dnd_scale.export import check_vllm_contract, write_adapter
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
+from dnd_scale.store import load_checkpoint, read_manifest
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from tinymodels import tiny_config
 

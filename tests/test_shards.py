@@ -169,13 +169,13 @@ def test_missing_index_or_shard_is_refused(tmp_path):
 
 
 def test_cli_shards_the_collected_tasks_only(tmp_path):
-    from dnd_scale.collect import CHECKPOINTS, COMPLETE
+    from dnd_scale.store import COLLECT_META, completion_marker, store_dir
 
     specs = ["synthetic:reverse_word", "synthetic:parity_tf"]
     tasks = [load_task(spec, num_records=12, seed=5) for spec in specs]
-    write_json(tmp_path / CHECKPOINTS / "collect.json", {"config": {"seed": 5}})
+    write_json(store_dir(tmp_path) / COLLECT_META, {"config": {"seed": 5}})
     for task in tasks:
-        write_json(tmp_path / CHECKPOINTS / task.name / COMPLETE, {"task_fingerprint": task.fingerprint()})
+        write_json(completion_marker(store_dir(tmp_path), task.name), {"task_fingerprint": task.fingerprint()})
         write_task_targets(tmp_path / "targets", task.name, torch.randn(2, 3, 2, 4))
     write_task_targets(tmp_path / "targets", "packed_only", torch.randn(2, 3, 2, 4))
     write_common(tmp_path / "targets", torch.ones(3, 2, 4, dtype=torch.bool), torch.ones(3), {"rank": 2})
