@@ -13,14 +13,18 @@ import argparse
 import json
 from pathlib import Path
 
-from dnd_scale.experiment import cached_scores, paired_summaries
+from dnd_scale.experiment import COLLECT_RUN, RESULTS, cached_scores, paired_summaries
+from dnd_scale.generator_export import export_folder, is_exported
 from dnd_scale.io import read_json, write_json
+from dnd_scale.rundir import RunDir
+from dnd_scale.store import completion_markers, read_completion, store_dir
+from dnd_scale.trainer import METRICS, TrainConfig
 
 
 def collect_summary(run: Path) -> dict:
     rows = {}
-    for path in sorted((run / "collect" / "checkpoints").glob("*/complete.json")):
-        done = read_json(path)
+    for path in completion_markers(store_dir(run / COLLECT_RUN)):
+        done = read_completion(path)
         losses = done["losses"]
         rows[done["task"]] = {"source": done["source"], "num_records": done["num_records"], "steps": len(losses),
                               "checkpoints": len(done["manifest"]), "skipped_steps": done.get("skipped_steps", []),
@@ -30,13 +34,13 @@ def collect_summary(run: Path) -> dict:
 
 def generator_curves(run: Path) -> dict:
     curves = {}
-    for path in sorted(run.glob("*/generator/metrics.jsonl")):
+    for path in sorted(run.glob(f"*/{TrainConfig.output_dir}/{METRICS}")):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         steps = [row for row in lines if "loss" in row]
         curves[path.parent.parent.name] = {
             "last_step": max((row["step"] for row in steps), default=0),
-            "finished": (path.parent / "export" / "model.safetensors").is_file()
-            or (path.parent.parent / "adapters").is_dir(),
+            "finished": is_exported(export_folder(path.parent))
+            or RunDir(path.parent.parent).adapters.is_dir(),
             "loss": [[row["step"], row["loss"]] for row in steps],
             "step_time_s_median": sorted(row["step_time_s"] for row in steps)[len(steps) // 2] if steps else None,
         }
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="", help="the machine, in words")
     args = parser.parse_args(argv)
     run = Path(args.run)
-    results = read_json(run / "results.json")
+    results = read_json(run / RESULTS)
     for key, entry in results["heldout"].items():
         # what run_experiment writes at this revision; recomputed here for runs made before it did
         entry["paired"] = {scorer: paired_summaries(by_label, f"{key}/{scorer}")

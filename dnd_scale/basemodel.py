@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from dnd_scale.io import TMP_SUFFIX, canonical_json_sha256
-from dnd_scale.layout import load_config_dict
+from dnd_scale.io import atomic_folder, canonical_json_sha256
+from dnd_scale.layout import HF_CONFIG, load_config_dict
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -153,7 +151,7 @@ def load_base_model(
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return BaseModel(model.to(torch_device).eval(), tokenizer, str(path), "gguf")
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / HF_CONFIG).is_file():
             raise FileNotFoundError(
                 f"base model folder {path} has no config.json; expected a Hugging Face model folder"
             )
@@ -239,10 +237,7 @@ def save_base_model(base: BaseModel, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} already exists; remove it or choose another folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TMP_SUFFIX, dir=folder.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the folder is meant to be shared like any model
+    with atomic_folder(folder, "save_base_model") as tmp:
         if base.kind == "gguf":
             # transformers dequantized the GGUF on load, so the weights are plain tensors, but it refuses to
             # save a model its gguf quantizer loaded; without that marker the folder is an ordinary model.
@@ -252,8 +247,4 @@ def save_base_model(base: BaseModel, folder: str | os.PathLike) -> Path:
         base.model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         (tmp / SAVED_FROM).write_text(json.dumps({"kind": base.kind, "source": base.source}) + "\n")
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder

@@ -38,6 +38,7 @@ import webdataset as wds
 
 from dnd_scale.io import atomic_path, write_json
 from dnd_scale.loader import LoaderConfig, PairLoader
+from dnd_scale.rundir import RunDir
 from dnd_scale.shards import ShardConfig, build_shards, iter_blocks
 from dnd_scale.targets import PackedTargets, write_common, write_task_targets
 
@@ -72,15 +73,15 @@ def synthetic_run(
     pools = {}
     for t in range(tasks):
         task = f"task{t:03d}"
-        write_task_targets(root / "targets", task, torch.randn(num_checkpoints, num_tokens, *token_shape, generator=gen))
+        write_task_targets(RunDir(root).targets, task, torch.randn(num_checkpoints, num_tokens, *token_shape, generator=gen))
         pools[task] = [
             f"Task {t}, question {i}: given the numbers {i}, {i * 7 % 101} and {i * 13 % 97}, which of the "
             f"options A: {i % 5}, B: {i % 7}, C: {i % 11} is the remainder?"
             for i in range(pool_size)
         ]
     mask = torch.ones(num_tokens, *token_shape, dtype=torch.bool)
-    write_common(root / "targets", mask, torch.ones(num_tokens), {"synthetic": True, "tasks": tasks})
-    return PackedTargets(root / "targets"), pools
+    write_common(RunDir(root).targets, mask, torch.ones(num_tokens), {"synthetic": True, "tasks": tasks})
+    return PackedTargets(RunDir(root).targets), pools
 
 
 def _read(shards: Path, targets: PackedTargets, config: LoaderConfig, max_pairs: int | None) -> tuple[int, float, dict]:
@@ -120,20 +121,21 @@ def bench_data(
     load_at_start = list(os.getloadavg())
     pairs_per_task = -(-pairs // tasks)
     scratch = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dnd-bench-data-"))
+    shards_dir = RunDir(scratch).shards
     try:
         targets, pools = synthetic_run(scratch, tasks, pool_size, num_checkpoints, num_tokens, token_shape, seed)
         shard_config = ShardConfig(num_prompts=num_prompts, pairs_per_task=pairs_per_task, shard_size=shard_size, seed=seed)
         start = time.perf_counter()
-        index = build_shards(targets, pools, scratch / "shards", shard_config)
+        index = build_shards(targets, pools, shards_dir, shard_config)
         write_seconds = time.perf_counter() - start
         written = index["num_samples"]
-        shard_bytes = sum((scratch / "shards" / s["file"]).stat().st_size for s in index["shards"])
-        pool_bytes = sum((scratch / "shards" / t["prompts"]).stat().st_size for t in index["tasks"].values())
+        shard_bytes = sum((shards_dir / s["file"]).stat().st_size for s in index["shards"])
+        pool_bytes = sum((shards_dir / t["prompts"]).stat().st_size for t in index["tasks"].values())
 
         config = LoaderConfig(batch_size=batch_size, num_workers=workers, seed=seed)
-        read_pairs, read_seconds, skipped = _read(scratch / "shards", targets, config, None)
+        read_pairs, read_seconds, skipped = _read(shards_dir, targets, config, None)
         one = LoaderConfig(batch_size=batch_size, num_workers=1, seed=seed)
-        one_pairs, one_seconds, _ = _read(scratch / "shards", targets, one, min(single_worker_pairs, written))
+        one_pairs, one_seconds, _ = _read(shards_dir, targets, one, min(single_worker_pairs, written))
     finally:
         if out_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -271,7 +273,7 @@ def _read_ranks(scratch: Path, targets: Path, config: LoaderConfig, world_size: 
     outs = [str(scratch / f"{tag}-rank{r}") for r in range(world_size)]
     ranks = []
     for r in range(world_size):
-        job = {"shards": str(scratch / "shards"), "targets": str(targets), "config": asdict(config), "rank": r,
+        job = {"shards": str(RunDir(scratch).shards), "targets": str(targets), "config": asdict(config), "rank": r,
                "world_size": world_size, "gather_tokens": gather_tokens, "max_pairs": max_pairs_per_rank,
                "count_pairs": count_pairs, "out": outs[r]}
         code = "import json, sys; from dnd_scale.bench_data import _rank_process; _rank_process(json.loads(sys.argv[1]))"
@@ -343,28 +345,29 @@ def bench_data_ranks(
     """
     load_at_start = list(os.getloadavg())
     scratch = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="dnd-bench-data-"))
+    shards_dir = RunDir(scratch).shards
     try:
         targets, pools = synthetic_run(scratch, tasks, pool_size, num_checkpoints, num_tokens, token_shape, seed)
         shard_config = ShardConfig(num_prompts=num_prompts, pairs_per_task=-(-pairs // tasks), shard_size=shard_size,
                                    block_size=block_size, seed=seed)
         start = time.perf_counter()
-        index = build_shards(targets, pools, scratch / "shards", shard_config, progress=False)
+        index = build_shards(targets, pools, shards_dir, shard_config, progress=False)
         write_seconds = time.perf_counter() - start
         written = index["num_samples"]
-        shard_bytes = sum((scratch / "shards" / s["file"]).stat().st_size for s in index["shards"])
+        shard_bytes = sum((shards_dir / s["file"]).stat().st_size for s in index["shards"])
         load_after_write = list(os.getloadavg())
 
         # What was written, decoded in one process straight from the files (no loader): the
         # reference for the exactly-once check, and the decode rate of the format on its own.
         start, expected_checksum, decoded = time.perf_counter(), 0, 0
-        for _, block in iter_blocks(scratch / "shards", index):
+        for _, block in iter_blocks(shards_dir, index):
             expected_checksum += pair_checksum(block.pair_id, block.task, block.checkpoint, block.prompt_ids)
             decoded += len(block.pair_id)
         decode_seconds = time.perf_counter() - start
         expected_checksum %= 2**64
 
         epoch_config = LoaderConfig(batch_size=batch_size, num_workers=workers, seed=seed)
-        epoch = _read_ranks(scratch, scratch / "targets", epoch_config, ranks, False, None, True, "epoch")
+        epoch = _read_ranks(scratch, RunDir(scratch).targets, epoch_config, ranks, False, None, True, "epoch")
         counts = epoch.pop("counts")
         exactly_once = {
             "pairs_written": written,
@@ -378,10 +381,10 @@ def bench_data_ranks(
             exactly_once["never_seen"] == 0 and exactly_once["seen_more_than_once"] == 0
             and epoch["pairs"] == written and exactly_once["checksum_written"] == exactly_once["checksum_read"]
         )
-        gather = _read_ranks(scratch, scratch / "targets", epoch_config, ranks, True,
+        gather = _read_ranks(scratch, RunDir(scratch).targets, epoch_config, ranks, True,
                              min(gather_pairs_per_rank, written // ranks), False, "gather")
         resampled_config = LoaderConfig(batch_size=batch_size, num_workers=workers, seed=seed, resampled=True)
-        resampled = _read_ranks(scratch, scratch / "targets", resampled_config, ranks, False,
+        resampled = _read_ranks(scratch, RunDir(scratch).targets, resampled_config, ranks, False,
                                 resampled_pairs_per_rank, False, "resampled")
     finally:
         if out_dir is None:

@@ -175,6 +175,7 @@ def build_synthetic_run(run_dir: Path, target: TargetSpec, seed: int = 0) -> dic
     from dnd_scale.encoder import ConditionCache
     from dnd_scale.shards import ShardConfig, build_shards
     from dnd_scale.targets import PackedTargets, write_common, write_task_targets
+    from dnd_scale.rundir import RunDir
     from dnd_scale.trainer import condition_cache_dir
 
     run_dir = Path(run_dir)
@@ -183,16 +184,16 @@ def build_synthetic_run(run_dir: Path, target: TargetSpec, seed: int = 0) -> dic
     layout = tok.layout
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randn((1, tok.num_tokens, *tok.token_shape), generator=gen)  # (K=1, T, H, W)
-    write_task_targets(run_dir / "targets", TASK, tokens)
+    write_task_targets(RunDir(run_dir).targets, TASK, tokens)
     del tokens
     write_common(  # one checkpoint has no spread across a trajectory: every criterion weight is 1
-        run_dir / "targets", tok.mask(), torch.ones(tok.num_tokens),
+        RunDir(run_dir).targets, tok.mask(), torch.ones(tok.num_tokens),
         {**layout.to_dict(), "fingerprint": layout.fingerprint()},
         extra={"tokenizer": tok.state_dict_config()}, fingerprint=layout.fingerprint(),
     )  # fmt: skip
     n, length, dim = target.condition
     pool = [f"synthetic prompt {i}" for i in range(n)]
-    build_shards(PackedTargets(run_dir / "targets"), {TASK: pool}, run_dir / "shards",
+    build_shards(PackedTargets(RunDir(run_dir).targets), {TASK: pool}, RunDir(run_dir).shards,
                  ShardConfig(num_prompts=n, pairs_per_task=4, shard_size=4, seed=seed), progress=False)  # fmt: skip
     cache_dir = condition_cache_dir(run_dir, SYNTHETIC_ENCODER, length, "float32")
     ConditionCache.build(RandomConditionEncoder(length, dim, seed), pool, cache_dir / f"{TASK}.safetensors")
@@ -288,7 +289,7 @@ def train_worker(job: dict) -> dict:
     `job["steps"]` steps through `train()`; peak memory, step times and the plan's prediction."""
     from dnd_scale.encoder import EncoderConfig
     from dnd_scale.io import read_json, read_jsonl
-    from dnd_scale.trainer import METRICS, TrainConfig, train
+    from dnd_scale.trainer import METRICS, TRAIN_INFO, TrainConfig, train
 
     target = TargetSpec(**job["target"])
     cuda = torch.cuda.is_available()
@@ -322,7 +323,7 @@ def train_worker(job: dict) -> dict:
     record["wall_s"] = time.perf_counter() - start
     record.update(_device_memory())
     record["host_peak_rss_bytes"] = _host_peak_rss()
-    info_path = out_dir / "train_info.json"
+    info_path = out_dir / TRAIN_INFO
     info = read_json(info_path, "train_info") if info_path.is_file() else {}
     record["impl"] = info.get("impl")
     record["features"] = info.get("features")
@@ -340,31 +341,29 @@ def generate_worker(job: dict) -> dict:
     by `AdapterGenerator` and run prompts → PEFT folder: memory, latency and the peft key check."""
     from dnd_scale.config import to_dict
     from dnd_scale.encoder import resolve_encoder_path
+    from dnd_scale.export import ADAPTER_WEIGHTS
     from dnd_scale.generate import AdapterGenerator
     from dnd_scale.generator import HyperConvGenerator, resolve_impl
-    from dnd_scale.io import save_safetensors, sha256_file, write_json
-    from dnd_scale.trainer import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS
+    from dnd_scale.generator_export import export_folder, write_export
 
     target = TargetSpec(**job["target"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = target.tokenizer()
     layout = tok.layout
     work = Path(job["work_dir"])
-    export_dir = work / "export"
+    export_dir = export_folder(work)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):  # random init where the generator runs (fast on a GPU)
         module = HyperConvGenerator(target.generator_config(), target.condition, tok.token_shape, tok.num_tokens)
     encoder_name = resolve_encoder_path(job.get("encoder"))[0]
-    save_safetensors(module.state_dict(), export_dir / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT})
-    write_json(export_dir / EXPORT_CONFIG, {
-        "format": EXPORT_FORMAT, "generator": to_dict(module.config),
+    write_export(export_dir, module.state_dict(), {
+        "generator": to_dict(module.config),
         "layout": {**layout.to_dict(), "fingerprint": layout.fingerprint()},
         "tokenizer": tok.state_dict_config(),
         "encoder": {"name": encoder_name, "length": target.condition[1], "dim": target.condition[2]},
         "num_prompts": target.condition[0], "base_model": None, "step": 0, "random_init": True,
-        "weights_sha256": sha256_file(export_dir / EXPORT_WEIGHTS),  # checked by AdapterGenerator, as a real export
-    })  # fmt: skip
+    }, writer="dnd bench scale")  # fmt: skip
     record: dict[str, Any] = {"features": [list(f) for f in module.features], "kernel_size": module.config.kernel_size,
                               "parameters": sum(p.numel() for p in module.parameters()), "encoder": encoder_name,
                               "export_s": time.perf_counter() - t0}  # fmt: skip
@@ -413,8 +412,8 @@ def generate_worker(job: dict) -> dict:
     record["median_tokens_s"] = statistics.median(timings["tokens_s"]) if timings["tokens_s"] else None
     record["adapter_dtype"] = job["dtype"]
     if record["status"] == "ok":
-        record["adapter_bytes"] = (adapter / "adapter_model.safetensors").stat().st_size
-        record["peft_check"] = peft_key_check(adapter / "adapter_model.safetensors", target.model, layout.to_peft_config())
+        record["adapter_bytes"] = (adapter / ADAPTER_WEIGHTS).stat().st_size
+        record["peft_check"] = peft_key_check(adapter / ADAPTER_WEIGHTS, target.model, layout.to_peft_config())
     return record
 
 

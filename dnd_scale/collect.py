@@ -2,23 +2,8 @@
 
 For each task, a fresh LoRA (peft, `layout.to_peft_config()`) is trained with AdamW on the task's
 prompt/response records, with the loss on the response tokens only, and the adapter is saved every
-`save_every` steps over the last `save_last` steps. What lands under `<run>/checkpoints`:
-
-    collect.json                the config, base model (and its identity, checked by eval) and layout
-                                fingerprint that made the checkpoints
-    layout.json                 the LoraLayout (`LoraLayout.load`)
-    manifest.jsonl              one line per checkpoint:
-                                {task, step, loss, seed, layout_fingerprint, file, sha256}
-    <task>/<step>.safetensors   the adapter: PEFT keys exactly as `get_peft_model_state_dict` (and
-                                `save_pretrained`) give them, float32
-    <task>/prompts.jsonl        the task's prompt pool, one {"prompt": ...} per line (no answers):
-                                what `dnd shard` pairs with the checkpoints (`read_prompt_pools`)
-    <task>/complete.json        written after the task's last checkpoint: the task is finished. It
-                                also holds the task's manifest lines, its prompt pool's size and
-                                sha256, and which rank (of how many, on which host) collected it.
-    <task>/resume.safetensors   while a task is unfinished: its LoRA, AdamW state, RNG state, step,
-                                losses and manifest lines so far (see "Crash safety"); removed when
-                                the task completes
+`save_every` steps over the last `save_last` steps, into the run's checkpoint store
+(`<run>/checkpoints`; its files are listed in `store`).
 
 A random-init base model (source = a config.json) is also written to `<run>/base_model` so that the
 later stages load the very weights the checkpoints were trained on.
@@ -91,25 +76,36 @@ from dnd_scale.io import (
     atomic_path,
     exclusive_folder,
     load_safetensors,
-    read_json,
     read_jsonl,
+    remove_stale_builds,
     save_safetensors,
     sha256_file,
     sha256_text,
     write_json,
 )
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
+from dnd_scale.rundir import RunDir
+from dnd_scale.store import (
+    COLLECT_META,
+    MANIFEST,
+    PROMPTS,
+    RESUME,
+    completion_marker,
+    completion_markers,
+    is_complete,
+    read_collect_meta,
+    read_completion,
+    read_manifest,
+    save_layout,
+    store_dir,
+    write_checkpoint,
+    write_completion,
+    write_manifest,
+)
 from dnd_scale.tasks import Task, TaskRecord, check_answers_vary, load_tasks
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.jsonl"
-COLLECT_META = "collect.json"  # the store's config, base model and its identity, layout
-COMPLETE = "complete.json"
-PROMPTS = "prompts.jsonl"  # a task's prompt pool, for `dnd shard`
-RESUME = "resume.safetensors"  # an unfinished task's training state
-BASE_MODEL = "base_model"
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's causal-LM loss) skips
 
 
@@ -371,12 +367,14 @@ def _exclusive(checkpoints: Path) -> contextlib.AbstractContextManager[None]:
 def _remove_temporaries(run_dir: Path) -> None:
     """Temporary files left by a killed run; nothing refers to them (renames never happened). Also the
     resume state of a task killed after its complete.json was written."""
-    for path in [*(run_dir / CHECKPOINTS).rglob(f"*{TMP_SUFFIX}"), *run_dir.glob(f".{BASE_MODEL}.*{TMP_SUFFIX}")]:
+    run = RunDir(run_dir)
+    for path in run.checkpoints.rglob(f"*{TMP_SUFFIX}"):
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
-    for marker in (run_dir / CHECKPOINTS).glob(f"*/{COMPLETE}"):
+    remove_stale_builds(run.base_model, "dnd collect")
+    for marker in completion_markers(run.checkpoints):
         (marker.parent / RESUME).unlink(missing_ok=True)
 
 
@@ -405,11 +403,11 @@ def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run
     collect that failed (a record without a response, an lr that diverges) kept nothing, so the next
     attempt writes collect.json anew from its corrected config.
     """
-    checkpoints = run_dir / CHECKPOINTS
+    checkpoints, base_folder = RunDir(run_dir).checkpoints, RunDir(run_dir).base_model
     meta_path = checkpoints / COLLECT_META
     base_sha = _weights_sha256(base.model) if base.kind == "random-init" else None
-    if meta_path.exists() and next(checkpoints.glob(f"*/{COMPLETE}"), None) is not None:
-        meta = read_json(meta_path, "collect metadata")
+    if meta_path.exists() and completion_markers(checkpoints):
+        meta = read_collect_meta(checkpoints)
         if meta["layout_fingerprint"] != layout.fingerprint():
             raise LayoutError(
                 f"{checkpoints} holds checkpoints of LoRA layout {meta['layout_fingerprint'][:12]} "
@@ -429,33 +427,23 @@ def _prepare_run(config: CollectConfig, base: BaseModel, layout: LoraLayout, run
         if meta.get("base_weights_sha256") != base_sha:
             raise ValueError(
                 f"the random-init base model re-created from {config.base_model!r} differs from the one the "
-                f"checkpoints in {checkpoints} were trained on (saved in {run_dir / BASE_MODEL}); "
-                f"pass {run_dir / BASE_MODEL} as base_model"
+                f"checkpoints in {checkpoints} were trained on (saved in {base_folder}); "
+                f"pass {base_folder} as base_model"
             )
         return
     if base.kind == "random-init":
         # Without collect.json nothing refers to a base_model folder yet: it may be stale, so replace it.
-        shutil.rmtree(run_dir / BASE_MODEL, ignore_errors=True)
-        save_base_model(base, run_dir / BASE_MODEL)
-    layout.save(checkpoints / "layout.json")
+        shutil.rmtree(base_folder, ignore_errors=True)
+        save_base_model(base, base_folder)
+    save_layout(checkpoints, layout)
     write_json(meta_path, {
         "config": _comparable(config),
         "base_model": {"source": base.source, "kind": base.kind,
-                       "saved_to": BASE_MODEL if base.kind == "random-init" else None},
+                       "saved_to": base_folder.name if base.kind == "random-init" else None},
         "base_weights_sha256": base_sha,
         "base_identity": base_identity(base.model),  # carried into the generator's adapters, checked by eval
         "layout_fingerprint": layout.fingerprint(),
     })
-
-
-def _write_manifest(checkpoints: Path, records: list[dict[str, Any]]) -> None:
-    """Replace manifest.jsonl atomically; the same serialization as append_jsonl, so an unchanged
-    manifest is left untouched."""
-    path = checkpoints / MANIFEST
-    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
-    if not path.exists() or path.read_text() != text:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
 
 
 def _reconcile_manifest(
@@ -470,13 +458,13 @@ def _reconcile_manifest(
     """
     path = checkpoints / MANIFEST
     records = read_jsonl(path)
-    finished = {task for task in {r["task"] for r in records} if (checkpoints / task / COMPLETE).is_file()}
+    finished = {task for task in {r["task"] for r in records} if is_complete(checkpoints, task)}
     kept = [r for r in records if r["task"] in finished]
     missing = {}
-    for marker in sorted(checkpoints.glob(f"*/{COMPLETE}")):
+    for marker in completion_markers(checkpoints):
         if marker.parent.name in finished:
             continue
-        lines = read_json(marker, "task completion marker").get("manifest")
+        lines = read_completion(marker).get("manifest")
         if lines is not None:  # None: a marker without lines, which _is_finished reports
             missing[marker.parent.name] = lines
     foreign = [r for r in [*kept, *(r for lines in missing.values() for r in lines)]
@@ -489,15 +477,14 @@ def _reconcile_manifest(
         )
     kept += [r for task in sorted(set(missing) - set(names)) for r in missing.pop(task)]
     if path.exists() or kept:
-        _write_manifest(checkpoints, kept)
+        write_manifest(checkpoints, kept)
     return kept, missing
 
 
 def _is_finished(task: Task, config: CollectConfig, checkpoints: Path, manifest: list[dict[str, Any]]) -> bool:
-    marker = checkpoints / task.name / COMPLETE
-    if not marker.is_file():
+    if not is_complete(checkpoints, task.name):
         return False
-    done = read_json(marker, "task completion marker")
+    done = read_completion(completion_marker(checkpoints, task.name))
     if done["task_fingerprint"] != task.fingerprint():
         raise ValueError(
             f"task {task.name!r} was collected from other records than {task.source!r} gives now; "
@@ -588,22 +575,18 @@ def _train_task(
                 if step in save_steps:
                     state = get_peft_model_state_dict(peft_model)
                     layout.check_state_dict(state, f"task {task.name} step {step}")
-                    path = task_dir / f"{step}.safetensors"
-                    # Only PEFT's own metadata: safetensors writes metadata keys in hash-map order, so more
-                    # than one key would make the bytes (and the sha256) differ between identical runs.
-                    save_safetensors(state, path, {"format": "pt"})
+                    file, sha256 = write_checkpoint(checkpoints, task.name, step, state)
                     # `loss` is the training loss of this step's batch, computed before its update.
                     lines.append({
                         "task": task.name, "step": step, "loss": losses[-1], "seed": config.seed,
-                        "layout_fingerprint": fingerprint, "file": f"{task.name}/{step}.safetensors",
-                        "sha256": sha256_file(path),
+                        "layout_fingerprint": fingerprint, "file": file, "sha256": sha256,
                     })
                     if manifest is not None:
                         append_jsonl(manifest, lines[-1])
                 if step < config.steps and (step in save_steps or step % config.resume_every == 0):
                     _save_resume_state(task_dir, identity, named, optimizer, device,
                                        {"step": step, "losses": losses, "skipped_steps": skipped, "manifest": lines})
-        write_json(task_dir / COMPLETE, {
+        write_completion(checkpoints, task.name, {
             "task": task.name, "source": task.source, "task_fingerprint": task.fingerprint(),
             "num_records": len(task.records), "steps": config.checkpoint_steps(), "losses": losses,
             "skipped_steps": skipped,
@@ -632,11 +615,10 @@ def _keep_prompt_pool(checkpoints: Path, task: Task) -> None:
     """A finished task whose prompt pool is missing or damaged (collected before collect kept pools,
     or the file was removed) gets it again: the pool is a function of the task's records, which
     `_is_finished` checked against the task fingerprint."""
-    marker = checkpoints / task.name / COMPLETE
-    done = read_json(marker, "task completion marker")
+    done = read_completion(completion_marker(checkpoints, task.name))
     entry, path = done.get("prompt_pool"), checkpoints / task.name / PROMPTS
     if entry is None or not path.is_file() or sha256_file(path) != entry["sha256"]:
-        write_json(marker, {**done, "prompt_pool": _save_prompt_pool(checkpoints / task.name, task)})
+        write_completion(checkpoints, task.name, {**done, "prompt_pool": _save_prompt_pool(checkpoints / task.name, task)})
 
 
 def _save_resume_state(
@@ -720,7 +702,7 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
     if ranks.world_size > 1:
         return _collect_as_rank(config, tasks, Path(run_dir), ranks)
     run_dir = Path(run_dir)
-    checkpoints = run_dir / CHECKPOINTS
+    checkpoints = store_dir(run_dir)
     checkpoints.mkdir(parents=True, exist_ok=True)
     with _exclusive(checkpoints):
         _remove_temporaries(run_dir)
@@ -744,7 +726,7 @@ def collect(config: CollectConfig, tasks: Sequence[Task], run_dir: str | os.Path
 
 def _collect_as_rank(config: CollectConfig, tasks: Sequence[Task], run_dir: Path, ranks: Ranks) -> list[dict[str, Any]]:
     """One rank's part of a multi-process collect: rank 0 prepares, every rank trains its share, rank 0 merges."""
-    checkpoints = run_dir / CHECKPOINTS
+    checkpoints = store_dir(run_dir)
     names = [task.name for task in tasks]
     device = ranks.device(config.device)
     with _process_group(ranks), contextlib.ExitStack() as held:
@@ -795,57 +777,8 @@ def _collect_as_rank(config: CollectConfig, tasks: Sequence[Task], run_dir: Path
             return [record for lines in collected.values() for record in lines]
         new = {name: lines for part in parts for name, lines in part.items()}
         manifest += [record for name in names for record in missing.get(name, new.get(name, []))]
-        _write_manifest(checkpoints, manifest)
+        write_manifest(checkpoints, manifest)
     return [record for record in manifest if record["task"] in names]
-
-
-# ----------------------------------------------------------------------------------------------------
-# reading a run (pack and eval use these)
-
-
-def read_manifest(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Manifest lines of the finished tasks of a run, in collection order."""
-    checkpoints = Path(run_dir) / CHECKPOINTS
-    if not (checkpoints / MANIFEST).is_file():
-        raise ArtifactError(f"{checkpoints / MANIFEST} not found; run `dnd collect` into {run_dir} first")
-    return [r for r in read_jsonl(checkpoints / MANIFEST) if (checkpoints / r["task"] / COMPLETE).is_file()]
-
-
-def read_prompt_pools(run_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, list[str]]:
-    """The prompt pools `dnd collect` kept for `tasks`, each checked against its completion marker."""
-    checkpoints = Path(run_dir) / CHECKPOINTS
-    pools = {}
-    for task in tasks:
-        marker = checkpoints / task / COMPLETE
-        if not marker.is_file():
-            raise ArtifactError(f"task {task!r} has not been collected in {run_dir}; run `dnd collect` for it")
-        entry = read_json(marker, "task completion marker").get("prompt_pool")
-        path = checkpoints / task / PROMPTS
-        if entry is None or not path.is_file() or sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(f"the prompt pool of task {task!r} in {checkpoints / task} is missing or changed "
-                                f"since collection; run `dnd collect` into {run_dir} again: it writes it anew")
-        pools[task] = [record["prompt"] for record in read_jsonl(path)]
-    return pools
-
-
-def load_checkpoint(
-    run_dir: str | os.PathLike, record: dict[str, Any], layout: LoraLayout | None = None
-) -> dict[str, torch.Tensor]:
-    """The adapter state dict of one manifest line, after checking its sha256 (and its layout if given)."""
-    path = Path(run_dir) / CHECKPOINTS / record["file"]
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint {path} listed in the manifest is missing; run `dnd collect` again")
-    if sha256_file(path) != record["sha256"]:
-        raise ArtifactError(f"checkpoint {path} does not match its manifest sha256; the file changed after collect")
-    state = load_safetensors(path, "checkpoint")
-    if layout is not None:
-        if record["layout_fingerprint"] != layout.fingerprint():
-            raise LayoutError(
-                f"checkpoint {path} has layout {record['layout_fingerprint'][:12]}, expected "
-                f"{layout.fingerprint()[:12]}; it was collected for another base model or LoRA spec"
-            )
-        layout.check_state_dict(state, str(path))
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -881,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     records = collect(config, tasks, args.run)
     ranks = Ranks.from_environment()
     if ranks.rank == 0:
-        print(f"dnd collect: {len(tasks)} tasks, {len(records)} checkpoints -> {Path(args.run) / CHECKPOINTS}")
+        print(f"dnd collect: {len(tasks)} tasks, {len(records)} checkpoints -> {store_dir(args.run)}")
     else:
         collected = len({record["task"] for record in records})
         print(f"dnd collect: rank {ranks.rank} of {ranks.world_size} collected {collected} tasks")

@@ -45,18 +45,22 @@ class DemoConfig:
 def run_demo(run: RunConfig, demo: DemoConfig, out: str | os.PathLike) -> dict:
     """Run recipe `run` into `out` and score adapters generated for `demo.heldout_family`."""
     from dnd_scale.basemodel import load_base_model
-    from dnd_scale.collect import collect, read_manifest, read_prompt_pools
+    from dnd_scale.collect import collect
     from dnd_scale.eval_report import write_report
     from dnd_scale.evaluate import evaluate
     from dnd_scale.generate import AdapterGenerator
+    from dnd_scale.generator_export import export_folder
     from dnd_scale.pack import pack
     from dnd_scale.recipe import record_recipe
+    from dnd_scale.rundir import RunDir
     from dnd_scale.shards import build_shards
+    from dnd_scale.store import final_checkpoint, read_manifest, read_prompt_pools
     from dnd_scale.targets import PackedTargets
     from dnd_scale.tasks import load_task, load_tasks
     from dnd_scale.trainer import CHECKPOINTS_DIR, latest_checkpoint, train
 
     out = Path(out)
+    folder = RunDir(out)
     _claim_folder(run, demo, out)
     save_config(demo, out / DEMO_CONFIG)
     record_recipe(out, run, "collect")  # the run folder's recipe, as `dnd collect --config` records it
@@ -83,28 +87,26 @@ def run_demo(run: RunConfig, demo: DemoConfig, out: str | os.PathLike) -> dict:
 
     # 3. pack and shard
     targets = PackedTargets(pack(out, run.pack))
-    build_shards(targets, read_prompt_pools(out, targets.tasks), out / "shards", run.shard)
+    build_shards(targets, read_prompt_pools(out, targets.tasks), folder.shards, run.shard)
     lap("pack+shard")
 
     # 4. train the generator (one DeepSpeed process on CPU)
-    export = train(run.train, out, resume=latest_checkpoint(out / "generator" / CHECKPOINTS_DIR) is not None) / "export"
+    resume = latest_checkpoint(folder.train_output(run.train.output_dir) / CHECKPOINTS_DIR) is not None
+    export = export_folder(train(run.train, out, resume=resume))
     lap("train")
 
     # 5. generate adapters for the held-out family from its prompts only (no answers, no training)
     generator = AdapterGenerator(export, "cpu")
     generated = [
-        generator.generate(heldout.prompts, out / "adapters" / f"{demo.heldout_family}-{i}", seed=demo.seed + i,
+        generator.generate(heldout.prompts, folder.adapters / f"{demo.heldout_family}-{i}", seed=demo.seed + i,
                            overwrite=True)
         for i in range(demo.generated_samples)
     ]
     lap("generate")
 
     # 6. evaluate on held-out records the LoRAs never trained on (eval.task_seed, not collect's seed)
-    finals = {}
-    for record in read_manifest(out):
-        finals[record["task"]] = record  # manifest order: the last line of a task is its last step
-    training = [out / "checkpoints" / r["file"] for r in finals.values()]
-    base = load_base_model(out / "base_model", dtype=run.eval.dtype, device=run.eval.device)
+    training = [final_checkpoint(out, name) for name in dict.fromkeys(r["task"] for r in read_manifest(out))]
+    base = load_base_model(folder.base_model, dtype=run.eval.dtype, device=run.eval.device)
     results = evaluate(base, [heldout_spec], {"training_lora": training, "generated": generated}, run.eval)
     results["demo"] = {"timings_s": timings}
     paths = write_report(results, out / "report")

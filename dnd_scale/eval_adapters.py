@@ -29,16 +29,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from dnd_scale.basemodel import identity_mismatch
-from dnd_scale.collect import COLLECT_META
 from dnd_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE, write_adapter
-from dnd_scale.io import ArtifactError, load_safetensors, read_json, read_jsonl, sha256_file
+from dnd_scale.io import load_safetensors, read_json
 from dnd_scale.layout import EXPERT_PARAMETERS, LayoutError, LoraLayout, LoraSpec
+from dnd_scale.store import LAYOUT, check_collected_hash, collected_base, store_of_checkpoint
 
 logger = logging.getLogger(__name__)
 
-# A collect checkpoint's layout and manifest live two folders up: <run>/checkpoints/<task>/<step>.safetensors.
-COLLECT_LAYOUT = "layout.json"
-COLLECT_MANIFEST = "manifest.jsonl"
 # PEFT keys of a decoder layer's LoRA tensors (...<layers>.<i>.<path>.lora_<A|B>.weight), as peft
 # writes them for the layouts LoraLayout makes: an adapted linear module, self_attn.<name> or
 # mlp.<name> (Qwen2-MoE's shared expert: mlp.shared_expert.<name>); and the routed experts' 3-D
@@ -107,21 +104,6 @@ def _expert_parameters(path: Path, adapter_config: Mapping[str, Any]) -> list[st
     return names
 
 
-def _check_collected_hash(path: Path) -> None:
-    """A collect checkpoint must be the file its manifest line hashed (collect's manifest.jsonl)."""
-    manifest = path.parent.parent / COLLECT_MANIFEST
-    name = f"{path.parent.name}/{path.name}"
-    records = [r for r in read_jsonl(manifest) if r.get("file") == name] if manifest.is_file() else []
-    if not records:
-        raise ArtifactError(
-            f"checkpoint {path} has no line in {manifest}; only checkpoints that `dnd collect` finished are "
-            "evaluated as files: pass a PEFT adapter folder for anything else"
-        )
-    if sha256_file(path) != records[-1]["sha256"]:
-        raise ArtifactError(f"checkpoint {path} does not match the sha256 of its manifest line; the file changed "
-                            "after collect: run `dnd collect` again for its task")  # fmt: skip
-
-
 def check_adapter(
     path: str | os.PathLike, base_config: Any, base: dict[str, Any] | None = None, allow_other_base: bool = False
 ) -> CheckedAdapter:
@@ -136,7 +118,7 @@ def check_adapter(
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        layout_path = path.parent.parent / COLLECT_LAYOUT
+        layout_path = store_of_checkpoint(path) / LAYOUT
         if not layout_path.is_file():
             raise FileNotFoundError(
                 f"adapter {path} is a .safetensors file but {layout_path} does not exist; a checkpoint file must "
@@ -144,9 +126,8 @@ def check_adapter(
             )
         collected = LoraLayout.load(layout_path)
         spec, recorded, provenance = collected.spec, collected.fingerprint(), None
-        _check_collected_hash(path)
-        run_meta = path.parent.parent / COLLECT_META
-        made_for = read_json(run_meta, "collect metadata").get("base_identity") if run_meta.is_file() else None
+        check_collected_hash(path)
+        made_for = collected_base(store_of_checkpoint(path)).get("base_identity")
         state = load_safetensors(path, "checkpoint")
     elif path.is_dir():
         if not (path / ADAPTER_WEIGHTS).is_file():

@@ -44,17 +44,26 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dnd_scale.collect import CHECKPOINTS, COLLECT_META, CollectConfig
+from dnd_scale.collect import CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, save_config, to_dict
 from dnd_scale.eval_scoring import wilson_interval
 from dnd_scale.evaluate import EvalConfig
+from dnd_scale.export import ADAPTER_WEIGHTS, write_adapter
+from dnd_scale.generator_export import export_folder, is_exported
 from dnd_scale.io import load_safetensors, read_json, sha256_file, sha256_text, write_json
-from dnd_scale.shards import ShardConfig
+from dnd_scale.layout import HF_CONFIG
+from dnd_scale.rundir import RunDir
+from dnd_scale.shards import ShardConfig, is_shard_set
+from dnd_scale.store import final_checkpoint as final_store_checkpoint
+from dnd_scale.store import is_complete, read_collect_meta, read_layout, store_dir
+from dnd_scale.targets import is_packed
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from dnd_scale.tokenizer import TokenizerConfig
-from dnd_scale.trainer import TrainConfig
+from dnd_scale.trainer import CHECKPOINTS_DIR, TRAIN_INFO, TrainConfig
 
 SCORERS = ("loglik", "generate")
+COLLECT_RUN = "collect"  # the run folder, under the experiment folder, that holds the one shared checkpoint store
+RESULTS = "results.json"
 BOOTSTRAP_RESAMPLES = 2000
 
 
@@ -253,7 +262,7 @@ def prepare_base(config: ExperimentConfig, out: Path) -> str:
     if source.suffix != ".gguf":
         return config.base_model
     folder = out / "base"
-    if not (folder / "config.json").is_file():
+    if not (folder / HF_CONFIG).is_file():
         from dnd_scale.basemodel import load_base_model, save_base_model
 
         _log(f"dequantizing {source.name} into {folder}")
@@ -271,33 +280,26 @@ def collect_all(config: ExperimentConfig, base: str, out: Path, timings: Timings
     names = list(dict.fromkeys([t for h in config.heldout for t in h.train_on] + [h.task for h in config.heldout]))
     collect_config = replace(config.collect, base_model=base)
     for name in names:
-        if (out / "collect" / CHECKPOINTS / name / "complete.json").is_file():
+        if is_complete(store_dir(out / COLLECT_RUN), name):
             continue
         _log(f"collect {name}")
         with timings.measure(f"collect/{name}"):
-            collect(collect_config, [lora_task(config, name)], out / "collect")
+            collect(collect_config, [lora_task(config, name)], out / COLLECT_RUN)
 
 
 def final_checkpoint(out: Path, task: str) -> Path:
     """The last checkpoint of a collected task's trajectory."""
-    from dnd_scale.collect import read_manifest
-
-    records = [r for r in read_manifest(out / "collect") if r["task"] == task]
-    last = max(records, key=lambda r: int(r["step"]))
-    return out / "collect" / CHECKPOINTS / last["file"]
+    return final_store_checkpoint(out / COLLECT_RUN, task)
 
 
 def average_adapter(out: Path, tasks: Sequence[str], folder: Path) -> Path:
     """The element-wise mean of the tasks' final checkpoints as a PEFT folder."""
-    from dnd_scale.export import write_adapter
-    from dnd_scale.layout import LoraLayout
-
-    if (folder / "adapter_model.safetensors").is_file():
+    if (folder / ADAPTER_WEIGHTS).is_file():
         return folder
-    layout = LoraLayout.load(out / "collect" / CHECKPOINTS / "layout.json")
+    layout = read_layout(store_dir(out / COLLECT_RUN))
     states = [load_safetensors(final_checkpoint(out, t), "checkpoint") for t in tasks]
     mean = {key: torch.stack([s[key] for s in states]).mean(dim=0) for key in states[0]}
-    collected = read_json(out / "collect" / CHECKPOINTS / COLLECT_META)  # the base the LoRAs were trained on
+    collected = read_collect_meta(store_dir(out / COLLECT_RUN))  # the base the LoRAs were trained on
     return write_adapter(mean, layout, folder, provenance={"average_of": list(tasks),
                                                            "base_identity": collected.get("base_identity")})
 
@@ -309,8 +311,8 @@ def _device() -> str:
 def _link_store(run: Path, out: Path) -> None:
     """Give a run folder the shared checkpoint store (a relative link, so the run folder can move)."""
     run.mkdir(parents=True, exist_ok=True)
-    if not (run / CHECKPOINTS).exists():
-        (run / CHECKPOINTS).symlink_to(os.path.relpath(out / "collect" / CHECKPOINTS, run))
+    if not store_dir(run).exists():
+        store_dir(run).symlink_to(os.path.relpath(store_dir(out / COLLECT_RUN), run))
 
 
 def pack_all(config: ExperimentConfig, out: Path, timings: Timings) -> Path:
@@ -320,12 +322,12 @@ def pack_all(config: ExperimentConfig, out: Path, timings: Timings) -> Path:
     from dnd_scale.pack import pack
 
     folder = out / "packed"
-    if not (folder / "targets" / "index.json").is_file():
+    if not is_packed(RunDir(folder).targets):
         _link_store(folder, out)
         training = list(dict.fromkeys(t for held in config.heldout for t in held.train_on))
         with timings.measure("pack_all"):
             pack(folder, config.pack, training, device=_device())
-    return folder / "targets"
+    return RunDir(folder).targets
 
 
 def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Path, timings: Timings,
@@ -337,21 +339,21 @@ def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Pat
     from dnd_scale.targets import PackedTargets
     from dnd_scale.trainer import latest_checkpoint, train
 
-    export = run / config.train.output_dir / "export"
-    if (export / "model.safetensors").is_file():
+    export = export_folder(run / config.train.output_dir)
+    if is_exported(export):
         return export
     _link_store(run, out)
-    if not (run / "shards" / "index.json").is_file():
+    if not is_shard_set(RunDir(run).shards):
         shared = pack_all(config, out, timings)
         with timings.measure(f"{key}/pack_shard"):
             targets = pack(run, config.pack, held.train_on, device=_device(), reuse=shared)
             pools = {name: lora_task(config, name).prompts for name in held.train_on}
-            build_shards(PackedTargets(targets), pools, run / "shards", config.shard)
-    resume = latest_checkpoint(run / config.train.output_dir / "checkpoints") is not None
+            build_shards(PackedTargets(targets), pools, RunDir(run).shards, config.shard)
+    resume = latest_checkpoint(RunDir(run).train_output(config.train.output_dir) / CHECKPOINTS_DIR) is not None
     _log(f"train the generator of {key}" + (" (resumed)" if resume else ""))
     with timings.measure(f"{key}/train" + ("_resumed" if resume else "")):
         train(config.train, run, resume=resume)
-    return export if (export / "model.safetensors").is_file() else None
+    return export if is_exported(export) else None
 
 
 def generate_adapters(config: ExperimentConfig, held: HeldOut, export: Path, run: Path, timings: Timings,
@@ -370,12 +372,12 @@ def generate_adapters(config: ExperimentConfig, held: HeldOut, export: Path, run
         "control": prompt_batches(lora_task(config, held.control).prompts, n, config.control_samples,
                                   f"{config.split_seed}/{held.control}/control"),
     }
-    folders = {label: [run / "adapters" / f"{label}-{i}" for i in range(len(b))] for label, b in batches.items()}
-    failures_path = run / "adapters" / "failures.json"
+    folders = {label: [RunDir(run).adapters / f"{label}-{i}" for i in range(len(b))] for label, b in batches.items()}
+    failures_path = RunDir(run).adapters / "failures.json"
     failures: dict[str, str] = read_json(failures_path) if failures_path.is_file() else {}
 
     def done(folder: Path) -> bool:
-        return (folder / "adapter_model.safetensors").is_file() or folder.name in failures
+        return (folder / ADAPTER_WEIGHTS).is_file() or folder.name in failures
 
     if not all(done(f) for group in folders.values() for f in group):
         generator = AdapterGenerator(export, _device())
@@ -392,7 +394,7 @@ def generate_adapters(config: ExperimentConfig, held: HeldOut, export: Path, run
                     failures[folder.name] = str(error)
                     write_json(failures_path, failures)
                     _log(f"{key}: {folder.name} unusable: {error}")
-    written = {label: [f for f in group if (f / "adapter_model.safetensors").is_file()] for label, group in folders.items()}
+    written = {label: [f for f in group if (f / ADAPTER_WEIGHTS).is_file()] for label, group in folders.items()}
     return written, failures
 
 
@@ -519,7 +521,7 @@ def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
-    return load_safetensors(path / "adapter_model.safetensors" if path.is_dir() else path, "adapter")
+    return load_safetensors(path / ADAPTER_WEIGHTS if path.is_dir() else path, "adapter")
 
 
 def update_gram(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -643,7 +645,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
         adapters, failures = generate_adapters(run_config, held, export, run, timings, key)
         if scorer is None:
             # A random-init base exists only as the folder collect saved (the weights the LoRAs saw).
-            saved = out / "collect" / "base_model"
+            saved = RunDir(out / COLLECT_RUN).base_model
             scorer = Scorer(config, str(saved) if saved.is_dir() else base, out)
         # A variation's other models are the main experiment's, already scored: cache hits.
         models = _models(config, held, out, adapters)
@@ -665,7 +667,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
             "weights": weight_distances(adapters["generated"],
                                         {name: final_checkpoint(out, name) for name in held.train_on},
                                         final_checkpoint(out, held.task)) if adapters["generated"] else None,
-            "generator": read_json(run / run_config.train.output_dir / "train_info.json"),
+            "generator": read_json(RunDir(run).train_output(run_config.train.output_dir) / TRAIN_INFO),
             "train_config": to_dict(run_config.train),
             "num_scored": scores[config.scorers[0]][models[0][0]][0]["count"],
         }
@@ -698,7 +700,7 @@ def write_results(config: ExperimentConfig, out: Path, report: dict, timings: Ti
         "versions": _versions(),
         **report,
     }
-    write_json(out / "results.json", results)
+    write_json(out / RESULTS, results)
     (out / "results.md").write_text(markdown(results))
     return results
 

@@ -2,8 +2,8 @@
 
 The folder holds ``adapter_config.json`` (written by peft's own LoraConfig), ``adapter_model.safetensors``
 (exact PEFT keys, chosen dtype) and ``provenance.json`` (what made it: generator and prompt hashes,
-layout fingerprint). The folder is assembled under a temporary name and renamed into place, so a
-reader never sees half an adapter; it is as readable as any file the user writes (the umask), and an
+layout fingerprint). The folder is built in a staging folder and swapped into place (`atomic_folder`),
+so a reader never sees half an adapter; it is as readable as any file the user writes (the umask), and an
 existing folder is replaced only when asked (`overwrite=True`, `dnd generate --overwrite`).
 
 `check_vllm_contract` checks a folder against the LoRA format vLLM's adapter loader takes (config
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,11 +21,8 @@ import torch
 from torch import Tensor
 
 from dnd_scale.io import (
-    _UMASK,
-    building,
-    remove_stale_staging,
+    atomic_folder,
     read_json,
-    reporting_full_disk,
     safetensors_keys,
     save_flat_safetensors,
     save_safetensors,
@@ -75,27 +70,16 @@ def _write_folder(
     provenance) and rename it into place (replacing an existing one only with `overwrite`)."""
     out_dir = Path(out_dir)
     refuse_existing(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out_dir.parent, [f".{out_dir.name}.*"])  # this adapter's, left by a killed run
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; others and servers must read adapters
-        with building(staging), reporting_full_disk(out_dir):
-            config = layout.to_peft_config(base_model_name_or_path=base_model)
-            config.save_pretrained(str(staging))
-            write_weights(staging / ADAPTER_WEIGHTS)
-            write_json(staging / PROVENANCE, {
-                "layout_fingerprint": layout.fingerprint(),
-                "dtype": str(dtype).removeprefix("torch."),
-                "base_model": base_model,
-                **(provenance or {}),
-            })
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    with atomic_folder(out_dir, "dnd generate") as staging:
+        config = layout.to_peft_config(base_model_name_or_path=base_model)
+        config.save_pretrained(str(staging))
+        write_weights(staging / ADAPTER_WEIGHTS)
+        write_json(staging / PROVENANCE, {
+            "layout_fingerprint": layout.fingerprint(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "base_model": base_model,
+            **(provenance or {}),
+        })
     return out_dir
 
 

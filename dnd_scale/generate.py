@@ -21,12 +21,10 @@ from dnd_scale.config import from_dict
 from dnd_scale.encoder import ConditionEncoder, prompts_fingerprint
 from dnd_scale.export import VllmContractError, check_vllm_contract, export_tokens, parse_dtype, refuse_existing
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
-from dnd_scale.io import ArtifactError, load_safetensors, read_json, read_text, sha256_file
+from dnd_scale.generator_export import load_export_weights, read_export_config, weights_misfit
+from dnd_scale.io import ArtifactError, read_json, read_text
 from dnd_scale.layout import LayoutError, LoraLayout
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer
-
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.json"
 
 
 class AdapterGenerator:
@@ -34,7 +32,7 @@ class AdapterGenerator:
 
     def __init__(self, export_dir: str | Path, device: str | torch.device = "cpu", impl: str | None = None) -> None:
         export_dir = Path(export_dir)
-        config = read_json(export_dir / EXPORT_CONFIG, "generator config")
+        config = read_export_config(export_dir)
         self.export_dir = export_dir
         self.device = torch.device(device)
         self.layout = LoraLayout.from_dict(config["layout"])
@@ -47,26 +45,10 @@ class AdapterGenerator:
         self.generator = HyperConvGenerator(gen_config).to(self.device).eval()
         # Hashed once per load (a loaded generator serves many prompt sets): provenance.json names
         # this hash, so weights replaced after the export must not pass for the exported ones.
-        recorded = config.get("weights_sha256")
-        state = load_safetensors(export_dir / EXPORT_WEIGHTS, "exported generator")
-        self.generator_sha256 = sha256_file(export_dir / EXPORT_WEIGHTS)
-        if recorded is None:
-            raise ArtifactError(
-                f"{export_dir / EXPORT_CONFIG} records no weights_sha256, so the weights cannot be checked; "
-                "re-export the generator with `dnd train --export-only`"
-            )
-        if self.generator_sha256 != recorded:
-            raise ArtifactError(
-                f"{export_dir / EXPORT_WEIGHTS} has sha256 {self.generator_sha256[:12]}, but its config.json "
-                f"records {recorded[:12]}: the weights changed after `dnd train` exported them (or are "
-                "corrupt); re-export the generator with `dnd train --export-only`"
-            )
+        state, self.generator_sha256 = load_export_weights(export_dir, config)
         missing, unexpected = self.generator.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ArtifactError(
-                f"{export_dir / EXPORT_WEIGHTS} does not fit its config.json: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}; re-export the generator with `dnd train --export-only`"
-            )
+            raise weights_misfit(export_dir, missing, unexpected)
         n, length, _ = self.generator.features[0]
         self.num_prompts = n
         self.encoder = ConditionEncoder(config["encoder"]["name"], length=length, device=self.device)

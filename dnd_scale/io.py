@@ -1,8 +1,9 @@
-"""Artifact I/O: atomic writes, safetensors with clear errors, content hashes, JSONL manifests,
-exclusive folder locks.
+"""Artifact I/O: atomic writes of files and folders, safetensors with clear errors, content hashes,
+JSONL manifests, exclusive folder locks.
 
-Every artifact goes through a temporary file in the destination folder and `os.replace`, so an
-interrupted run leaves either the old file or the new one, never half of one.
+Every file goes through a temporary file in the destination folder and `os.replace`, and every
+folder that is written whole through a staging folder beside it (`atomic_folder`), so an
+interrupted run leaves either the old artifact or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +23,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 LOCK_FILE = ".lock"
@@ -164,6 +168,63 @@ def remove_stale_staging(parent: str | os.PathLike, patterns: Sequence[str]) -> 
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return found
+
+
+def _staging_patterns(dest: Path) -> list[str]:
+    return [f".{dest.name}-staging-*", f".{dest.name}-old-*"]
+
+
+def remove_stale_builds(dest: str | os.PathLike, writer: str) -> list[Path]:
+    """Remove what an `atomic_folder` of `dest` killed by SIGKILL left beside it (its staging folder,
+    or the retired old folder); nothing while another run builds `dest` now. `writer` names the stage
+    for the warning."""
+    dest = Path(dest)
+    stale = remove_stale_staging(dest.parent, _staging_patterns(dest))
+    if stale:
+        logger.warning("removed what a killed `%s` left: %s", writer, ", ".join(p.name for p in stale))
+    return stale
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike, writer: str) -> Iterator[Path]:
+    """Yield an empty staging folder beside `dest`; put it in place of `dest` only if the block succeeds.
+
+    The staging folder `.<name>-staging-XXXX` is held with `building` while the block fills it, so a
+    later run tells a killed run's leftovers (removed on entry, see `remove_stale_builds`) from a
+    folder another run builds now. On success an existing `dest` is renamed to `.<name>-old-XXXX`,
+    the staging folder to `dest`, and the old folder is removed last: a crash between the two renames
+    leaves no `dest` at all, which readers refuse, never a mix of the old and the new. On error (or
+    SIGTERM) the staging folder is removed and `dest` is as it was. A full disk is reported as a
+    DiskFullError naming `dest`. `dest` itself is swapped, so a lock that serializes its writers
+    (`exclusive_folder`) must live outside it. `writer` names the stage (``dnd pack``) in warnings.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(dest, writer)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-staging-", dir=dest.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; artifacts are as readable as any folder
+        with building(staging), reporting_full_disk(dest):
+            yield staging
+        _swap_in(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, dest: Path) -> None:
+    """Put the complete folder `staging` in place of `dest` (two renames on one file system)."""
+    if not dest.exists():
+        os.replace(staging, dest)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent))
+    os.rmdir(retired)
+    os.replace(dest, retired)
+    try:
+        os.replace(staging, dest)
+    except BaseException:
+        os.replace(retired, dest)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

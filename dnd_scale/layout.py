@@ -41,6 +41,7 @@ SHARED_EXPERT_MODULES = ("shared_expert.gate_proj", "shared_expert.up_proj", "sh
 EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 KNOWN_MODULES = ALL_LINEAR + FUSED_MODULES + SHARED_EXPERT_MODULES + EXPERT_PARAMETERS
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+HF_CONFIG = "config.json"  # a Hugging Face model folder's config
 
 # model_type -> module path of the decoder layers of the *language* model. Multimodal checkpoints
 # keep their language tower under `model.language_model` (transformers >= 4.52 naming).
@@ -333,7 +334,7 @@ def load_config_dict(config: Any) -> dict[str, Any]:
 
     path = Path(config)
     if path.is_dir():
-        path = path / "config.json"
+        path = path / HF_CONFIG
     try:
         return read_json(path, "model config")
     except ArtifactError as err:

@@ -1,12 +1,12 @@
 """`dnd pack`: tokenize every collected checkpoint once into memory-mappable packed targets.
 
-Input: the checkpoint store of `dnd collect` (``<run>/checkpoints/manifest.jsonl``, one safetensors
-file per checkpoint, the layout). Output: ``<run>/targets/`` — one ``<task>.safetensors`` of tokens
-(K, T, H, W) per task in step order, the padding mask, the criterion weights (averaged over tasks),
-``layout.json`` and an index with content hashes. Checkpoints are verified against the manifest's
-hashes and the layout's fingerprint before anything is written; a task whose checkpoints are
-unchanged since the last pack is not tokenized again (its file is hard-linked). A pack is built
-whole in a staging folder and swapped in for the previous one: all of it or none of it, so a
+Input: the checkpoint store of `dnd collect` (`store`: the manifest, one safetensors file per
+checkpoint, the layout). Output: the run's packed targets (`targets`) — the tokens (K, T, H, W) of
+each task in step order, the padding mask, the criterion weights (averaged over tasks), the layout
+and an index with content hashes. Checkpoints are verified against the manifest's hashes and the
+layout's fingerprint before anything is written; a task whose checkpoints are unchanged since the
+last pack is not tokenized again (its file is hard-linked). A pack is built whole in a staging
+folder and swapped in for the previous one (`io.atomic_folder`): all of it or none of it, so a
 killed `dnd pack` never leaves new tokens beside old loss weights.
 """
 
@@ -14,40 +14,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from dnd_scale.collect import CHECKPOINTS, MANIFEST, load_checkpoint, read_manifest
-from dnd_scale.io import _UMASK, ArtifactError, building, exclusive_folder, remove_stale_staging
+from dnd_scale.io import ArtifactError, atomic_folder, exclusive_folder
 from dnd_scale.layout import LoraLayout
-from dnd_scale.targets import PackedTargets, link_task_targets, write_common, write_task_targets
+from dnd_scale.rundir import RunDir
+from dnd_scale.store import checkpoint_store, load_checkpoint
+from dnd_scale.targets import PackedTargets, is_packed, link_task_targets, write_common, write_task_targets
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer, criterion_weights
 
 logger = logging.getLogger(__name__)
 
-TARGETS = "targets"
-LAYOUT = "layout.json"
 PACK_LOCK = ".pack.lock"  # in the run folder: targets/ itself is swapped whole
-
-
-def checkpoint_store(run_dir: str | Path) -> tuple[LoraLayout, dict[str, list[dict]]]:
-    """The layout and, per *finished* task, the manifest records of its checkpoints sorted by step."""
-    store = Path(run_dir) / CHECKPOINTS
-    if not (store / LAYOUT).is_file():
-        raise ArtifactError(f"{store / LAYOUT} is missing; run `dnd collect` for this run first")
-    layout = LoraLayout.load(store / LAYOUT)
-    tasks: dict[str, list[dict]] = {}
-    for record in read_manifest(run_dir):
-        tasks.setdefault(record["task"], []).append(record)
-    if not tasks:
-        raise ArtifactError(f"{store / MANIFEST} lists no finished task; run `dnd collect` to completion first")
-    return layout, {task: sorted(records, key=lambda r: int(r["step"])) for task, records in sorted(tasks.items())}
 
 
 def pack(
@@ -78,28 +60,21 @@ def _pack(run_dir: Path, config: TokenizerConfig, tasks: Sequence[str] | None, d
             raise ArtifactError(f"tasks {unknown} have no checkpoints; collected tasks: {sorted(store)}")
         store = {t: store[t] for t in tasks}
     tokenizer = WeightTokenizer(layout, config)
-    out = run_dir / TARGETS
+    out = RunDir(run_dir).targets
     earlier = [_previous_pack(out, layout, tokenizer)]
     if reuse is not None:
         earlier.append(_previous_pack(Path(reuse), layout, tokenizer))
     # The new pack is built whole in a staging folder beside `out` and swapped in at the end: a run
     # killed half-way leaves the previous pack as it was (tokens, loss weights and index together);
     # a run killed by SIGKILL leaves its staging folder, removed by the next pack.
-    stale = remove_stale_staging(run_dir, [f".{TARGETS}-staging-*", f".{TARGETS}-old-*"])
-    if stale:
-        logger.warning("removed what a killed `dnd pack` left: %s", ", ".join(p.name for p in stale))
-    staging = Path(tempfile.mkdtemp(prefix=f".{TARGETS}-staging-", dir=run_dir))
-    try:
-        with building(staging):
-            _build(run_dir, store, earlier, tokenizer, layout, device, staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_folder(out, "dnd pack") as staging:
+        _build(run_dir, store, earlier, tokenizer, layout, device, staging)
     return out
 
 
 def _build(run_dir: Path, store: dict, earlier: list, tokenizer: WeightTokenizer, layout: LoraLayout,
-           device: str | torch.device, staging: Path, out: Path) -> None:
-    """The pack's files in `staging`, then swapped in for `out`."""
+           device: str | torch.device, staging: Path) -> None:
+    """The pack's files, in `staging`."""
     mask = tokenizer.mask()
     weights, hashes = [], {}
     for task, records in store.items():
@@ -121,35 +96,13 @@ def _build(run_dir: Path, store: dict, earlier: list, tokenizer: WeightTokenizer
         extra={"tokenizer": tokenizer.state_dict_config(), "checkpoint_sha256": hashes},
         fingerprint=layout.fingerprint(),
     )
-    _swap_in(staging, out)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Put the complete pack `staging` in place of `out` (two renames on one file system).
-
-    A crash between the renames leaves no `out` at all, which every reader refuses with "run
-    `dnd pack`", never a mix of the old and the new pack.
-    """
-    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a pack is as readable as any folder
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-    os.rmdir(retired)
-    os.replace(out, retired)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(retired, out)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _previous_pack(
     out: Path, layout: LoraLayout, tokenizer: WeightTokenizer
 ) -> tuple[PackedTargets | None, dict[str, list[str]]]:
     """An earlier pack with the same layout and tokenizer, and its checkpoint hashes per task; else (None, {})."""
-    if not (out / "index.json").is_file():
+    if not is_packed(out):
         return None, {}
     try:
         packed = PackedTargets(out, layout.fingerprint())

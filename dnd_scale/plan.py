@@ -28,7 +28,7 @@ from dnd_scale.encoder import CACHE_DTYPES, condition_cache_bound
 from dnd_scale.generator import (
     DEFAULT_KERNEL_SIZE, PRESETS, GeneratorConfig, count_parameters, resolve_features, stage_flops, stage_parameters,
 )
-from dnd_scale.layout import LoraLayout, LoraSpec
+from dnd_scale.layout import HF_CONFIG, LoraLayout, LoraSpec
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer
 
 if TYPE_CHECKING:  # the recipe imports every stage; plan imports it for --config only
@@ -346,7 +346,7 @@ def display_name(model: str | Path) -> str:
     """The name a plan is printed under: a model folder's or config.json's folder name, or a .json file's
     name without the extension (never cut at a dot inside the name, e.g. Qwen2.5-0.5B-Instruct)."""
     path = Path(model)
-    if path.name == "config.json":
+    if path.name == HF_CONFIG:
         return path.parent.resolve().name
     if path.suffix == ".json":
         return path.name[: -len(".json")]

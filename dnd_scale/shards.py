@@ -24,12 +24,11 @@ every shard mixes tasks and a loader that shuffles shards sees a mixed stream.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,22 +39,22 @@ import webdataset as wds
 from tqdm import tqdm
 
 from dnd_scale.io import (
+    LOCK_FILE,
     ArtifactError,
-    building,
+    atomic_folder,
     exclusive_folder,
-    remove_stale_staging,
-    reporting_full_disk,
     sha256_file,
     write_json,
 )
-from dnd_scale.targets import INDEX_FILE, PackedTargets, canonical_json_sha256, check_task_name
+from dnd_scale.rundir import RunDir
+from dnd_scale.targets import PackedTargets, canonical_json_sha256, check_task_name
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+INDEX_FILE = "index.json"
 PROMPTS_DIR = "prompts"
 SHARD_PATTERN = "pairs-%06d.tar"
-STAGING_PREFIX = ".shard-staging-"
 BLOCK_SUFFIX = "safetensors"  # tar member `<key>.safetensors`
 
 
@@ -281,6 +280,12 @@ def _write_pool(path: Path, pool: list[str]) -> None:
             f.write(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\n")
 
 
+def writing_shard_set(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Refuse a second `dnd shard` of one folder. The set is swapped in whole, so its lock is a file
+    beside it: `.<name>.lock`."""
+    return exclusive_folder(out_dir.parent, "dnd shard", "wait for it to finish", name=f".{out_dir.name}{LOCK_FILE}")
+
+
 def build_shards(
     checkpoints: PackedTargets | Mapping[str, int],
     prompt_pools: Mapping[str, list[str]],
@@ -294,9 +299,8 @@ def build_shards(
     is recorded so the loader can refuse shards made for other targets) or a mapping task -> number of checkpoints.
     prompt_pools: task -> prompt strings (prompts only: answers must never be passed here). The
     shards cover these tasks; packed tasks without a pool are left out.
-    Files are written in a staging folder and moved into place; index.json is removed first and
-    written last, so an interrupted run leaves a folder the loader refuses rather than a mixed one.
-    Returns the index.
+    The set is built whole in a staging folder beside `out_dir` and swapped in for the previous one
+    (`atomic_folder`), so an interrupted run leaves the previous set as it was. Returns the index.
     """
     if isinstance(checkpoints, PackedTargets):
         checkpoints.verify()  # pairs must not be cut for targets that changed since packing
@@ -304,29 +308,21 @@ def build_shards(
     num_checkpoints = dict(checkpoints.num_checkpoints if isinstance(checkpoints, PackedTargets) else checkpoints)
     _validate(num_checkpoints, prompt_pools, config)
     out_dir = Path(out_dir)
-    with exclusive_folder(out_dir, "dnd shard", "wait for it to finish"):
-        stale = remove_stale_staging(out_dir, [f"{STAGING_PREFIX}*"])  # left by a run killed with SIGKILL
-        if stale:
-            log.warning("removed what a killed `dnd shard` left: %s", ", ".join(p.name for p in stale))
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-        try:
-            with building(staging), reporting_full_disk(out_dir):
-                index = _write_shard_set(staging, out_dir, num_checkpoints, prompt_pools, config, fingerprint, progress)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    with writing_shard_set(out_dir):
+        with atomic_folder(out_dir, "dnd shard") as staging:
+            index = _write_shard_set(staging, num_checkpoints, prompt_pools, config, fingerprint, progress)
     return index
 
 
 def _write_shard_set(
     staging: Path,
-    out_dir: Path,
     num_checkpoints: dict[str, int],
     prompt_pools: Mapping[str, list[str]],
     config: ShardConfig,
     fingerprint: str | None,
     progress: bool,
 ) -> dict:
-    """The body of `build_shards`: every file in `staging`, then swapped in for the previous set."""
+    """The body of `build_shards`: every file of the set, in `staging`."""
     tasks = sorted(prompt_pools)
     (staging / PROMPTS_DIR).mkdir()
     task_index = {}
@@ -383,19 +379,13 @@ def _write_shard_set(
         "targets_fingerprint": fingerprint,
         "config": asdict(config),
     }
-    _replace_shard_set(staging, out_dir, index)
+    write_json(staging / INDEX_FILE, index)
     return index
 
 
-def _replace_shard_set(staging: Path, out_dir: Path, index: dict) -> None:
-    """Swap the staged files in for any previous shard set; index.json last."""
-    (out_dir / INDEX_FILE).unlink(missing_ok=True)
-    for old in list(out_dir.glob("pairs-*.tar")) + list((out_dir / PROMPTS_DIR).glob("*.jsonl")):
-        old.unlink()
-    (out_dir / PROMPTS_DIR).mkdir(exist_ok=True)
-    for rel in [s["file"] for s in index["shards"]] + [t["prompts"] for t in index["tasks"].values()]:
-        os.replace(staging / rel, out_dir / rel)
-    write_json(out_dir / INDEX_FILE, index)
+def is_shard_set(shards_dir: str | os.PathLike) -> bool:
+    """Whether `shards_dir` holds a shard set (its index); nothing is checked."""
+    return (Path(shards_dir) / INDEX_FILE).is_file()
 
 
 def read_shard_index(shards_dir: str | os.PathLike) -> dict:
@@ -449,7 +439,7 @@ def load_prompt_pools(shards_dir: str | os.PathLike, index: dict) -> dict[str, l
             pools[task] = [json.loads(line)["prompt"] for line in f]
         if len(pools[task]) != entry["pool_size"]:
             raise ShardsError(
-                f"{path} has {len(pools[task])} prompts, index.json says {entry['pool_size']}; re-run `dnd shard`"
+                f"{path} has {len(pools[task])} prompts, {INDEX_FILE} says {entry['pool_size']}; re-run `dnd shard`"
             )
     return pools
 
@@ -471,14 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML recipe; its `shard:` section is read (default: the recipe saved in "
                                          "the run folder)")
     # Imported here: the recipe machinery and the checkpoint store are for the command line only.
-    from dnd_scale.collect import read_prompt_pools
     from dnd_scale.recipe import parse_stage_args
+    from dnd_scale.store import read_prompt_pools
 
-    args, run = parse_stage_args(parser, argv, "shard")
-    run_dir = Path(args.run)
-    targets = PackedTargets(run_dir / "targets")
-    pools = read_prompt_pools(run_dir, targets.tasks)  # the prompts each packed task was collected with
-    index = build_shards(targets, pools, run_dir / "shards", run.shard)
+    args, run_config = parse_stage_args(parser, argv, "shard")
+    run = RunDir(args.run)
+    targets = PackedTargets(run.targets)
+    pools = read_prompt_pools(run.root, targets.tasks)  # the prompts each packed task was collected with
+    index = build_shards(targets, pools, run.shards, run_config.shard)
     print(f"dnd shard: {index['num_samples']} pairs of {len(pools)} tasks in {len(index['shards'])} shards "
-          f"-> {run_dir / 'shards'}")
+          f"-> {run.shards}")
     return 0

@@ -57,6 +57,11 @@ def check_task_name(task: str) -> str:
     return task
 
 
+def is_packed(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds packed targets (their index); nothing is checked."""
+    return (Path(directory) / INDEX_FILE).is_file()
+
+
 def _read_index(directory: Path) -> dict:
     path = directory / INDEX_FILE
     if not path.exists():

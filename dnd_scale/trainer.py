@@ -63,6 +63,7 @@ from dnd_scale.encoder import (
     resolve_encoder_path,
 )
 from dnd_scale.generator import PRESETS, GeneratorConfig, HyperConvGenerator, generator_loss, resolve_features, resolve_impl
+from dnd_scale.generator_export import export_folder, write_export
 from dnd_scale.io import (
     ArtifactError,
     DiskFullError,
@@ -73,27 +74,21 @@ from dnd_scale.io import (
     read_json,
     read_jsonl,
     reporting_full_disk,
-    save_safetensors,
-    sha256_file,
     sha256_text,
     write_json,
 )
 from dnd_scale.loader import SKIP_KINDS, LoaderConfig, PairLoader
 from dnd_scale.plan import check_gpu_memory
 from dnd_scale.resident import ResidentData, resident_bytes, resolve_resident
+from dnd_scale.rundir import RunDir
 from dnd_scale.shards import load_prompt_pools, read_shard_index, verify_shards
+from dnd_scale.store import collected_base, store_dir
 from dnd_scale.targets import PackedTargets, canonical_json_sha256
 
-TARGETS_DIR = "targets"
-SHARDS_DIR = "shards"
-CONDITIONS_DIR = "conditions"
 CHECKPOINTS_DIR = "checkpoints"
-EXPORT_DIR = "export"
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.json"
-EXPORT_FORMAT = "dnd-generator-1"
 LATEST = "latest"
 METRICS = "metrics.jsonl"
+TRAIN_INFO = "train_info.json"  # world size, batch, device, parameters, features; read by experiment and bench
 DEFAULT_CONDITION_LENGTH = 128
 
 
@@ -333,11 +328,12 @@ class TrainingData:
         file that still parses would otherwise train silently. Cost: the data's size at sha256
         speed, ~1 GB/s per core from the page cache, which the ranks of one node share (10M pairs
         of shards ~1.5 s; targets of several GB a few seconds more)."""
-        targets = PackedTargets(run_dir / TARGETS_DIR)
+        run = RunDir(run_dir)
+        targets = PackedTargets(run.targets)
         targets.verify()
-        index = read_shard_index(run_dir / SHARDS_DIR)
-        verify_shards(run_dir / SHARDS_DIR, index)
-        return cls(targets, run_dir / SHARDS_DIR, index, load_prompt_pools(run_dir / SHARDS_DIR, index))
+        index = read_shard_index(run.shards)
+        verify_shards(run.shards, index)
+        return cls(targets, run.shards, index, load_prompt_pools(run.shards, index))
 
     @property
     def num_prompts(self) -> int:
@@ -435,7 +431,7 @@ class ConditionSource:
 def condition_cache_dir(run_dir: Path, encoder_name: str, length: int, cache_dtype: str) -> Path:
     """The folder of a run's prompt-pool caches for one (encoder, L, dtype): runs that share a run
     folder and encoder share the cache."""
-    return Path(run_dir) / CONDITIONS_DIR / sha256_text(encoder_name, str(length), cache_dtype)[:16]
+    return RunDir(run_dir).conditions / sha256_text(encoder_name, str(length), cache_dtype)[:16]
 
 
 def condition_source(
@@ -451,7 +447,7 @@ def condition_source(
     paths = {task: folder / f"{task}.safetensors" for task in pools}
     if rank == 0:
         # Keyed by the encoder's content: new weights saved at the same path make every cache stale.
-        weights = encoder_weights_sha256(path, memo=Path(run_dir) / CONDITIONS_DIR / "encoder-sha256.json")
+        weights = encoder_weights_sha256(path, memo=RunDir(run_dir).conditions / "encoder-sha256.json")
         stale = []
         for task, pool in pools.items():
             if paths[task].is_file():
@@ -840,14 +836,13 @@ def gather_fp32_state(model: torch.nn.Module, keep: bool) -> dict[str, Tensor]:
 
 
 def export_generator(model: torch.nn.Module, out_dir: Path, meta: dict, rank: int) -> Path | None:
-    """Write `export/model.safetensors` and `export/config.json` (rank 0); returns the folder there."""
+    """Write the generator export under `out_dir` (rank 0; `generator_export`); returns the folder there."""
     import deepspeed.comm as dist
 
     state = gather_fp32_state(model, keep=rank == 0)
-    folder = out_dir / EXPORT_DIR
+    folder = export_folder(out_dir)
     if rank == 0:
-        save_safetensors(state, folder / EXPORT_WEIGHTS, metadata={"format": EXPORT_FORMAT})
-        write_json(folder / EXPORT_CONFIG, {**meta, "weights_sha256": sha256_file(folder / EXPORT_WEIGHTS)})
+        write_export(folder, state, meta)
     dist.barrier()
     return folder if rank == 0 else None
 
@@ -855,10 +850,7 @@ def export_generator(model: torch.nn.Module, out_dir: Path, meta: dict, rank: in
 def _base_model(run_dir: Path) -> dict[str, Any]:
     """What `dnd collect` trained on, so adapters name their base model and carry its identity
     (`basemodel.base_identity`, checked by `dnd eval`): {"base_model": path or None, "base_identity": ... or None}."""
-    from dnd_scale.collect import CHECKPOINTS, COLLECT_META
-
-    path = run_dir / CHECKPOINTS / COLLECT_META
-    collected = read_json(path, COLLECT_META) if path.is_file() else {}
+    collected = collected_base(store_dir(run_dir))
     base = collected.get("base_model", {})
     source = str((run_dir / base["saved_to"]).resolve()) if base.get("saved_to") else base.get("source")
     return {"base_model": source, "base_identity": collected.get("base_identity")}
@@ -902,7 +894,7 @@ def _train(
     from deepspeed.accelerator import get_accelerator
 
     run_dir = Path(run_dir)
-    out_dir = Path(config.output_dir) if os.path.isabs(config.output_dir) else run_dir / config.output_dir
+    out_dir = RunDir(run_dir).train_output(config.output_dir)
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
     rank, _, world = init_distributed()
     ds_config = deepspeed_config(config, world)  # first: a world size the global batch refuses stops here
@@ -949,7 +941,7 @@ def _train(
     per_rank = [torch.zeros_like(local) for _ in range(world)]  # NCCL gathers into device tensors
     dist.all_gather(per_rank, local)
     if rank == 0:
-        write_json(out_dir / "train_info.json", {
+        write_json(out_dir / TRAIN_INFO, {
             "world_size": world,
             "global_batch": ds_config["train_batch_size"],
             "device": str(device),
@@ -968,7 +960,6 @@ def _train(
         step = _fit(config, engine, stream, conditions, data, out_dir, start_step, run)
     if step >= config.steps or export_only:
         meta = {
-            "format": EXPORT_FORMAT,
             "generator": to_dict(model.config),
             "layout": data.targets.layout_json(),
             "tokenizer": data.targets.extra["tokenizer"],
@@ -1092,8 +1083,8 @@ def _fit(
     log.close()
     skipped = skip_totals(stream, device)
     if rank == 0:
-        info = read_json(out_dir / "train_info.json", "train_info.json")
-        write_json(out_dir / "train_info.json", {**info, "skipped": skipped})
+        info = read_json(out_dir / TRAIN_INFO, TRAIN_INFO)
+        write_json(out_dir / TRAIN_INFO, {**info, "skipped": skipped})
         print(f"dnd train: damaged data skipped over all ranks: {skipped['corrupt_shards']} corrupt shards "
               f"({skipped['lost_samples']} pairs lost), {skipped['bad_samples']} bad pairs", file=sys.stderr)
     return step

@@ -25,15 +25,13 @@ from dnd_scale.collect import (
     collect,
     encode_record,
     encode_task,
-    load_checkpoint,
-    read_manifest,
-    read_prompt_pools,
 )
 from dnd_scale.eval_adapters import check_adapter
 from dnd_scale.export import check_vllm_contract, write_adapter
 from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LayoutError, LoraLayout, LoraSpec
 from dnd_scale.recipe import RECIPE_FILE, load_recipe
+from dnd_scale.store import load_checkpoint, read_manifest, read_prompt_pools
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from tinymodels import tiny_config
 

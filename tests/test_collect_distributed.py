@@ -31,12 +31,11 @@ from dnd_scale.collect import (
     _collect_as_rank,
     _deal,
     collect,
-    load_checkpoint,
     main,
-    read_manifest,
 )
 from dnd_scale.recipe import load_recipe
 from dnd_scale.io import ArtifactError, sha256_file
+from dnd_scale.store import load_checkpoint, read_manifest
 from dnd_scale.tasks import load_tasks
 from tinymodels import tiny_config
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from dnd_scale.basemodel import build_tiny_tokenizer
-from dnd_scale.collect import CollectConfig, collect, load_checkpoint, read_manifest
+from dnd_scale.collect import CollectConfig, collect
 from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LoraSpec
 from dnd_scale.loader import LoaderConfig, PairLoader
 from dnd_scale.pack import PACK_LOCK, pack
 from dnd_scale.shards import ShardConfig, build_shards
+from dnd_scale.store import load_checkpoint, read_manifest
 from dnd_scale.targets import PackedTargets
 from dnd_scale.tasks import load_task
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer

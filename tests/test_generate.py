@@ -171,6 +171,28 @@ def test_weights_changed_after_export_are_refused(export, tmp_path):
         AdapterGenerator(copy)
 
 
+@pytest.mark.parametrize("found", ["dnd-generator-0", None], ids=["other-format", "no-format"])
+def test_an_export_of_another_format_is_refused(export, tmp_path, found):
+    import shutil
+
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    config = json.loads((copy / "config.json").read_text())  # the weights are left as they are
+    if found is None:
+        del config["format"]
+    else:
+        config["format"] = found
+    (copy / "config.json").write_text(json.dumps(config))
+    what = "has no format tag" if found is None else f"has format '{found}'"
+    with pytest.raises(ArtifactError, match=rf"config.json {what}, so it is not a generator export this version "
+                                            r"reads \(format 'dnd-generator-1'\).*--export-only"):
+        AdapterGenerator(copy)
+    (tmp_path / "task.txt").write_text("\n".join(PROMPTS))
+    with pytest.raises(ArtifactError, match=what):
+        main(["--generator", str(copy), "--prompts", str(tmp_path / "task.txt"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_generate_leaves_no_temporary_folder(export, tmp_path, monkeypatch):
     import dnd_scale.export as export_module
 
@@ -212,7 +234,7 @@ def test_sigterm_and_a_killed_run_leave_no_temporary_folder(export, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 128 + 15, proc.stderr[-2000:]
     assert list(out.iterdir()) == [], "SIGTERM ran the cleanup: no staging folder is left"
-    (out / ".task.abc123").mkdir()  # what SIGKILL leaves: removed by the next generate of that adapter
+    (out / ".task-staging-abc123").mkdir()  # what SIGKILL leaves: removed by the next generate of that adapter
     main(["--generator", str(export), "--prompts", str(tmp_path / "task.txt"), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["task"]
 

@@ -132,10 +132,12 @@ def test_adding_a_task_keeps_the_other_tasks_pairs(tmp_path):
 
 
 def test_rebuild_replaces_the_previous_set(tmp_path):
-    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
-    index = build_shards(CHECKPOINTS, prompt_pools(), tmp_path, ShardConfig(**{**vars(CONFIG), "shard_size": 16}), progress=False)
-    assert sorted(p.name for p in tmp_path.glob("pairs-*.tar")) == [s["file"] for s in index["shards"]]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
+    out = tmp_path / "shards"
+    build_shards(CHECKPOINTS, prompt_pools(), out, CONFIG, progress=False)
+    index = build_shards(CHECKPOINTS, prompt_pools(), out, ShardConfig(**{**vars(CONFIG), "shard_size": 16}), progress=False)
+    assert sorted(p.name for p in out.glob("pairs-*.tar")) == [s["file"] for s in index["shards"]]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".shards{LOCK_FILE}", "shards"]  # the set's lock beside it
 
 
 @pytest.mark.parametrize(
@@ -167,13 +169,14 @@ def test_missing_index_or_shard_is_refused(tmp_path):
 
 
 def test_cli_shards_the_packed_tasks_with_the_prompt_pools_collect_kept(tmp_path):
-    from dnd_scale.collect import CHECKPOINTS, COMPLETE, _save_prompt_pool
+    from dnd_scale.collect import _save_prompt_pool
+    from dnd_scale.store import store_dir, write_completion
 
     tasks = [load_task(spec, num_records=12, seed=5) for spec in ["synthetic:reverse_word", "synthetic:parity_tf"]]
     for task in tasks:
-        (tmp_path / CHECKPOINTS / task.name).mkdir(parents=True)
-        write_json(tmp_path / CHECKPOINTS / task.name / COMPLETE,
-                   {"prompt_pool": _save_prompt_pool(tmp_path / CHECKPOINTS / task.name, task)})
+        (store_dir(tmp_path) / task.name).mkdir(parents=True)
+        write_completion(store_dir(tmp_path), task.name,
+                         {"prompt_pool": _save_prompt_pool(store_dir(tmp_path) / task.name, task)})
         write_task_targets(tmp_path / "targets", task.name, torch.randn(2, 3, 2, 4))
     write_common(tmp_path / "targets", torch.ones(3, 2, 4, dtype=torch.bool), torch.ones(3), {"rank": 2})
     (tmp_path / "recipe.yaml").write_text("shard: {num_prompts: 3, pairs_per_task: 5}\n")
@@ -217,23 +220,24 @@ def test_a_full_disk_says_no_space_left_and_leaves_no_temporary_file(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shards, "encode_block", full)
-    with pytest.raises(DiskFullError, match=rf"no space left on the device of {tmp_path} \(.* MiB free\) while writing "
+    with pytest.raises(DiskFullError, match=rf"no space left on the device of {tmp_path / 'shards'} \(.* MiB free\) while writing "
                                             r"it: free space there, or write to another disk, then run the stage again"):
-        build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]  # the lock's file, which means nothing unlocked
+        build_shards(CHECKPOINTS, prompt_pools(), tmp_path / "shards", CONFIG, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [f".shards{LOCK_FILE}"]  # the lock's file, which means nothing unlocked
 
 
 def test_staging_left_by_a_killed_run_is_removed_unless_a_run_builds_it(tmp_path):
     from dnd_scale.io import building
 
-    (tmp_path / ".shard-staging-killed").mkdir()  # SIGKILL runs no cleanup
-    (tmp_path / ".shard-staging-killed" / "pairs-000000.tar").write_bytes(b"half")
-    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
-    assert not list(tmp_path.glob(".shard-staging-*"))
-    (tmp_path / ".shard-staging-running").mkdir()
-    with building(tmp_path / ".shard-staging-running"):  # another `dnd shard` is at work: left alone
-        build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
-    assert [p.name for p in tmp_path.glob(".shard-staging-*")] == [".shard-staging-running"]
+    out = tmp_path / "shards"
+    (tmp_path / ".shards-staging-killed").mkdir()  # SIGKILL runs no cleanup
+    (tmp_path / ".shards-staging-killed" / "pairs-000000.tar").write_bytes(b"half")
+    build_shards(CHECKPOINTS, prompt_pools(), out, CONFIG, progress=False)
+    assert not list(tmp_path.glob(".shards-staging-*"))
+    (tmp_path / ".shards-staging-running").mkdir()
+    with building(tmp_path / ".shards-staging-running"):  # another `dnd shard` is at work: left alone
+        build_shards(CHECKPOINTS, prompt_pools(), out, CONFIG, progress=False)
+    assert [p.name for p in tmp_path.glob(".shards-staging-*")] == [".shards-staging-running"]
 
 
 def test_targets_changed_since_packing_are_refused(tmp_path):
@@ -253,11 +257,13 @@ def test_targets_changed_since_packing_are_refused(tmp_path):
 
 
 def test_a_second_shard_of_one_folder_is_refused_while_the_first_runs(tmp_path):
-    from dnd_scale.io import FolderBusyError, exclusive_folder
+    from dnd_scale.io import FolderBusyError
+    from dnd_scale.shards import writing_shard_set
 
-    with exclusive_folder(tmp_path, "dnd shard", "wait"):  # what a running `dnd shard` holds
+    out = tmp_path / "shards"
+    with writing_shard_set(out):  # what a running `dnd shard` holds
         with pytest.raises(FolderBusyError, match=r"another `dnd shard` is writing to"):
-            build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)
-        assert not (tmp_path / "index.json").exists()
-    build_shards(CHECKPOINTS, prompt_pools(), tmp_path, CONFIG, progress=False)  # free again
-    assert (tmp_path / "index.json").is_file()
+            build_shards(CHECKPOINTS, prompt_pools(), out, CONFIG, progress=False)
+        assert not (out / "index.json").exists()
+    build_shards(CHECKPOINTS, prompt_pools(), out, CONFIG, progress=False)  # free again
+    assert (out / "index.json").is_file()
