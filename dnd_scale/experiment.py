@@ -336,10 +336,11 @@ def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Pat
     when training stopped early (SIGTERM: the next invocation resumes it)."""
     from dnd_scale.pack import pack
     from dnd_scale.shards import build_shards
+    from dnd_scale.store import read_prompt_pools
     from dnd_scale.targets import PackedTargets
     from dnd_scale.trainer import latest_checkpoint, train
 
-    export = export_folder(run / config.train.output_dir)
+    export = export_folder(RunDir(run).train_output(config.train.output_dir))
     if is_exported(export):
         return export
     _link_store(run, out)
@@ -347,7 +348,7 @@ def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Pat
         shared = pack_all(config, out, timings)
         with timings.measure(f"{key}/pack_shard"):
             targets = pack(run, config.pack, held.train_on, device=_device(), reuse=shared)
-            pools = {name: lora_task(config, name).prompts for name in held.train_on}
+            pools = read_prompt_pools(run, held.train_on)  # what collect kept, checked against its marker
             build_shards(PackedTargets(targets), pools, RunDir(run).shards, config.shard)
     resume = latest_checkpoint(RunDir(run).train_output(config.train.output_dir) / CHECKPOINTS_DIR) is not None
     _log(f"train the generator of {key}" + (" (resumed)" if resume else ""))
