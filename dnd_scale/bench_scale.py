@@ -326,6 +326,10 @@ def train_worker(job: dict) -> dict:
     info_path = out_dir / TRAIN_INFO
     info = read_json(info_path, "train_info") if info_path.is_file() else {}
     record["impl"] = info.get("impl")
+    if record["impl"] == "triton":  # shapes autotuned in this process (not read from the tune file)
+        from dnd_kernels.hyperconv import tiling
+
+        record["tiles_tuned_here"] = sum(1 for v in tiling.tuned_configs().values() if v["candidates_ms"])
     record["features"] = info.get("features")
     record["parameters"] = info.get("parameters")
     metrics = read_jsonl(out_dir / METRICS) if (out_dir / METRICS).is_file() else []
@@ -417,8 +421,49 @@ def generate_worker(job: dict) -> dict:
     return record
 
 
+def tune_worker(job: dict) -> dict:
+    """The generator's forward and backward at the training micro-batch, twice, outside DeepSpeed:
+    the first call includes the kernels' autotuning (every candidate tile compiled and timed per
+    shape, cuDNN's algorithm search), the second is a plain call. The tiles chosen are saved to
+    `job["tune_file"]` (DND_KERNELS_TUNE_FILE), so the training workers after it only compile the
+    chosen tiles; `tiles_from_file` counts the shapes an earlier call had already tuned."""
+    from dnd_scale.generator import HyperConvGenerator, resolve_impl
+
+    target = TargetSpec(**job["target"])
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if job.get("bf16", cuda) else torch.float32
+    tok = target.tokenizer()
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as the trainer sets it (train.cudnn_benchmark's default)
+        torch.cuda.reset_peak_memory_stats()
+    with torch.device(device):
+        model = HyperConvGenerator(target.generator_config(job.get("impl", "auto")), target.condition,
+                                   tok.token_shape, tok.num_tokens).to(dtype)  # fmt: skip
+    cond = torch.randn(int(job["micro_batch"]), *target.condition, device=device, dtype=dtype)  # (B, N, L, D)
+    record: dict[str, Any] = {"impl": resolve_impl(model.stages[0].impl, device), "micro_batch": int(job["micro_batch"])}
+    calls = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model(cond).float().square().mean().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        calls.append(time.perf_counter() - start)
+    record.update(status="ok", first_call_s=calls[0], second_call_s=calls[1], **_device_memory())
+    if record["impl"] == "triton":
+        from dnd_kernels.hyperconv import tiling
+
+        tuned = tiling.tuned_configs()
+        record["tiles_tuned_here"] = sum(1 for v in tuned.values() if v["candidates_ms"])
+        record["tiles_from_file"] = len(tuned) - record["tiles_tuned_here"]
+        if job.get("tune_file"):
+            tiling.save_tuned(job["tune_file"])
+    return record
+
+
 WORKERS: dict[str, Callable[[dict], dict]] = {
     "train": train_worker,
+    "tune": tune_worker,
     "generate": generate_worker,
     "environment": lambda job: environment(job.get("git_rev")),
 }
@@ -470,6 +515,7 @@ class BenchOptions:
     warmup_steps: int = 2
     micro_batch: int = 4
     timeout_s: float = 300.0
+    tune_timeout_s: float = 400.0
     impl: str = "auto"
     bf16: bool | None = None  # None: on a GPU
     keep: bool = False  # keep run folders (else removed when a section is done with them)
@@ -486,6 +532,19 @@ class BenchOptions:
         if self.isolate:
             return run_isolated(kind, job, self.timeout_s, self.work_dir / "logs" / f"{name}.log")
         return WORKERS[kind](job)
+
+
+def _tune(target: TargetSpec, opts: BenchOptions, name: str) -> dict:
+    """The tuning pass of `target`'s generator (tune_worker) before its configurations train: what
+    their first step would otherwise spend autotuning, measured once and saved to the tune file."""
+    from dnd_kernels.hyperconv.tiling import TUNE_FILE_ENV
+
+    job = opts.job(target=asdict(target), tune_file=os.environ.get(TUNE_FILE_ENV))
+    record = (run_isolated("tune", job, opts.tune_timeout_s, opts.work_dir / "logs" / f"{name}.log")
+              if opts.isolate else tune_worker(job))  # fmt: skip
+    log(f"{name}: {record['status']}: " + (f"first call {record['first_call_s']:.1f} s, second {record['second_call_s']:.2f} s"
+                                          if record["status"] == "ok" else record.get("error", "")))  # fmt: skip
+    return record
 
 
 def _measure_training(target: TargetSpec, run_dir: Path, config: str, opts: BenchOptions, name: str) -> dict:
@@ -524,6 +583,8 @@ def section_zero(target: TargetSpec, configs: Sequence[str], opts: BenchOptions,
     result["dnd_plan"] = plan_check
     log(f"zero: {result['sizes']['generator_params'] / 1e9:.2f} B generator parameters, "
         f"{result['sizes']['tokens']} tokens of {tuple(result['sizes']['token_shape'])}")  # fmt: skip
+    result["tuning"] = _tune(target, opts, "zero-tune")
+    save(result)
     for config in configs:
         log(f"zero: {config} ...")
         record = _measure_training(target, run_dir, config, opts, f"zero-{config}")
@@ -554,6 +615,7 @@ def section_largest(models: Sequence[str], base: TargetSpec, configs: Sequence[s
             "parameters; building the synthetic run")  # fmt: skip
         run_dir = opts.work_dir / f"run-{sizes['model']}"
         build_synthetic_run(run_dir, target)
+        entry["tuning"] = _tune(target, opts, f"largest-{sizes['model']}-tune")
         for config in configs:
             log(f"largest: {sizes['model']} {config} ...")
             record = _measure_training(target, run_dir, config, opts, f"largest-{sizes['model']}-{config}")
@@ -750,6 +812,11 @@ def format_table(data: dict) -> str:
                   f"micro-batch {zero['micro_batch']}",
                   "| config | status | GPU alloc GiB | GPU reserved GiB | plan GiB | plan error (alloc) | host RSS GiB "
                   "| plan host GiB | median step s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        tune = zero.get("tuning")
+        if tune:
+            lines.insert(1, f"tuning pass (forward + backward at the micro-batch, no DeepSpeed): {tune['status']}"
+                         + (f", first call {tune['first_call_s']:.1f} s, second {tune['second_call_s']:.2f} s"
+                            if tune["status"] == "ok" else f": {tune.get('error', '')}"))  # fmt: skip
         for name, r in zero["configs"].items():
             p = r["predicted"]
             step = "-" if r.get("median_step_s") is None else f"{r['median_step_s']:.3f}"
@@ -822,6 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     parser.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto")
+    parser.add_argument("--tune-timeout", type=float, default=400.0,
+                        help="seconds for each target's tuning pass (autotuning before its configurations)")
+    parser.add_argument("--tune-file", help="kernel tiles file kept across calls (DND_KERNELS_TUNE_FILE; "
+                        "default: that variable, else one in the scratch folder)")
     parser.add_argument("--generate-timeout", type=float, default=540.0,
                         help="seconds for the generation worker (export, load, warm-up autotuning, repeats)")
     parser.add_argument("--git-rev", help="revision to record when the tree has no .git")
@@ -829,7 +900,12 @@ def main(argv: list[str] | None = None) -> int:
 
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dnd-bench-scale-"))
     opts = BenchOptions(work_dir=work_dir, steps=args.steps, warmup_steps=args.warmup_steps,
-                        micro_batch=args.micro_batch, timeout_s=args.timeout, impl=args.impl, keep=args.keep)  # fmt: skip
+                        micro_batch=args.micro_batch, timeout_s=args.timeout, tune_timeout_s=args.tune_timeout,
+                        impl=args.impl, keep=args.keep)  # fmt: skip
+    from dnd_kernels.hyperconv.tiling import TUNE_FILE_ENV
+
+    # Every worker process reads (and the tuning passes write) the same tiles file.
+    os.environ[TUNE_FILE_ENV] = args.tune_file or os.environ.get(TUNE_FILE_ENV) or str(work_dir / "tuned-tiles.json")
     env = None
     if torch.cuda.is_available():  # asked in a worker: this process never holds a CUDA context the workers lack
         env = run_isolated("environment", {"git_rev": args.git_rev}, 120, work_dir / "logs" / "environment.log")

@@ -65,6 +65,9 @@ def test_zero_section_trains_through_train_and_writes_results(tmp_path, tiny_tar
     assert list(saved["configs"]) == ["zero0", "zero3"] and saved["environment"] == env
     assert [saved["configs"][c]["environment_index"] for c in ("zero0", "zero3")] == [0, 1]
     assert saved["dnd_plan"]["features_equal"] is True
+    tune = saved["tuning"]  # the second call's tuning pass, in its own process like the configurations
+    assert tune["status"] == "ok" and tune["first_call_s"] > 0 and tune["second_call_s"] > 0 and "process_s" in tune
+    assert tune["impl"] == ("triton" if CUDA else "torch") and tune["micro_batch"] == opts.micro_batch
     for config, stage in (("zero0", "zero0"), ("zero3", "zero3")):  # the prediction is `dnd plan`'s own number
         assert saved["configs"][config]["predicted"]["gpu_bytes"] == saved["dnd_plan"]["memory_world1_bytes"][stage]
     for config in ("zero0", "zero3"):
@@ -137,6 +140,7 @@ def test_largest_section_records_what_fits(tmp_path, tiny_target, one_thread):
     assert [t["sizes"]["tokens"] for t in saved["targets"]] == [43, 86]  # one layer's tokens, then two layers'
     assert saved["largest_fit"]["model"] == "two" and saved["largest_fit"]["config"] == "zero3"
     assert saved["targets"][1]["attempts"]["zero3"]["status"] == "ok"
+    assert all(t["tuning"]["status"] == "ok" for t in saved["targets"])  # each target's shapes tuned before it trains
     # A later call for another model keeps these entries; the largest fit is the largest of all.
     previous = {**section, "targets": section["targets"][:1]}
     bench_scale._update_largest_fit(previous)
