@@ -36,6 +36,7 @@ OOM kill ends only that configuration (recorded as "oom" or "killed").
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
@@ -469,23 +470,36 @@ WORKERS: dict[str, Callable[[dict], dict]] = {
 }
 
 
+def worker_command(kind: str, job_path: Path, result_path: Path, stacks_every_s: float) -> list[str]:
+    """The command line of one worker process (see main's --worker)."""
+    return [sys.executable, "-m", "dnd_scale.bench_scale", "--worker", kind, str(job_path), str(result_path),
+            f"{stacks_every_s:g}"]  # fmt: skip
+
+
 def run_isolated(kind: str, job: dict, timeout_s: float, log_path: Path) -> dict:
     """Run worker `kind` on `job` in a fresh Python process (its own CUDA context and allocator);
-    its record, or {"status": "oom" | "killed" | "failed" | "timeout", ...} when it did not finish."""
+    its record, or {"status": "oom" | "killed" | "failed" | "timeout", ...} when it did not finish.
+
+    The worker prints every thread's Python stack to its log every quarter of `timeout_s`, so a
+    timed-out record's log tail says where it was. The worker runs in its own process group, killed
+    whole on timeout and also when this process ends early (SIGTERM, Ctrl-C): a worker left running
+    would hold the GPU under the next measurement."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     job_path, result_path = log_path.with_suffix(".job.json"), log_path.with_suffix(".result.json")
     job_path.write_text(json.dumps(job))
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "dnd_scale.bench_scale", "--worker", kind, str(job_path), str(result_path)]
+    cmd = worker_command(kind, job_path, result_path, max(timeout_s / 4, 1.0))
     start = time.perf_counter()
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started
-            proc.wait()
             rc = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started
+                proc.wait()
     elapsed = time.perf_counter() - start
     tail = log_path.read_text(errors="replace")[-2000:]
     if rc == 0 and result_path.is_file():
@@ -857,8 +871,10 @@ def _condition(text: str) -> tuple[int, int, int]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:  # a configuration measured in its own process (run_isolated)
-        kind, job_path, result_path = argv[1:4]
+        kind, job_path, result_path, stacks_every_s = argv[1:5]
+        faulthandler.dump_traceback_later(float(stacks_every_s), repeat=True)  # where a slow worker is
         record = WORKERS[kind](json.loads(Path(job_path).read_text()))
+        faulthandler.cancel_dump_traceback_later()
         Path(result_path).write_text(json.dumps(record))
         return 0
     models = REPO / "configs" / "models"
@@ -898,6 +914,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--git-rev", help="revision to record when the tree has no .git")
     args = parser.parse_args(argv)
 
+    # SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C: the running worker is killed and
+    # the results saved so far stay.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dnd-bench-scale-"))
     opts = BenchOptions(work_dir=work_dir, steps=args.steps, warmup_steps=args.warmup_steps,
                         micro_batch=args.micro_batch, timeout_s=args.timeout, tune_timeout_s=args.tune_timeout,

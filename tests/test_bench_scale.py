@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +91,51 @@ def test_isolated_worker_timeout(tmp_path):
     # A worker past its time limit is killed (with anything it started) and reported, not waited for.
     slow = bench_scale.run_isolated("train", {}, timeout_s=0.01, log_path=tmp_path / "logs" / "slow.log")
     assert slow["status"] == "timeout" and slow["process_s"] < 60
+
+
+def test_a_stopped_benchmark_kills_its_running_worker(tmp_path):
+    """SIGTERM to the benchmark (a job's time limit) while a worker runs: the worker's process group
+    is killed too, so it cannot hold the GPU under the next measurement (it did, once, before this)."""
+    pid_file = tmp_path / "worker.pid"
+    child = textwrap.dedent(f"""
+        import signal, sys
+        from pathlib import Path
+        from dnd_scale import bench_scale
+        bench_scale.worker_command = lambda *args: [sys.executable, "-c",
+            "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # as main() does
+        bench_scale.run_isolated("train", {{}}, 120, Path({str(tmp_path / "logs" / "w.log")!r}))
+    """)  # fmt: skip
+    bench = subprocess.Popen([sys.executable, "-c", child])
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_a_timed_out_worker_logs_where_it_was(tmp_path):
+    # The worker prints its stack every quarter of the limit: a timeout's log tail names the line.
+    job = tmp_path / "job.json"
+    job.write_text("{}")
+    code = ("import sys, time; from dnd_scale import bench_scale; "
+            "bench_scale.WORKERS['stuck'] = lambda job: time.sleep(3) or {}; "
+            f"sys.exit(bench_scale.main(['--worker', 'stuck', {str(job)!r}, {str(tmp_path / 'r.json')!r}, '0.5']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Thread" in out.stderr and "<lambda>" in out.stderr, out.stderr
 
 
 def test_generate_section_folder_matches_peft(tmp_path, tiny_target, one_thread):
