@@ -356,7 +356,7 @@ def display_name(model: str | Path) -> str:
 def recipe_plan_config(run: RunConfig) -> PlanConfig:
     """What a recipe's run sizes: N from `shard`, L, the micro-batch and the cache dtype from `train`,
     c from `pack`."""
-    from dnd_scale.trainer import condition_length
+    from dnd_scale.train_config import condition_length
 
     return PlanConfig(num_prompts=run.shard.num_prompts, max_tokens=condition_length(run.train), chunk=run.pack.chunk,
                       kernel_size=run.train.generator.kernel_size, micro_batch=run.train.micro_batch_size,

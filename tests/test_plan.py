@@ -16,7 +16,7 @@ from peft import get_peft_model
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
 from dnd_scale.layout import LoraSpec, load_config_dict
 from dnd_scale.plan import PlanConfig, PlanError, check_gpu_memory, display_name, main, make_plan, model_state_bytes
-from dnd_scale.trainer import TrainConfig
+from dnd_scale.train_config import TrainConfig
 
 MODELS = sorted((Path(__file__).resolve().parents[1] / "configs" / "models").glob("*.json"))
 
