@@ -93,8 +93,8 @@ class TrainConfig:
     through cuDNN; the Triton path some weight gradients, where its autotuner timed cuDNN faster."""
     gpu_memory_gib: float | None = None
     """Memory of one GPU in GiB (80 for an 80 GB A100/H100, 141 for an H200): `dnd train` refuses, before
-    building anything, a configuration whose `dnd plan` estimate does not fit it. None: the GPU's own
-    total memory on CUDA, no check on CPU."""
+    building anything, a configuration whose `dnd plan` estimate, plus the data `resident` puts on the
+    GPU, does not fit it. None: the GPU's own total memory on CUDA, no check on CPU."""
 
     def __post_init__(self) -> None:
         positive = {"micro_batch_size": self.micro_batch_size, "grad_accum_steps": self.grad_accum_steps,

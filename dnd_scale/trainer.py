@@ -11,7 +11,9 @@ in a module of their own:
    encoder on the fly.
 3. Engine (`train_engine`): `HyperConvGenerator` (built under `deepspeed.zero.Init` for ZeRO-3, so
    no rank ever holds the whole generator), torch AdamW (no JIT-compiled ops, so CPU ranks with gloo
-   work), linear warmup + cosine as a `LambdaLR` that the engine steps identically on every rank.
+   work), linear warmup + cosine as a `LambdaLR` that the engine steps identically on every rank;
+   refused before anything is built when `dnd plan`'s estimate, plus the data `train.resident` puts
+   on the GPU, does not fit it.
 4. Loop (`_fit`): masked, per-token-weighted MSE; one collective per step averages the loss over
    ranks and tells every rank whether any of them received SIGTERM; rank 0 logs (`train_metrics`).
 5. Checkpoints (`train_checkpoint`) every K steps and on SIGTERM (at the step boundary, then a clean
@@ -137,12 +139,13 @@ def _train(
     conditions = condition_source(config.encoder, length, data.pools, run_dir, rank, device)
     condition_shape = (data.num_prompts, length, conditions.dim)
     features = resolve_features(config.generator, condition_shape, data.targets.token_shape, data.targets.num_tokens)
-    check_gpu_memory(config, features, world, device)  # fail before, not during: dnd plan's estimate
     resident_size = resident_bytes(data.targets, conditions.caches)
     try:
         on_device = resolve_resident(config.resident, device, resident_size, conditions.caches is not None)
     except ValueError as exn:
         raise TrainError(str(exn)) from None
+    # Fail before, not during: dnd plan's estimate, plus the data train.resident puts on the GPU.
+    check_gpu_memory(config, features, world, device, resident_bytes=resident_size if on_device else 0)
     if on_device:
         data.resident = ResidentData(data.targets, conditions.caches, device)
     engine, model = build_engine(config, ds_config, condition_shape, data.targets.token_shape, data.targets.num_tokens)
