@@ -3,7 +3,7 @@ and the checks that a resumption continues the same run.
 
 A checkpoint is the engine's state (model, optimizer, scheduler) plus, per rank, the data-stream
 position and RNG states, and the run it belongs to (`run_identity`: resolved train config, data
-identity), written every K steps and on SIGTERM (`StopRequest`). `checkpoints/latest` names the
+identity), written every K steps and on SIGTERM (`StopRequest`). LATEST in CHECKPOINTS_DIR names the
 newest complete one; every `.pt` file is loaded with `weights_only=True`
 (`weights_only_checkpoint_engine`).
 """
@@ -77,7 +77,7 @@ def checkpoint_tag(step: int) -> str:
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    """Tag of the newest complete checkpoint (the `latest` file is written only after all ranks finish)."""
+    """Tag of the newest complete checkpoint (the LATEST file is written only after all ranks finish)."""
     path = checkpoint_dir / LATEST
     return path.read_text().strip() if path.is_file() else None
 
@@ -87,7 +87,8 @@ def run_identity(config: TrainConfig, data: TrainingData) -> dict:
     packed targets' and the shard set's index.json, which list every file with its sha256).
 
     Stored inside every checkpoint, so a resumption compares against the checkpoint itself, not
-    against a train_config.yaml that may have been deleted or a generator/ copied from another run.
+    against the saved train config (`trainer.TRAIN_CONFIG`) that may have been deleted or an output
+    folder copied from another run.
     """
     return {
         "train_config": to_dict(config),
@@ -134,7 +135,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, stream: BatchStream
     except DiskFullError as err:
         shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)  # incomplete, and `latest` never named it
         previous = latest_checkpoint(checkpoint_dir)
-        then = f"`latest` still names {previous}: continue with --resume" if previous else "train again"
+        then = f"`{LATEST}` still names {previous}: continue with --resume" if previous else "train again"
         raise TrainError(f"{err}. The incomplete checkpoint {tag} was removed; {then} once there is space") from err
     dist.barrier()  # every rank's shard is on disk before `latest` may point at it
     if dist.get_rank() == 0:
@@ -233,8 +234,8 @@ def weights_only_checkpoint_engine(engine):
                         f"checkpoint file {path} holds more than tensors and plain data ({reason}); dnd train "
                         "loads checkpoints with torch.load(weights_only=True) and never runs code from them. A "
                         "checkpoint dnd train wrote never needs more: this file was altered or comes from "
-                        "elsewhere. Delete that checkpoint folder (and point checkpoints/latest at an older "
-                        "one), or train into a new train.output_dir"
+                        f"elsewhere. Delete that checkpoint folder (and point {CHECKPOINTS_DIR}/{LATEST} at an "
+                        "older one), or train into a new train.output_dir"
                     ) from None
 
     return WeightsOnlyCheckpointEngine(engine._config)

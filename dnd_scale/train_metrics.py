@@ -1,8 +1,8 @@
 """What `dnd train` logs: per-step metrics from rank 0 and the damaged data all ranks skipped.
 
-`MetricsLog` writes METRICS (JSONL, the record tests compare) and TensorBoard; on resume it cuts both
-back to the checkpoint so they read like one uninterrupted run. `skip_totals` sums every rank's
-skipped-data counts (`loader.SKIP_KINDS`).
+`MetricsLog` writes METRICS (JSONL, the record tests compare) and TensorBoard events (TENSORBOARD);
+on resume it cuts both back to the checkpoint so they read like one uninterrupted run. `skip_totals`
+sums every rank's skipped-data counts (`loader.SKIP_KINDS`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dnd_scale.loader import SKIP_KINDS
 from dnd_scale.train_data import BatchStream
 
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"  # the folder of the TensorBoard event files
 
 
 class MetricsLog:
@@ -38,13 +39,13 @@ class MetricsLog:
             self.path.unlink()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         append_jsonl(self.path, record)
-        with reporting_full_disk(self.path.parent / "tensorboard"):  # its writer thread's error surfaces here
+        with reporting_full_disk(self.path.parent / TENSORBOARD):  # its writer thread's error surfaces here
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])

@@ -25,9 +25,9 @@ in a module of their own:
    copy gathered (ZeRO-3 shards included) into one `export/model.safetensors` + `export/config.json`
    (generator, layout, tokenizer, encoder) on rank 0.
 
-Outputs, under `<run>/<output_dir>/` (default `<run>/generator/`):
-    train_config.yaml  deepspeed_config.json  train_info.json  metrics.jsonl  tensorboard/
-    checkpoints/<tag>/ + checkpoints/latest   export/{model.safetensors, config.json}
+Outputs, under `<run>/<output_dir>/` (default `<run>/generator/`), each named by its writer's constant:
+    here: TRAIN_CONFIG, DEEPSPEED_CONFIG, TRAIN_INFO;  `train_metrics`: METRICS, TENSORBOARD/;
+    `train_checkpoint`: CHECKPOINTS_DIR/<tag>/ + CHECKPOINTS_DIR/LATEST;  `generator_export`: export/
 
 Launch: `dnd train --run RUN` runs one process; `deepspeed [--hostfile H] --no_local_rank $(which dnd)
 train --run RUN` runs one rank per GPU (see launchers/).
@@ -77,6 +77,8 @@ from dnd_scale.train_engine import (
 )
 from dnd_scale.train_metrics import MetricsLog, skip_totals
 
+TRAIN_CONFIG = "train_config.yaml"  # the resolved train config; a resumption must match it
+DEEPSPEED_CONFIG = "deepspeed_config.json"  # derived from the train config, for the record
 TRAIN_INFO = "train_info.json"  # world size, batch, device, parameters, features; read by experiment and bench
 
 
@@ -128,7 +130,7 @@ def _train(
 
     held.enter_context(_own_output(out_dir, rank, device))  # released when train() returns or raises
     if resume or export_only:
-        check_resume_config(config, out_dir / "train_config.yaml")
+        check_resume_config(config, out_dir / TRAIN_CONFIG)
     elif latest_checkpoint(checkpoint_dir) is not None:
         raise TrainError(
             f"{out_dir} already holds checkpoints ({latest_checkpoint(checkpoint_dir)}); pass --resume to "
@@ -160,8 +162,8 @@ def _train(
         )
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "train_config.yaml")
-        write_json(out_dir / "deepspeed_config.json", ds_config)
+        save_config(config, out_dir / TRAIN_CONFIG)
+        write_json(out_dir / DEEPSPEED_CONFIG, ds_config)
     parameters, per_rank = parameter_counts(model, device)
     if rank == 0:
         write_json(out_dir / TRAIN_INFO, {
