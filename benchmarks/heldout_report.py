@@ -18,7 +18,8 @@ from dnd_scale.generator_export import export_folder, is_exported
 from dnd_scale.io import read_json, write_json
 from dnd_scale.rundir import RunDir
 from dnd_scale.store import completion_markers, read_completion, store_dir
-from dnd_scale.trainer import METRICS, TrainConfig
+from dnd_scale.train_config import TrainConfig
+from dnd_scale.train_metrics import METRICS
 
 
 def collect_summary(run: Path) -> dict:

@@ -177,7 +177,7 @@ def build_synthetic_run(run_dir: Path, target: TargetSpec, seed: int = 0) -> dic
     from dnd_scale.shards import ShardConfig, build_shards
     from dnd_scale.targets import PackedTargets, write_common, write_task_targets
     from dnd_scale.rundir import RunDir
-    from dnd_scale.trainer import condition_cache_dir
+    from dnd_scale.train_data import condition_cache_dir
 
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # the writers add to a folder; start from an empty one
@@ -290,7 +290,9 @@ def train_worker(job: dict) -> dict:
     `job["steps"]` steps through `train()`; peak memory, step times and the plan's prediction."""
     from dnd_scale.encoder import EncoderConfig
     from dnd_scale.io import read_json, read_jsonl
-    from dnd_scale.trainer import METRICS, TRAIN_INFO, TrainConfig, train
+    from dnd_scale.train_config import TrainConfig
+    from dnd_scale.train_metrics import METRICS
+    from dnd_scale.trainer import TRAIN_INFO, train
 
     target = TargetSpec(**job["target"])
     cuda = torch.cuda.is_available()

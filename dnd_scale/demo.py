@@ -57,7 +57,8 @@ def run_demo(run: RunConfig, demo: DemoConfig, out: str | os.PathLike) -> dict:
     from dnd_scale.store import final_checkpoint, read_manifest, read_prompt_pools
     from dnd_scale.targets import PackedTargets
     from dnd_scale.tasks import load_task, load_tasks
-    from dnd_scale.trainer import CHECKPOINTS_DIR, latest_checkpoint, train
+    from dnd_scale.train_checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+    from dnd_scale.trainer import train
 
     out = Path(out)
     folder = RunDir(out)

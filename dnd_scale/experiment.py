@@ -59,7 +59,9 @@ from dnd_scale.store import is_complete, read_collect_meta, read_layout, store_d
 from dnd_scale.targets import is_packed
 from dnd_scale.tasks import Task, TaskRecord, load_task
 from dnd_scale.tokenizer import TokenizerConfig
-from dnd_scale.trainer import CHECKPOINTS_DIR, TRAIN_INFO, TrainConfig
+from dnd_scale.train_checkpoint import CHECKPOINTS_DIR
+from dnd_scale.train_config import TrainConfig
+from dnd_scale.trainer import TRAIN_INFO
 
 SCORERS = ("loglik", "generate")
 COLLECT_RUN = "collect"  # the run folder, under the experiment folder, that holds the one shared checkpoint store
@@ -338,7 +340,8 @@ def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Pat
     from dnd_scale.shards import build_shards
     from dnd_scale.store import read_prompt_pools
     from dnd_scale.targets import PackedTargets
-    from dnd_scale.trainer import latest_checkpoint, train
+    from dnd_scale.train_checkpoint import latest_checkpoint
+    from dnd_scale.trainer import train
 
     export = export_folder(RunDir(run).train_output(config.train.output_dir))
     if is_exported(export):

@@ -178,12 +178,14 @@ def _config_name(zero_stage: int, offload_optimizer: bool, offload_params: bool)
 
 
 def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: int,
-                     device: Any = None) -> int | None:
+                     device: Any = None, resident_bytes: int = 0) -> int | None:
     """Refuse a training config whose memory estimate does not fit the GPU, before anything is built.
 
     `config` is a TrainConfig (generator, zero_stage, offload_*, micro_batch_size, gpu_memory_gib).
     The GPU's size is `config.gpu_memory_gib` when declared, else the total memory torch reports for a
-    CUDA `device`; on any other device, undeclared, nothing is checked (returns None). Returns the
+    CUDA `device`; on any other device, undeclared, nothing is checked (returns None). `resident_bytes`
+    is what `train.resident` holds on every GPU besides the generator (`resident.resident_bytes`; 0
+    when the data streams from the host), added to every configuration's estimate. Returns the
     estimate in bytes when it fits, raises PlanError with the numbers of every configuration otherwise.
     """
     import torch
@@ -201,25 +203,31 @@ def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: i
     micro = config.micro_batch_size
     estimate = gpu_memory_estimate(features, kernel, config.zero_stage, world, micro,
                                    config.offload_optimizer, config.offload_params, config.bf16)
+    total = estimate["total"] + resident_bytes
     usable = USABLE_FRACTION * capacity
-    if estimate["total"] <= usable:
-        return estimate["total"]
+    if total <= usable:
+        return total
     name = _config_name(config.zero_stage, config.offload_optimizer, config.offload_params)
     others = {_config_name(stage, offload, offload): gpu_memory_estimate(
-        features, kernel, stage, world, micro, offload, offload, config.bf16)["total"] for stage, offload in _COLUMNS}
+        features, kernel, stage, world, micro, offload, offload, config.bf16)["total"] + resident_bytes
+        for stage, offload in _COLUMNS}
     options = [f"{key} {value / GIB:.1f}" for key, value in others.items()]
     fitting = [key for key, value in others.items() if value <= usable]
     per_sample = estimate["activations"] / micro / GIB
+    resident = (f" + {resident_bytes / GIB:.1f} GiB of resident data, the packed targets and condition caches "
+                "train.resident puts on the GPU" if resident_bytes else "")
     raise PlanError(
-        f"train config needs ~{estimate['total'] / GIB:.1f} GiB per GPU ({name} on {world} GPU(s): model states "
+        f"train config needs ~{total / GIB:.1f} GiB per GPU ({name} on {world} GPU(s): model states "
         f"{estimate['model_states'] / GIB:.1f} GiB + activations {estimate['activations'] / GIB:.1f} GiB at "
-        f"micro_batch_size {micro}, {'bf16' if config.bf16 else 'fp32'}), but {where} leaves {usable / GIB:.1f} GiB usable ({USABLE_FRACTION:.0%}). "
-        f"Estimates per GPU at this world size (GiB): {', '.join(options)}. "
+        f"micro_batch_size {micro}, {'bf16' if config.bf16 else 'fp32'}{resident}), but {where} leaves {usable / GIB:.1f} GiB usable ({USABLE_FRACTION:.0%}). "
+        f"Estimates per GPU at this world size{' with the resident data' if resident_bytes else ''} (GiB): "
+        f"{', '.join(options)}. "
         + (f"Configurations that fit: {', '.join(fitting)}; " if fitting else "No ZeRO configuration fits; ")
         + ("(zero3+offload = zero_stage 3 with offload_optimizer and offload_params) " if "zero3+offload" in fitting else "")
+        + ("set train.resident=host to stream the data from the host, " if resident_bytes else "")
         + f"or lower train.micro_batch_size (activations ~{per_sample:.2f} GiB per sample), train on more GPUs, "
-        "or pick a smaller generator (generator.max_channels). `dnd plan` prints the same numbers; "
-        "set train.gpu_memory_gib only to the memory the GPU really has."
+        "or pick a smaller generator (generator.max_channels). `dnd plan` prints the same numbers"
+        + (" except the resident data" if resident_bytes else "") + "; set train.gpu_memory_gib only to the memory the GPU really has."
     )
 
 
@@ -356,7 +364,7 @@ def display_name(model: str | Path) -> str:
 def recipe_plan_config(run: RunConfig) -> PlanConfig:
     """What a recipe's run sizes: N from `shard`, L, the micro-batch and the cache dtype from `train`,
     c from `pack`."""
-    from dnd_scale.trainer import condition_length
+    from dnd_scale.train_config import condition_length
 
     return PlanConfig(num_prompts=run.shard.num_prompts, max_tokens=condition_length(run.train), chunk=run.pack.chunk,
                       kernel_size=run.train.generator.kernel_size, micro_batch=run.train.micro_batch_size,

@@ -27,7 +27,7 @@ from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recip
 from dnd_scale.evaluate import EvalConfig
 from dnd_scale.shards import ShardConfig
 from dnd_scale.tokenizer import TokenizerConfig
-from dnd_scale.trainer import TrainConfig
+from dnd_scale.train_config import TrainConfig
 
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run folder keeps
 

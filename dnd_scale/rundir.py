@@ -5,7 +5,7 @@
         base_model/     a random-init base model, saved by `dnd collect` (`basemodel.save_base_model`)
         targets/        the packed targets of `dnd pack` (`targets`)
         shards/         the shard set of `dnd shard` (`shards`)
-        conditions/     the condition caches of `dnd train` (`trainer.condition_cache_dir`)
+        conditions/     the condition caches of `dnd train` (`train_data.condition_cache_dir`)
         generator/      `dnd train`'s output folder (`train.output_dir`), its export in `export/`
                         (`generator_export`)
         adapters/       adapters generated for the run (`dnd demo`, `dnd experiment`)

@@ -19,7 +19,9 @@ from typing import Mapping
 from dnd_scale.config import from_dict, to_dict
 from dnd_scale.loader import collate_pairs, gather_prompts
 from dnd_scale.shards import iter_blocks
-from dnd_scale.trainer import TrainConfig, TrainingData, load_train_config, pair_stream, train
+from dnd_scale.train_config import TrainConfig, load_train_config
+from dnd_scale.train_data import TrainingData, pair_stream
+from dnd_scale.trainer import train
 
 
 class GlobalOrderStream:

@@ -14,7 +14,7 @@ from dnd_scale.generator import resolve_features
 from dnd_scale.layout import LoraLayout
 from dnd_scale.recipe import RECIPE_FILE, RunConfig, load_recipe, parse_stage_args, record_recipe
 from dnd_scale.tokenizer import WeightTokenizer
-from dnd_scale.trainer import TrainConfig, condition_length, load_train_config
+from dnd_scale.train_config import TrainConfig, condition_length, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))

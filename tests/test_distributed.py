@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dnd_scale.trainer import deepspeed_config, load_train_config
+from dnd_scale.train_config import deepspeed_config, load_train_config
 from launching import (
     BIN,
     CHECKPOINT_EVERY,

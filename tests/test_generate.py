@@ -16,7 +16,8 @@ from dnd_scale.generate import AdapterGenerator, main, read_prompts
 from dnd_scale.generator import GeneratorConfig
 from dnd_scale.io import ArtifactError, sha256_file, write_json
 from dnd_scale.layout import LayoutError
-from dnd_scale.trainer import TrainConfig, train
+from dnd_scale.train_config import TrainConfig
+from dnd_scale.trainer import train
 from tinymodels import tiny_config, tiny_model
 from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
 

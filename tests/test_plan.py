@@ -16,7 +16,7 @@ from peft import get_peft_model
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
 from dnd_scale.layout import LoraSpec, load_config_dict
 from dnd_scale.plan import PlanConfig, PlanError, check_gpu_memory, display_name, main, make_plan, model_state_bytes
-from dnd_scale.trainer import TrainConfig
+from dnd_scale.train_config import TrainConfig
 
 MODELS = sorted((Path(__file__).resolve().parents[1] / "configs" / "models").glob("*.json"))
 
@@ -171,22 +171,69 @@ def test_check_gpu_memory_refuses_with_the_plans_numbers():
     assert check_gpu_memory(config, features, world=1, device="cpu") is None  # CPU, undeclared: no check
 
 
-def test_train_refuses_before_building_anything(tmp_path, one_thread):
+def test_check_gpu_memory_counts_the_resident_data():
+    """train.resident=device puts the packed targets and condition caches on every GPU beside the
+    generator: the check adds their bytes to every configuration's estimate and says so."""
+    from dnd_scale.plan import GIB, USABLE_FRACTION
+
+    config, features = _declared(80.0)
+    estimate = check_gpu_memory(config, features, world=1, device="cpu")
+    resident = 10 * GIB
+    assert check_gpu_memory(config, features, world=1, device="cpu", resident_bytes=resident) == estimate + resident
+    config, features = _declared((estimate + resident / 2) / USABLE_FRACTION / GIB)
+    assert check_gpu_memory(config, features, world=1, device="cpu") == estimate  # streamed from the host: fits
+    with pytest.raises(PlanError) as err:
+        check_gpu_memory(config, features, world=1, device="cpu", resident_bytes=resident)
+    message = str(err.value)
+    assert f"needs ~{(estimate + resident) / GIB:.1f} GiB per GPU" in message
+    assert "+ 10.0 GiB of resident data, the packed targets and condition caches train.resident puts" in message
+    assert "with the resident data (GiB):" in message and "zero3+offload 10.0" in message  # offload moves no data
+    assert "set train.resident=host to stream the data from the host" in message
+
+
+def _tiny_train(tmp_path, gpu_memory_gib):
+    """(run folder, train config) of a tiny run that declares a GPU of `gpu_memory_gib`."""
     from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
 
     from dnd_scale.encoder import EncoderConfig
-    from dnd_scale.trainer import train
 
     run = make_tiny_run(tmp_path / "run")
     encoder = make_tiny_encoder(tmp_path / "encoder")
     config = TrainConfig(
         generator=GeneratorConfig(preset=None, features=tiny_features(), kernel_size=3),
         encoder=EncoderConfig(name=str(encoder), max_length=8), micro_batch_size=2, steps=2, warmup_steps=1,
-        zero_stage=0, checkpoint_every=2, num_workers=0, gpu_memory_gib=1e-6,
+        zero_stage=0, checkpoint_every=2, num_workers=0, gpu_memory_gib=gpu_memory_gib,
     )
+    return run, config
+
+
+def test_train_refuses_before_building_anything(tmp_path, one_thread):
+    from dnd_scale.trainer import train
+
+    run, config = _tiny_train(tmp_path, 1e-6)
     with pytest.raises(PlanError, match="needs ~.* GiB per GPU"):
         train(config, run)
     # nothing but the run's lock file: no config, checkpoint or export was written
+    assert [p.name for p in (run / "generator").iterdir()] == [".lock"]
+
+
+def test_train_counts_resident_data_in_the_memory_check(tmp_path, one_thread, monkeypatch):
+    """A generator that fits the declared GPU alone is refused when train.resident puts the run's
+    targets and condition caches on that GPU too, before anything is built."""
+    from dataclasses import replace
+
+    from dnd_scale import trainer
+    from dnd_scale.plan import GIB, USABLE_FRACTION
+    from dnd_scale.resident import resident_bytes
+    from dnd_scale.train_data import TrainingData
+
+    run, config = _tiny_train(tmp_path, 80.0)
+    estimate = check_gpu_memory(config, config.generator.features, world=1, device="cpu")
+    targets = resident_bytes(TrainingData.open(run).targets, None)  # the condition caches come on top
+    config = replace(config, gpu_memory_gib=(estimate + targets / 2) / USABLE_FRACTION / GIB)
+    monkeypatch.setattr(trainer, "resolve_resident", lambda *args: True)  # as on a GPU with room for the data
+    with pytest.raises(PlanError, match=r"needs ~.* GiB per GPU .* GiB of resident data.*train.resident=host"):
+        trainer.train(config, run)
     assert [p.name for p in (run / "generator").iterdir()] == [".lock"]
 
 

@@ -19,24 +19,18 @@ from safetensors.torch import load_file
 from dnd_scale.config import ConfigError, save_config
 from dnd_scale.encoder import ConditionCache, ConditionEncoder, EncoderConfig
 from dnd_scale.generator import GeneratorConfig
-from dnd_scale.trainer import (
-    ConditionSource,
-    MetricsLog,
+from dnd_scale.train_checkpoint import check_resume_config, load_checkpoint, rng_state, set_rng_state
+from dnd_scale.train_config import (
     TrainConfig,
     TrainError,
-    TrainingData,
     WarmupCosine,
-    check_resume_config,
     condition_length,
-    condition_source,
     deepspeed_config,
-    load_checkpoint,
     load_train_config,
-    pair_stream,
-    rng_state,
-    set_rng_state,
-    train,
 )
+from dnd_scale.train_data import ConditionSource, TrainingData, condition_source, pair_stream
+from dnd_scale.train_metrics import MetricsLog
+from dnd_scale.trainer import train
 from dnd_scale.io import exclusive_folder, read_jsonl
 from tinyrun import make_tiny_encoder, make_tiny_run, tiny_features
 
@@ -515,10 +509,10 @@ def test_changed_targets_are_refused_when_training_opens_the_data(tiny_run, tmp_
 
 @pytest.fixture
 def world_of_one():
-    from dnd_scale import trainer
+    from dnd_scale import train_engine
 
-    yield trainer.init_distributed()
-    trainer._drop_standalone_env()
+    yield train_engine.init_distributed()
+    train_engine.drop_standalone_env()
 
 
 def test_condition_caches_are_rebuilt_for_new_encoder_weights_and_when_corrupt(tiny_run, tmp_path, world_of_one):
@@ -565,7 +559,8 @@ faulthandler.dump_traceback_later(40, exit=False)  # a hang prints every thread'
 # Ctrl-C as in a terminal: a shell that starts the suite in the background hands down SIGINT ignored
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
-from dnd_scale.trainer import TrainConfig, TrainingData, pair_stream
+from dnd_scale.train_config import TrainConfig
+from dnd_scale.train_data import TrainingData, pair_stream
 run, fault = Path(sys.argv[1]), sys.argv[2]
 data = TrainingData.open(run)  # checks the hashes: the damage below happens after it
 stream = pair_stream(data, TrainConfig(micro_batch_size=2, num_workers=2, resampled=True), rank=0, world_size=1)
