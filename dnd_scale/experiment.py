@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dnd_scale.collect import CollectConfig
+from dnd_scale.collect_config import CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, save_config, to_dict
 from dnd_scale.eval_scoring import wilson_interval
 from dnd_scale.evaluate import EvalConfig

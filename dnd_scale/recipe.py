@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from dnd_scale.collect import CollectConfig
+from dnd_scale.collect_config import CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, read_yaml, save_config, set_field, to_dict
 from dnd_scale.evaluate import EvalConfig
 from dnd_scale.shards import ShardConfig
