@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 
 from dnd_scale.config import ConfigError
-from dnd_scale.experiment import (
-    PAIRED,
-    cached_scores,
-    group_summary,
-    paired_difference,
-    paired_summaries,
-    load_experiment,
-    prompt_batches,
-    run_experiment,
-    run_order,
-    split_heldout,
-    update_gram,
-)
+from dnd_scale.experiment import run_experiment, run_order
+from dnd_scale.experiment_data import prompt_batches, split_heldout
+from dnd_scale.experiment_recipe import load_experiment
+from dnd_scale.experiment_scoring import cached_scores
+from dnd_scale.experiment_stats import PAIRED, group_summary, paired_difference, paired_summaries
+from dnd_scale.experiment_weights import update_gram
 from dnd_scale.export import check_vllm_contract, vllm_max_lora_rank
 from dnd_scale.io import read_json
 
@@ -191,7 +184,7 @@ def test_update_gram_is_the_inner_product_of_the_updates_BA():
 def test_distances_from_a_gram_matrix_equal_the_explicit_ones():
     import torch
 
-    from dnd_scale.experiment import _distances
+    from dnd_scale.experiment_weights import _distances
 
     x = torch.randn(6, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     got = _distances(x @ x.T, {"generated": [0, 1], "training": [2, 3, 4], "oracle": [5]})
