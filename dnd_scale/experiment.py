@@ -118,7 +118,7 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike) -> dict:
                 log_progress(f"{key}: score {label} {adapter.name if adapter else ''} ({scorer_name})")
                 scores.setdefault(scorer_name, {}).setdefault(label, []).append(
                     scorer.score(held.task, scorer_name, label, adapter))
-        entry = heldout_entry(key, held, scores, adapters, failures, out, run, run_config.train)
+        entry = heldout_entry(key, held, scores, adapters, failures, out, run, run_config.run.train)
         (report["variations"] if key.startswith("variation-") else report["heldout"])[key] = entry
         write_results(config, out, report, timings)
     return write_results(config, out, report, timings)
@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
-        parser.error(f"unrecognized arguments: {bad} (overrides look like --section.field=value)")
-    config, _ = load_experiment(args.config, overrides)
+        parser.error(f"unrecognized arguments: {bad} (overrides look like --section.field=value, "
+                     "e.g. --run.train.steps=600)")
+    config = load_experiment(args.config, overrides)
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

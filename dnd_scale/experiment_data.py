@@ -17,7 +17,7 @@ def _records(config: ExperimentConfig, name: str, split: str) -> list[TaskRecord
     files = config.tasks[name]
     if files.synthetic:
         seed = {"train": 0, "test": 1}[split]  # train and test are independent draws
-        return load_task(files.synthetic, num_records=config.synthetic_records, seed=seed).records
+        return load_task(files.synthetic, num_records=config.run.synthetic_records, seed=seed).records
     path = getattr(files, split)
     return load_task(str(Path(config.data_dir) / path)).records
 
@@ -51,7 +51,7 @@ def prompt_batches(prompts: Sequence[str], size: int, count: int, seed: str) -> 
     if size * count > len(prompts):
         raise ConfigError(
             f"{count} disjoint batches of {size} prompts need {size * count} prompts, the pool has {len(prompts)}; "
-            "lower generated_samples / control_samples or shard.num_prompts"
+            "lower generated_samples / control_samples or run.shard.num_prompts"
         )
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)

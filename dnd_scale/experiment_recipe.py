@@ -1,19 +1,17 @@
 """The experiment recipe (`configs/experiments/*.yaml`): the study's tasks and their files, the
-leave-one-out experiments, the variations, and the settings of every stage (see `experiment`)."""
+leave-one-out experiments and the variations, around one pipeline recipe (`recipe.RunConfig`, under
+`run:`) that every run of the study shares (see `experiment`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from dnd_scale.collect_config import CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe
-from dnd_scale.evaluate import EvalConfig
-from dnd_scale.shards import ShardConfig
-from dnd_scale.tokenizer import TokenizerConfig
-from dnd_scale.trainer import TrainConfig
+from dnd_scale.recipe import RunConfig, resolve_recipe_paths
 
 SCORERS = ("loglik", "generate")
 
@@ -28,7 +26,7 @@ class TaskFiles:
     """Held-out records, split into the conditioning and the scoring half; needed to hold the task out."""
     synthetic: str | None = None
     """Instead of files: a `synthetic:<family>` spec (tiny runs); `train` and `test` are then seeded
-    draws of `synthetic_records` records each."""
+    draws of `run.synthetic_records` records each."""
 
 
 @dataclass
@@ -52,15 +50,13 @@ class Variation:
     heldout: str
     """Which held-out task (one of `heldout`)."""
     overrides: list[str] = field(default_factory=list)
-    """Overrides of the experiment's sections, e.g. ["train.steps=1500", "shard.num_prompts=16"]."""
+    """Overrides of the experiment's fields, e.g. ["run.train.steps=1500", "run.shard.num_prompts=16"]."""
 
 
 @dataclass
 class ExperimentConfig:
     """A leave-one-out study (see `experiment`)."""
 
-    base_model: str = ""
-    """The frozen base: a HF folder, a .gguf file, or a model config.json (random init, tiny runs)."""
     data_dir: str = "."
     """Folder the task files are relative to (relative paths: to the recipe file)."""
     tasks: dict[str, TaskFiles] = field(default_factory=dict)
@@ -71,26 +67,21 @@ class ExperimentConfig:
     """Seed of the conditioning/scoring split of every test file and of the prompt batches."""
     scoring_records: int | None = None
     """Score at most this many records of each scoring half (a seeded subset); None: all of it."""
-    synthetic_records: int = 64
-    """Records per split of a synthetic task."""
     generated_samples: int = 5
     """Adapters generated per held-out task, each from its own disjoint batch of conditioning prompts."""
     control_samples: int = 2
     """Control adapters per held-out task, from disjoint batches of the control task's prompts."""
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    """How every LoRA is trained (its base_model is set from `base_model`)."""
-    pack: TokenizerConfig = field(default_factory=TokenizerConfig)
-    """The weight-token scheme."""
-    shard: ShardConfig = field(default_factory=ShardConfig)
-    """Pairs per training task and prompts per condition."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """The generator and its training."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Scoring settings shared by both scorers (its `mode` and `max_records` are set per scorer)."""
     scorers: list[str] = field(default_factory=lambda: list(SCORERS))
     """Which scorers run: "loglik" (option log-likelihood) and/or "generate" (greedy, parsed choice)."""
     variations: list[Variation] = field(default_factory=list)
     """Re-trainings, each run right after its held-out task (in recipe order)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """The pipeline recipe every run of the study shares, as in `configs/*.yaml`: `run.collect` trains
+    every LoRA, and its `base_model` is the frozen base (a HF folder, a .gguf file, dequantized once,
+    or a model config.json: random init, tiny runs); `run.pack`, `run.shard` and `run.train` make each
+    held-out task's generator; `run.eval` holds what both scorers share (its `mode` and `max_records`
+    are set per scorer); `run.synthetic_records` is the records per split of a synthetic task. The
+    study's tasks are `tasks`, so `run.tasks` stays empty."""
 
     def __post_init__(self) -> None:
         self.tasks = {name: files if isinstance(files, TaskFiles) else from_dict(TaskFiles, files, f"tasks.{name}.")
@@ -108,23 +99,45 @@ class ExperimentConfig:
         for variation in self.variations:
             if variation.heldout not in names:
                 problems.append(f"variation {variation.name!r} names heldout {variation.heldout!r}, not one of {names}")
+            for override in variation.overrides:
+                if override.lstrip("-").split(".")[0] in _moved_to_run():
+                    problems.append(f"variation {variation.name!r} overrides {override!r}: the stage sections are "
+                                    f"under `run:`, write 'run.{override.lstrip('-')}'")
         unknown = sorted(set(self.scorers) - set(SCORERS))
         if unknown or not self.scorers:
             problems.append(f"scorers must be a non-empty subset of {list(SCORERS)}, got {self.scorers}")
         if self.generated_samples < 1 or self.control_samples < 0:
             problems.append("generated_samples must be >= 1 and control_samples >= 0")
+        if self.run.tasks:
+            problems.append(f"run.tasks must stay empty: the study's tasks are `tasks` (name -> files), "
+                            f"got {self.run.tasks}")
         if problems:
             raise ConfigError("invalid experiment recipe: " + "; ".join(problems))
 
 
-def load_experiment(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, dict]:
-    """(config, the raw recipe with overrides applied); relative `data_dir` and `base_model` paths
-    resolve relative to the recipe file."""
+def _moved_to_run() -> set[str]:
+    """The top-level names of an experiment recipe from before it embedded `run:` that now live there
+    (`base_model` as `run.collect.base_model`)."""
+    own = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    return ({f.name for f in dataclasses.fields(RunConfig)} - own) | {"base_model"}
+
+
+def load_experiment(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The experiment recipe with `--field=value` overrides (`--run.train.steps=600`) applied; a
+    relative `data_dir` and the `run` section's relative paths (`run.collect.base_model`, ...) resolve
+    against the recipe's folder, those of overrides included."""
     raw = apply_overrides(read_recipe(recipe), overrides)
-    config = from_dict(ExperimentConfig, raw)
+    moved = sorted(set(raw) & _moved_to_run())
+    if moved:
+        raise ConfigError(
+            f"experiment recipe {str(recipe)!r} (or an override) sets {moved} at the top level; the pipeline's "
+            "sections live under `run:` (run.collect, run.collect.base_model, run.train, ...): move them there, "
+            "and write overrides as --run.train.steps=600"
+        )
     here = Path(recipe).resolve().parent
+    if isinstance(raw.get("run"), dict):
+        resolve_recipe_paths(raw["run"], here)
+    config = from_dict(ExperimentConfig, raw)
     if not os.path.isabs(config.data_dir):
         config.data_dir = str((here / config.data_dir).resolve())
-    if config.base_model and not os.path.isabs(config.base_model):
-        config.base_model = str((here / config.base_model).resolve())
-    return config, raw
+    return config

@@ -24,8 +24,8 @@ class Scorer:
         from dnd_scale.basemodel import load_base_model
 
         self.config, self.out = config, out
-        self.base = load_base_model(base, dtype=config.eval.dtype, device=config.eval.device,
-                                    seed=config.collect.seed)
+        self.base = load_base_model(base, dtype=config.run.eval.dtype, device=config.run.eval.device,
+                                    seed=config.run.collect.seed)
         self._prepared: dict[tuple[str, str], Any] = {}
 
     def _prepare(self, task: str, scorer: str):
@@ -33,7 +33,7 @@ class Scorer:
 
         if (task, scorer) not in self._prepared:
             _, scoring = split_heldout(self.config, task)
-            eval_config = replace(self.config.eval, mode=scorer, max_records=None)
+            eval_config = replace(self.config.run.eval, mode=scorer, max_records=None)
             self._prepared[task, scorer] = (prepare_task(Task(task, scoring, "scoring half"), self.base.tokenizer,
                                                          eval_config), eval_config)
         return self._prepared[task, scorer]

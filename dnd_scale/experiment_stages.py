@@ -57,18 +57,18 @@ def log_progress(message: str) -> None:
 def prepare_base(config: ExperimentConfig, out: Path) -> str:
     """The base model as a HF folder under the run (a .gguf is dequantized once, so every later load
     is a plain folder read); other sources are used as they are."""
-    source = Path(config.base_model)
+    source = Path(config.run.collect.base_model)
     if source.suffix != ".gguf":
-        return config.base_model
+        return config.run.collect.base_model
     folder = out / "base"
     if not (folder / HF_CONFIG).is_file():
         from dnd_scale.basemodel import load_base_model, save_base_model
 
         log_progress(f"dequantizing {source.name} into {folder}")
-        base = load_base_model(source, dtype=config.collect.dtype, device="cpu")
+        base = load_base_model(source, dtype=config.run.collect.dtype, device="cpu")
         save_base_model(base, folder)
         write_json(out / BASE_SOURCE, {"gguf": str(source), "sha256": sha256_file(source),
-                                       "dtype": config.collect.dtype})
+                                       "dtype": config.run.collect.dtype})
     return str(folder)
 
 
@@ -77,7 +77,7 @@ def collect_all(config: ExperimentConfig, base: str, out: Path, timings: Timings
     from dnd_scale.collect import collect
 
     names = list(dict.fromkeys([t for h in config.heldout for t in h.train_on] + [h.task for h in config.heldout]))
-    collect_config = replace(config.collect, base_model=base)
+    collect_config = replace(config.run.collect, base_model=base)
     for name in names:
         if is_complete(store_dir(out / COLLECT_RUN), name):
             continue
@@ -130,7 +130,7 @@ def pack_all(config: ExperimentConfig, out: Path, timings: Timings) -> Path:
         _link_store(folder, out)
         training = list(dict.fromkeys(t for held in config.heldout for t in held.train_on))
         with timings.measure("pack_all"):
-            pack(folder, config.pack, training, device=_device())
+            pack(folder, config.run.pack, training, device=_device())
     return RunDir(folder).targets
 
 
@@ -144,20 +144,20 @@ def train_generator(config: ExperimentConfig, held: HeldOut, run: Path, out: Pat
     from dnd_scale.targets import PackedTargets
     from dnd_scale.trainer import latest_checkpoint, train
 
-    export = export_folder(RunDir(run).train_output(config.train.output_dir))
+    export = export_folder(RunDir(run).train_output(config.run.train.output_dir))
     if is_exported(export):
         return export
     _link_store(run, out)
     if not is_shard_set(RunDir(run).shards):
         shared = pack_all(config, out, timings)
         with timings.measure(f"{key}/pack_shard"):
-            targets = pack(run, config.pack, held.train_on, device=_device(), reuse=shared)
+            targets = pack(run, config.run.pack, held.train_on, device=_device(), reuse=shared)
             pools = read_prompt_pools(run, held.train_on)  # what collect kept, checked against its marker
-            build_shards(PackedTargets(targets), pools, RunDir(run).shards, config.shard)
-    resume = latest_checkpoint(RunDir(run).train_output(config.train.output_dir) / CHECKPOINTS_DIR) is not None
+            build_shards(PackedTargets(targets), pools, RunDir(run).shards, config.run.shard)
+    resume = latest_checkpoint(RunDir(run).train_output(config.run.train.output_dir) / CHECKPOINTS_DIR) is not None
     log_progress(f"train the generator of {key}" + (" (resumed)" if resume else ""))
     with timings.measure(f"{key}/train" + ("_resumed" if resume else "")):
-        train(config.train, run, resume=resume)
+        train(config.run.train, run, resume=resume)
     return export if is_exported(export) else None
 
 
@@ -170,7 +170,7 @@ def generate_adapters(config: ExperimentConfig, held: HeldOut, export: Path, run
     from dnd_scale.layout import LayoutError
 
     conditioning, _ = split_heldout(config, held.task)
-    n = config.shard.num_prompts
+    n = config.run.shard.num_prompts
     batches = {
         "generated": prompt_batches([r.prompt for r in conditioning], n, config.generated_samples,
                                     f"{config.split_seed}/{held.task}/condition"),
