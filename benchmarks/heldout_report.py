@@ -13,7 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from dnd_scale.experiment import COLLECT_RUN, RESULTS, cached_scores, paired_summaries
+from dnd_scale.experiment_report import RESULTS
+from dnd_scale.experiment_scoring import cached_scores
+from dnd_scale.experiment_stages import COLLECT_RUN
+from dnd_scale.experiment_stats import paired_summaries
 from dnd_scale.generator_export import export_folder, is_exported
 from dnd_scale.io import read_json, write_json
 from dnd_scale.rundir import RunDir

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from dnd_scale.collect import CollectConfig
+from dnd_scale.collect_config import CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, read_yaml, save_config, set_field, to_dict
 from dnd_scale.evaluate import EvalConfig
 from dnd_scale.shards import ShardConfig
@@ -74,7 +74,7 @@ def _is_file_task(spec: str) -> bool:
     return not spec.startswith(("synthetic:", "hf:"))
 
 
-def _resolve_paths(data: dict[str, Any], here: Path) -> dict[str, Any]:
+def resolve_recipe_paths(data: dict[str, Any], here: Path) -> dict[str, Any]:
     """The recipe's relative paths made absolute against `here` (in place); other values untouched."""
 
     def resolve(path: Any) -> Any:
@@ -101,11 +101,11 @@ def load_recipe(
     """
     data = read_recipe(recipe)
     if recipe is not None:
-        _resolve_paths(data, Path(recipe).resolve().parent)
+        resolve_recipe_paths(data, Path(recipe).resolve().parent)
     apply_overrides(data, overrides)
     for name, value in (values or {}).items():
         set_field(data, name.split("."), value)
-    return from_dict(RunConfig, _resolve_paths(data, Path.cwd()))
+    return from_dict(RunConfig, resolve_recipe_paths(data, Path.cwd()))
 
 
 def check_stage_overrides(stage: str, overrides: Sequence[str]) -> None:

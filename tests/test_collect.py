@@ -16,16 +16,11 @@ import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from dnd_scale import collect as collect_module
+from dnd_scale import collect_task
 from dnd_scale.basemodel import base_identity, build_tiny_tokenizer, load_base_model, sample_positions
-from dnd_scale.collect import (
-    IGNORE_INDEX,
-    CollectConfig,
-    _collate,
-    collect,
-    encode_record,
-    encode_task,
-)
+from dnd_scale.collect import collect
+from dnd_scale.collect_config import CollectConfig
+from dnd_scale.collect_examples import IGNORE_INDEX, collate, encode_record, encode_task
 from dnd_scale.eval_adapters import check_adapter
 from dnd_scale.export import check_vllm_contract, write_adapter
 from dnd_scale.io import ArtifactError
@@ -43,7 +38,8 @@ CHECKPOINTS_PER_TASK = 4
 CHILD = """
 import json, os, signal, sys
 import torch
-from dnd_scale.collect import CollectConfig, collect
+from dnd_scale.collect import collect
+from dnd_scale.collect_config import CollectConfig
 torch.set_num_threads(1)
 from dnd_scale.tasks import load_task
 config, specs, run_dir, kill_at = json.loads(sys.argv[1])
@@ -247,15 +243,15 @@ def test_a_task_killed_mid_way_resumes_from_its_last_state_like_an_uninterrupted
     config = replace(config, lora=replace(config.lora, dropout=0.1), resume_every=3)
     uninterrupted = collect(config, tasks[:1], tmp_path / "uninterrupted")
     run_dir, task_dir = tmp_path / "run", tmp_path / "run" / "checkpoints" / tasks[0].name
-    real_collate, batches = collect_module._collate, []
+    real_collate, batches = collect_task.collate, []
 
-    def collate(*args):
+    def collate_until_killed(*args):
         batches.append(len(batches) + 1)
         if killed and len(batches) == 4:
             raise KeyboardInterrupt("killed in step 4")
         return real_collate(*args)
 
-    monkeypatch.setattr(collect_module, "_collate", collate)
+    monkeypatch.setattr(collect_task, "collate", collate_until_killed)
     killed = True
     with pytest.raises(KeyboardInterrupt):
         collect(config, tasks[:1], run_dir)
@@ -347,7 +343,7 @@ def test_prompt_tokens_have_label_minus_100(template):
     (cut_ids, cut_labels), = encode_task(tokenizer, task, response_start + 1)
     assert cut_ids == input_ids[: response_start + 1] and cut_labels[-1] == input_ids[response_start]
     # Right padding is masked out of attention and loss.
-    batch = _collate([(input_ids, labels), (cut_ids, cut_labels)], tokenizer.pad_token_id, torch.device("cpu"))
+    batch = collate([(input_ids, labels), (cut_ids, cut_labels)], tokenizer.pad_token_id, torch.device("cpu"))
     assert batch["labels"][1, len(cut_ids):].eq(IGNORE_INDEX).all()
     assert batch["attention_mask"].sum(1).tolist() == [len(input_ids), len(cut_ids)]
 

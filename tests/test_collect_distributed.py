@@ -25,14 +25,10 @@ import pytest
 import yaml
 
 from dnd_scale.basemodel import build_tiny_tokenizer
-from dnd_scale.collect import (
-    CollectConfig,
-    Ranks,
-    _collect_as_rank,
-    _deal,
-    collect,
-    main,
-)
+from dnd_scale.collect import collect, main
+from dnd_scale.collect_config import CollectConfig
+from dnd_scale.collect_distributed import collect_as_rank, deal_tasks
+from dnd_scale.collect_ranks import Ranks
 from dnd_scale.recipe import load_recipe
 from dnd_scale.io import ArtifactError, sha256_file
 from dnd_scale.store import load_checkpoint, read_manifest
@@ -217,7 +213,7 @@ def test_ranks_come_from_the_launcher_environment(monkeypatch):
     assert Ranks.from_environment() == Ranks(rank=3, local_rank=1, world_size=4)
     assert Ranks(3, 1, 4).device("cpu") == "cpu"
     # Round robin over the order given: every task to exactly one rank, shares differ by one at most.
-    shares = [_deal(list("abcdefghij"), Ranks(r, r, 4)) for r in range(4)]
+    shares = [deal_tasks(list("abcdefghij"), Ranks(r, r, 4)) for r in range(4)]
     assert shares == [list("aei"), list("bfj"), list("cg"), list("dh")]
     # Several ranks meet at MASTER_ADDR:MASTER_PORT; without them collect stops before any work.
     config = CollectConfig(base_model="unused.json", device="cpu")
@@ -235,11 +231,11 @@ def test_rank_zero_prepares_the_folder_like_one_process(reference, recipe, tmp_p
     config = load_recipe(recipe).collect
     tasks = load_tasks(TASK_SPECS, num_records=16, seed=config.seed)
     stamps = _stamps(run, TASKS)
-    assert _collect_as_rank(config, tasks, run, Ranks()) == read_manifest(reference)
+    assert collect_as_rank(config, tasks, run, Ranks()) == read_manifest(reference)
     assert _stamps(run, TASKS) == stamps and _manifest_text(run) == _manifest_text(reference)
     with pytest.raises(ValueError, match=r"another config \(steps: 8 -> 9"):
-        _collect_as_rank(replace(config, steps=9), tasks, run, Ranks())
+        collect_as_rank(replace(config, steps=9), tasks, run, Ranks())
     with open(run / "checkpoints" / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(RuntimeError, match="another `dnd collect` is writing to"):
-            _collect_as_rank(config, tasks, run, Ranks())
+            collect_as_rank(config, tasks, run, Ranks())

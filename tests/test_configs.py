@@ -150,7 +150,8 @@ def test_recipes_train_on_sets_whose_answers_vary(recipe):
 def test_a_task_whose_answers_are_all_one_option_is_refused(tmp_path):
     import json
 
-    from dnd_scale.collect import CollectConfig, collect
+    from dnd_scale.collect import collect
+    from dnd_scale.collect_config import CollectConfig
     from dnd_scale.tasks import Task, check_answers_vary, load_task
 
     records = [{"prompt": f"Goal {i}?\nA: one\nB: two", "response": "[A]"} for i in range(16)]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dnd_scale.basemodel import build_tiny_tokenizer
-from dnd_scale.collect import CollectConfig, collect
+from dnd_scale.collect import collect
+from dnd_scale.collect_config import CollectConfig
 from dnd_scale.io import ArtifactError
 from dnd_scale.layout import LoraSpec
 from dnd_scale.loader import LoaderConfig, PairLoader

@@ -169,14 +169,14 @@ def test_missing_index_or_shard_is_refused(tmp_path):
 
 
 def test_cli_shards_the_packed_tasks_with_the_prompt_pools_collect_kept(tmp_path):
-    from dnd_scale.collect import _save_prompt_pool
+    from dnd_scale.collect_task import save_prompt_pool
     from dnd_scale.store import store_dir, write_completion
 
     tasks = [load_task(spec, num_records=12, seed=5) for spec in ["synthetic:reverse_word", "synthetic:parity_tf"]]
     for task in tasks:
         (store_dir(tmp_path) / task.name).mkdir(parents=True)
         write_completion(store_dir(tmp_path), task.name,
-                         {"prompt_pool": _save_prompt_pool(store_dir(tmp_path) / task.name, task)})
+                         {"prompt_pool": save_prompt_pool(store_dir(tmp_path) / task.name, task)})
         write_task_targets(tmp_path / "targets", task.name, torch.randn(2, 3, 2, 4))
     write_common(tmp_path / "targets", torch.ones(3, 2, 4, dtype=torch.bool), torch.ones(3), {"rank": 2})
     (tmp_path / "recipe.yaml").write_text("shard: {num_prompts: 3, pairs_per_task: 5}\n")
