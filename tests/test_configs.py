@@ -99,6 +99,7 @@ REFUSALS = {  # dnd <stage> arguments (after --run RUN --config NEW) that the st
     "pack-without-checkpoints": ["pack"],
     "shard-without-targets": ["shard"],
     "train-without-targets": ["train"],
+    "generate-without-export": ["generate", "--prompts", "{prompts}"],
     "eval-with-bad-adapters": ["eval", "--base", "b.json", "--tasks", "synthetic:sum_mc", "--adapters", "x.safetensors",
                                "--out", "{out}"],
 }
