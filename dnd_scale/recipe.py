@@ -12,7 +12,8 @@ arguments, a run folder bound to another config, missing inputs) leaves the run 
 stage run without `--config` reads that file (its overrides then hold for that run only), and with
 neither it stops and asks for `--config` — a stage never falls back to defaults silently (`dnd
 generate` alone needs no recipe: without one it runs on its section's defaults, which are its flags'
-defaults, and the export carries everything else). A stage never rewrites what the stages before it
+defaults, and the export carries everything else; `dnd plan` without one sizes RunConfig's
+defaults and lists them). A stage never rewrites what the stages before it
 in the pipeline ran with: `dnd train --config R2.yaml` records R2's `train:` (and `generate:`,
 `eval:`) sections and keeps the `collect:`, `pack:` and `shard:` sections of the recipe that
 collect, pack and shard ran with.
