@@ -23,9 +23,9 @@ EXPERTS = ("mixtral-8x7b", "qwen3-30b-a3b")
 # The commands that made the JSON files (also printed in docs/scaling.md).
 COMMANDS = (
     "dnd plan --model " + " ".join(f"configs/models/{m}.json" for m in DENSE)
-    + " --lora r=16,alpha=32,modules=all-linear --chunk 512 --out benchmarks/results/plans.json",
+    + " --lora r=16,alpha=32,modules=all-linear --chunk 512 --max-tokens 384 --micro-batch 8 --preset match --out benchmarks/results/plans.json",
     "dnd plan --model " + " ".join(f"configs/models/{m}.json" for m in EXPERTS)
-    + " --lora r=16,alpha=32,modules=attention --lora-experts --chunk 512 --out benchmarks/results/plans_moe_experts.json",
+    + " --lora r=16,alpha=32,modules=attention --lora-experts --chunk 512 --max-tokens 384 --micro-batch 8 --preset match --out benchmarks/results/plans_moe_experts.json",
 )
 FILES = ("plans.json", "plans_moe_experts.json")
 BEGIN, END = "<!-- plans:begin (made by benchmarks/plans_doc.py) -->", "<!-- plans:end -->"

@@ -93,14 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     # temporary files, locks), where Python by default dies at once and leaves them behind.
     # `dnd train` checkpoints on it instead while it trains (trainer.StopRequest).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    from dnd_scale.io import drop_deferred_writes, flush_deferred_writes
+
     try:
         module = importlib.import_module(STAGES[stage])
-        return int(module.main(rest) or 0)
+        status = int(module.main(rest) or 0)
+        if status == 0:  # a stage that ends well records what it deferred even if it wrote nothing (its recipe)
+            flush_deferred_writes()
+        return status
     except Exception as error:  # noqa: BLE001 - sorted into user errors and bugs right here
         if debug or not is_user_error(error):
             raise
         print(f"dnd {stage}: error: {error}\n(run again with --debug to see where it was raised)", file=sys.stderr)
         return 1
+    finally:
+        drop_deferred_writes()  # a refused stage records nothing
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

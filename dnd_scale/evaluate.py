@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dnd_scale.basemodel import BaseModel, base_identity, load_base_model
 from dnd_scale.eval_adapters import applied_adapter, check_adapter, expand_adapter_paths
 from dnd_scale.eval_records import prepare_task
-from dnd_scale.eval_report import BASE_LABEL, accuracy_tables, write_report
+from dnd_scale.eval_report import BASE_LABEL, REPORT_FILES, accuracy_tables, write_report
 from dnd_scale.eval_scoring import METRICS, score_model
 from dnd_scale.tasks import Task, load_task
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="adapter groups, e.g. --adapters 'train=run/checkpoints/*/200.safetensors' "
                              "generated=out/adapters: a path is an adapter folder, a checkpoint, a glob (quoted, "
                              "dnd expands it) or a folder of adapters")
-    parser.add_argument("--out", required=True, help="report folder (results.json, results.md, accuracy.png)")
+    parser.add_argument("--out", required=True, help=f"report folder ({', '.join(REPORT_FILES)})")
     parser.add_argument("--mode", choices=sorted(METRICS))
     parser.add_argument("--max-records", type=int, help="seeded subsample per task")
     parser.add_argument("--seed", type=int, help="subsample seed")

@@ -199,7 +199,7 @@ def check_vllm_contract(folder: str | os.PathLike) -> int:
     keys = safetensors_keys(folder / ADAPTER_WEIGHTS, "adapter weights")
     if not isinstance(config, dict):
         raise VllmContractError(f"{folder / ADAPTER_CONFIG} holds a {type(config).__name__}, not a JSON object")
-    problems = [f"adapter_config.json has no {field!r}" for field in ("r", "lora_alpha", "target_modules")
+    problems = [f"{ADAPTER_CONFIG} has no {field!r}" for field in ("r", "lora_alpha", "target_modules")
                 if config.get(field) is None]  # fmt: skip
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config['peft_type']!r}; vLLM loads LORA adapters only")

@@ -1,30 +1,60 @@
 """`dnd generate`: prompts of a new task → a PEFT adapter folder, in one generator forward pass.
 
 `AdapterGenerator` loads an exported generator once (weights, config, layout, condition encoder) and
-serves any number of prompt sets. Each adapter folder gets a `provenance.json` with the generator's
-hash, the prompts' hash and the layout fingerprint, so an adapter can always be traced to what made it.
+serves any number of prompt sets. Each adapter folder gets a provenance file (`export.PROVENANCE`)
+with the generator's hash, the prompts' hash and the layout fingerprint, so an adapter can always be
+traced to what made it.
+
+Settings: the recipe's `generate:` section (`GenerateConfig`) from --config or the run folder's saved
+recipe (--run), `--generate.field=value` overrides and the flags below. With neither --config nor
+--run, the section's defaults (the export carries everything else the generator needs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
+from dnd_scale.basemodel import resolve_device
 from dnd_scale.config import from_dict
 from dnd_scale.encoder import ConditionEncoder, prompts_fingerprint
 from dnd_scale.export import VllmContractError, check_vllm_contract, export_tokens, parse_dtype, refuse_existing
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
-from dnd_scale.generator_export import load_export_weights, read_export_config, weights_misfit
+from dnd_scale.generator_export import export_folder, load_export_weights, read_export_config, weights_misfit
 from dnd_scale.io import ArtifactError, read_json, read_text
 from dnd_scale.layout import LayoutError, LoraLayout
+from dnd_scale.rundir import RunDir
 from dnd_scale.tokenizer import TokenizerConfig, WeightTokenizer
+
+
+@dataclass
+class GenerateConfig:
+    """How `dnd generate` turns prompt files into adapters (the recipe's `generate:` section)."""
+
+    samples: int = 1
+    """Adapters per prompt file, each from another seeded sample of the file's prompts (folders
+    `<stem>-<i>` when more than one, `<stem>` for one)."""
+    seed: int = 0
+    """Seed of the first sample's prompt draw; sample i draws with seed + i (recorded in provenance)."""
+    dtype: str = "float32"
+    """Adapter tensor dtype: "float32", "bfloat16" or "float16" (also "fp32", "bf16", "fp16")."""
+    device: str = "auto"
+    """Where the generator runs: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    impl: Literal["auto", "torch", "triton"] | None = None
+    """Generator stages and detokenization: the fused Triton kernels ("triton"), the PyTorch
+    references ("torch"), or Triton on a GPU only ("auto"); None: the exported config's."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1 adapter per prompt file, got {self.samples}")
+        parse_dtype(self.dtype)  # an unknown dtype is refused here, before the generator loads
 
 
 class AdapterGenerator:
@@ -123,31 +153,53 @@ def read_prompts(path: str | Path) -> list[str]:
     return load_task(str(path)).prompts
 
 
+# `dnd generate` flags that set a field of the recipe's `generate:` section (as --generate.<field>=value does).
+GENERATE_FLAGS = ("samples", "seed", "dtype", "device", "impl")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dnd generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--generator", required=True, help="exported generator folder (<run>/generator/export)")
+    parser = argparse.ArgumentParser(prog="dnd generate", description=__doc__.splitlines()[0] + " Settings: the "
+                                     "recipe's `generate:` section; overrides: --generate.field=value or the flags below.")
+    parser.add_argument("--config", help="YAML recipe; its `generate:` section is read (default: the recipe saved in "
+                                         "the --run folder, else the section's defaults)")
+    parser.add_argument("--run", help="run folder: its saved recipe is read when --config is not given; --generator "
+                                      "defaults to its exported generator and --out to its adapters/ folder")
+    parser.add_argument("--generator", help="exported generator folder (<run>/generator/export)")
     parser.add_argument("--prompts", nargs="+", required=True,
                         help="one prompt file per adapter: .txt (one prompt a line), .json/.jsonl records")
-    parser.add_argument("--out", required=True, help="folder for the adapters (one sub-folder per prompt file)")
-    parser.add_argument("--samples", type=int, default=1, help="adapters per prompt file, each from another prompt sample")
-    parser.add_argument("--dtype", default="float32", help="adapter dtype: float32, bfloat16 or float16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="folder for the adapters (one sub-folder per prompt file)")
+    parser.add_argument("--samples", type=int, help="adapters per prompt file, each from another prompt sample "
+                                                    "(default: generate.samples)")
+    parser.add_argument("--dtype", help="adapter dtype: float32, bfloat16 or float16 (default: generate.dtype)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: generate.device)")
     parser.add_argument("--impl", choices=["auto", "torch", "triton"], default=None,
                         help="generator stages and detokenization: the fused Triton kernels (triton), the PyTorch "
-                             "references (torch), or Triton on a GPU only (auto; default: the exported config's)")
-    parser.add_argument("--seed", type=int, default=0)
+                             "references (torch), or Triton on a GPU only (auto; default: generate.impl, else the "
+                             "exported config's)")
+    parser.add_argument("--seed", type=int, help="seed of the first sample's prompt draw (default: generate.seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace adapter folders that already exist")
-    args = parser.parse_args(argv)
-    jobs = [(path, sample, Path(args.out) / (Path(path).stem if args.samples == 1 else f"{Path(path).stem}-{sample}"))
-            for path in args.prompts for sample in range(args.samples)]
+    from dnd_scale.recipe import parse_stage_args  # imports every stage's config: for the command line only
+
+    args, run = parse_stage_args(parser, argv, "generate",
+                                 lambda args: {f"generate.{name}": getattr(args, name) for name in GENERATE_FLAGS},
+                                 needs_recipe=False)
+    config = run.generate
+    generator_dir = args.generator or (export_folder(RunDir(args.run).train_output(run.train.output_dir))
+                                       if args.run else None)
+    out_dir = args.out or (RunDir(args.run).adapters if args.run else None)
+    if generator_dir is None or out_dir is None:
+        parser.error("give --generator EXPORT and --out FOLDER, or --run RUN (its export and its adapters/ folder)")
+    jobs = [(path, sample, Path(out_dir) / (Path(path).stem if config.samples == 1 else f"{Path(path).stem}-{sample}"))
+            for path in args.prompts for sample in range(config.samples)]
     existing = [str(out) for _, _, out in jobs if out.exists()]
     if existing and not args.overwrite:  # before the generator loads: nothing is written at all
         parser.error(f"these adapter folders already exist: {', '.join(existing)}; pass --overwrite to replace "
                      "them, or choose another --out")
-    generator = AdapterGenerator(args.generator, args.device, args.impl)
+    generator = AdapterGenerator(generator_dir, resolve_device(config.device), config.impl)
     for path, sample, out in jobs:
         start = time.perf_counter()
-        generator.generate(read_prompts(path), out, dtype=args.dtype, seed=args.seed + sample, overwrite=args.overwrite)
+        generator.generate(read_prompts(path), out, dtype=config.dtype, seed=config.seed + sample,
+                           overwrite=args.overwrite)
         elapsed = time.perf_counter() - start
         # The format vLLM's loader takes (config and tensor names, read back from what was written).
         try:

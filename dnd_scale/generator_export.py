@@ -58,7 +58,7 @@ def write_export(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], m
 
 
 def read_export_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The export's config.json, after checking its format tag."""
+    """The export's `CONFIG`, after checking its format tag."""
     folder = Path(folder)
     config = read_json(folder / CONFIG, "generator config")
     found = config.get("format") if isinstance(config, dict) else None

@@ -4,6 +4,10 @@ JSONL manifests, exclusive folder locks.
 Every file goes through a temporary file in the destination folder and `os.replace`, and every
 folder that is written whole through a staging folder beside it (`atomic_folder`), so an
 interrupted run leaves either the old artifact or the new one, never half of one.
+
+A write can be held back until the process writes its first artifact (`defer_write`): that is how a
+stage records its recipe only once it has passed its checks and starts work, so a refused stage
+leaves its run folder as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -89,10 +93,33 @@ def reporting_full_disk(path: str | os.PathLike) -> Iterator[None]:
         ) from err
 
 
+_deferred: list[Callable[[], None]] = []
+
+
+def defer_write(write: Callable[[], None]) -> None:
+    """Hold `write` back until this process writes its next artifact (`atomic_path`, `atomic_folder`,
+    `append_jsonl`), which runs it first; `flush_deferred_writes` runs it at once and
+    `drop_deferred_writes` forgets it. A stage defers what it records about itself this way (its
+    recipe): checks that refuse the stage come before its first write, so a refused stage writes nothing."""
+    _deferred.append(write)
+
+
+def flush_deferred_writes() -> None:
+    """Run the writes `defer_write` held back, in order, once each."""
+    while _deferred:
+        _deferred.pop(0)()
+
+
+def drop_deferred_writes() -> None:
+    """Forget the writes `defer_write` held back (the stage that deferred them ended without writing)."""
+    _deferred.clear()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
     A full disk is reported as a DiskFullError naming ``path``."""
+    flush_deferred_writes()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -198,6 +225,7 @@ def atomic_folder(dest: str | os.PathLike, writer: str) -> Iterator[Path]:
     DiskFullError naming `dest`. `dest` itself is swapped, so a lock that serializes its writers
     (`exclusive_folder`) must live outside it. `writer` names the stage (``dnd pack``) in warnings.
     """
+    flush_deferred_writes()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(dest, writer)
@@ -255,6 +283,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Append one line and fsync it (a manifest line is written only after its artifact exists)."""
+    flush_deferred_writes()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with reporting_full_disk(path), open(path, "a") as f:

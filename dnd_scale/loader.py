@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dnd_scale.shards import (
     BLOCK_SUFFIX,
+    INDEX_FILE,
     PairBlock,
     ShardsError,
     decode_block,
@@ -237,7 +238,7 @@ class _PairStream(IterableDataset):
         # A tar cut at a header boundary reads as a shorter, valid tar: only the count shows it.
         lost = max(shard["samples"] - seen, 0)
         if lost and not errors:
-            log.warning("shard %s has %d pairs, index.json lists %d: truncated", url, seen, shard["samples"])
+            log.warning("shard %s has %d pairs, %s lists %d: truncated", url, seen, INDEX_FILE, shard["samples"])
         pairs = _concat(blocks, self.num_prompts)
         order = np.random.default_rng(seed).permutation(len(pairs.pair_id))
         pairs = PairBlock(*(getattr(pairs, f.name)[order] for f in fields(PairBlock)))

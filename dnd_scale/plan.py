@@ -9,6 +9,10 @@ These are estimates: the CUDA context, communication buckets and allocator fragm
 them, so a configuration "fits" a GPU when the estimate stays under USABLE_FRACTION of its memory.
 `check_gpu_memory` applies the same numbers to a training config before `dnd train` builds anything.
 
+What is sized comes from a recipe (--config, or a run folder's saved one with --run): its model, LoRA,
+generator, N, L, c and micro-batch; without one, from RunConfig's defaults (the same dataclasses, no
+copy of their numbers here), which the output lists above the plan. A flag overrides one number.
+
 Given the prompts of all training tasks (`--pool-prompts`), the plan also bounds the condition cache
 `dnd train` writes under `<run>/conditions/` before its first step (prompts × L × D × the cache
 dtype's bytes), built by one encoder pass over all prompts.
@@ -20,7 +24,8 @@ import argparse
 import contextlib
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+import typing
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,34 +54,76 @@ class PlanError(ValueError):
 
 @dataclass
 class PlanConfig:
-    """What `dnd plan` sizes."""
+    """What `dnd plan` sizes. A field left None is the recipe's (`recipe_plan_config`; without a
+    recipe, RunConfig's defaults: one source of truth for both)."""
 
-    num_prompts: int = 128
-    """Prompts per condition (N of the condition)."""
-    max_tokens: int = 384
-    """Encoder tokens per prompt (L of the condition)."""
+    num_prompts: int | None = None
+    """Prompts per condition (N of the condition); None: the recipe's shard.num_prompts."""
+    max_tokens: int | None = None
+    """Encoder tokens per prompt (L of the condition); None: the recipe's condition length
+    (train.encoder.max_length, else the generator's own)."""
     embed_dim: int = 384
-    """Encoder width (D; 384 for all-MiniLM-L6-v2)."""
-    chunk: int = 128
-    """Token chunk width c."""
-    preset: str = "match"
-    """"match": a paper preset whose first and last shapes fit this geometry, else "auto";
-    or any GeneratorConfig preset name."""
+    """Encoder width (D; 384 for all-MiniLM-L6-v2, the default encoder: a recipe names the encoder,
+    not its width)."""
+    chunk: int | None = None
+    """Token chunk width c; None: the recipe's pack.chunk."""
+    preset: str | None = None
+    """None: the recipe's train.generator as it is; "match": a paper preset whose first and last
+    shapes fit this geometry, else "auto"; or any GeneratorConfig preset name."""
     kernel_size: int | None = None
-    """Generator kernel size (None: the preset's own, 9 for auto)."""
-    micro_batch: int = 8
-    """Samples per GPU per step, for the activation estimate."""
+    """Generator kernel size; None: the recipe's train.generator.kernel_size (None there: the
+    preset's own, 9 for auto)."""
+    micro_batch: int | None = None
+    """Samples per GPU per step, for the activation estimate; None: the recipe's train.micro_batch_size."""
     pool_prompts: int | None = None
     """Prompts of all training tasks together (each task's whole pool), which `dnd train` encodes once
     into the condition cache; None leaves the cache out of the plan."""
-    cache_dtype: str = "float32"
-    """Storage dtype of the condition cache (train.encoder.cache_dtype): "float32" or "float16"."""
+    cache_dtype: str | None = None
+    """Storage dtype of the condition cache, "float32" or "float16"; None: the recipe's
+    train.encoder.cache_dtype."""
 
     def __post_init__(self) -> None:
         if self.pool_prompts is not None and self.pool_prompts < 1:
             raise ValueError(f"pool_prompts must be >= 1 (the prompts of all training tasks), got {self.pool_prompts}")
-        if self.cache_dtype not in CACHE_DTYPES:
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+
+
+# The recipe field each PlanConfig field left None comes from (`recipe_plan_config`).
+RECIPE_SOURCES = {
+    "num_prompts": "shard.num_prompts",
+    "max_tokens": "train.encoder.max_length (else the generator's)",
+    "chunk": "pack.chunk",
+    "preset": "train.generator",
+    "kernel_size": "train.generator.kernel_size",
+    "micro_batch": "train.micro_batch_size",
+    "cache_dtype": "train.encoder.cache_dtype",
+}
+
+
+def recipe_plan_config(run: RunConfig, given: PlanConfig | None = None) -> PlanConfig:
+    """`given` with every field it leaves None (but the preset and pool_prompts) taken from the
+    recipe `run` (RECIPE_SOURCES): N from `shard`, L, the micro-batch, the generator's kernel size
+    and the cache dtype from `train`, c from `pack`."""
+    from dnd_scale.train_config import condition_length
+
+    given = given or PlanConfig()
+    recipe = {"num_prompts": run.shard.num_prompts, "max_tokens": condition_length(run.train), "chunk": run.pack.chunk,
+              "kernel_size": run.train.generator.kernel_size, "micro_batch": run.train.micro_batch_size,
+              "cache_dtype": run.train.encoder.cache_dtype}
+    return replace(given, **{name: value for name, value in recipe.items() if getattr(given, name) is None})
+
+
+def _default_run() -> RunConfig:
+    """RunConfig's defaults: what `dnd plan` sizes without a recipe."""
+    from dnd_scale.recipe import RunConfig  # the recipe imports every stage, the trainer (which imports this) too
+
+    return RunConfig()
+
+
+def _kernel_of(gen: GeneratorConfig) -> int:
+    """The k a generator config builds: its own, else its preset's, else the sizing rule's."""
+    return gen.kernel_size or (PRESETS[gen.preset].kernel_size if gen.preset in PRESETS else DEFAULT_KERNEL_SIZE)
 
 
 def _preset_for(config: PlanConfig, condition: tuple[int, int, int], token_shape, num_tokens) -> GeneratorConfig:
@@ -198,8 +245,7 @@ def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: i
         where = f"this GPU's {capacity / GIB:.1f} GiB ({torch.cuda.get_device_name(torch.device(device))})"
     else:
         return None
-    gen = config.generator
-    kernel = gen.kernel_size or (PRESETS[gen.preset].kernel_size if gen.preset in PRESETS else DEFAULT_KERNEL_SIZE)
+    kernel = _kernel_of(config.generator)
     micro = config.micro_batch_size
     estimate = gpu_memory_estimate(features, kernel, config.zero_stage, world, micro,
                                    config.offload_optimizer, config.offload_params, config.bf16)
@@ -232,17 +278,22 @@ def check_gpu_memory(config: Any, features: list[tuple[int, int, int]], world: i
 
 
 def make_plan(
-    model_config: Any, spec: LoraSpec, config: PlanConfig | None = None, generator: GeneratorConfig | None = None
+    model_config: Any, spec: LoraSpec, config: PlanConfig | None = None, run: RunConfig | None = None
 ) -> dict[str, Any]:
-    """The plan of `model_config` with LoRA `spec`; `generator` (a recipe's `train.generator`) is
-    sized as it is, instead of the generator `config.preset` picks."""
-    config = config or PlanConfig()
+    """The plan of `model_config` with LoRA `spec`: `config`'s numbers, those it leaves None from the
+    recipe `run` (None: RunConfig's defaults), whose `train.generator` is sized as it is unless
+    `config.preset` picks another."""
+    run = run or _default_run()
+    config = recipe_plan_config(run, config)
     layout = LoraLayout.from_config(model_config, spec)
     tok = WeightTokenizer(layout, TokenizerConfig(chunk=config.chunk))
     condition = (config.num_prompts, config.max_tokens, config.embed_dim)
-    gen = generator or _preset_for(config, condition, tok.token_shape, tok.num_tokens)
+    if config.preset is None:
+        gen = replace(run.train.generator, kernel_size=config.kernel_size)
+    else:
+        gen = _preset_for(config, condition, tok.token_shape, tok.num_tokens)
     features = resolve_features(gen, condition, tok.token_shape, tok.num_tokens)
-    kernel = gen.kernel_size or (PRESETS[gen.preset].kernel_size if gen.preset in PRESETS else 9)
+    kernel = _kernel_of(gen)
     params = count_parameters(features, kernel)
     largest = max(stage_parameters(a, b, kernel) for a, b in zip(features, features[1:]))
     flops = sum(stage_flops(a, b, kernel) for a, b in zip(features, features[1:]))
@@ -361,57 +412,64 @@ def display_name(model: str | Path) -> str:
     return path.name
 
 
-def recipe_plan_config(run: RunConfig) -> PlanConfig:
-    """What a recipe's run sizes: N from `shard`, L, the micro-batch and the cache dtype from `train`,
-    c from `pack`."""
-    from dnd_scale.train_config import condition_length
-
-    return PlanConfig(num_prompts=run.shard.num_prompts, max_tokens=condition_length(run.train), chunk=run.pack.chunk,
-                      kernel_size=run.train.generator.kernel_size, micro_batch=run.train.micro_batch_size,
-                      cache_dtype=run.train.encoder.cache_dtype)
-
-
-DEFAULT_LORA = "r=8,alpha=16,modules=all-linear"
+def defaults_note(given: PlanConfig, config: PlanConfig, lora_given: bool) -> str:
+    """The line that says which numbers of a plan without a recipe are RunConfig's defaults."""
+    used = [f"{RECIPE_SOURCES[name]} = {getattr(config, name)}" for name in RECIPE_SOURCES
+            if getattr(given, name) is None and getattr(config, name) is not None
+            and (name != "cache_dtype" or config.pool_prompts is not None)]
+    defaults = _default_run()
+    if given.preset is None:
+        used.append(f"train.generator = preset {defaults.train.generator.preset}")
+    if not lora_given:
+        lora = defaults.collect.lora
+        used.append(f"collect.lora = r={lora.rank},alpha={lora.alpha:g},modules={lora.target_modules}")
+    return ("no recipe: these are RunConfig's defaults (pass --config R.yaml, e.g. configs/, or the flags to "
+            "size another run): " + ", ".join(used))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dnd plan", description=__doc__.splitlines()[0] + " With --config (or --run), the model, the LoRA, "
-        "the generator and the numbers below come from the recipe; a flag given overrides its number.")
+        "the generator and the numbers below come from the recipe, else from RunConfig's defaults (listed in the "
+        "output); a flag given overrides its number.")
     parser.add_argument("--model", nargs="+",
                         help="config.json files or model folders (shapes only), e.g. configs/models/*.json "
                              "(default: the recipe's model_config, else its collect.base_model)")
     parser.add_argument("--config", help="YAML recipe to size")
     parser.add_argument("--run", help="run folder whose saved recipe is sized")
-    parser.add_argument("--lora", help=f"LoRA spec: r=8,alpha=16,modules=q_proj+v_proj|all-linear,layers=0-3,rslora "
-                                       f"(default: the recipe's collect.lora, else {DEFAULT_LORA})")
-    for field, default in asdict(PlanConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default) if default is not None else int,
-                            help=f"(default: {default})")
+    parser.add_argument("--lora", help="LoRA spec: r=8,alpha=16,modules=q_proj+v_proj|all-linear,layers=0-3,rslora "
+                                       "(default: the recipe's collect.lora)")
+    hints = typing.get_type_hints(PlanConfig)
+    for field in fields(PlanConfig):
+        kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None))
+        source = RECIPE_SOURCES.get(field.name)
+        default = f"the recipe's {source}" if source else "no condition cache" if field.default is None else field.default
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=f"(default: {default})")
     parser.add_argument("--lora-experts", action="store_true", help="MoE models: also plan the routed experts' LoRAs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--out", help="also write the plans as JSON to this file (e.g. benchmarks/results/plans.json)")
     args = parser.parse_args(argv)
+    if not (args.config or args.run or args.model):
+        parser.error("give --model CONFIG.json ... (shapes only), or a recipe: --config R.yaml or --run RUN")
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; stdout is for the plan
         import deepspeed.runtime.zero.stage3  # noqa: F401
-    given = {k: getattr(args, k) for k in asdict(PlanConfig()) if getattr(args, k) is not None}
+    given = PlanConfig(**{f.name: getattr(args, f.name) for f in fields(PlanConfig) if getattr(args, f.name) is not None})
     if args.config or args.run:
         from dnd_scale.recipe import load_recipe, recipe_for
 
-        run = load_recipe(recipe_for("plan", args.config, args.run))
+        run, note = load_recipe(recipe_for("plan", args.config, args.run)), None
         models = args.model or [run.model_config or run.collect.base_model]
-        spec = LoraSpec.parse(args.lora) if args.lora else run.collect.lora
-        config = replace(recipe_plan_config(run), **given)
-        generator = None if "preset" in given else run.train.generator
-    elif args.model:
-        models, spec, config, generator = args.model, LoraSpec.parse(args.lora or DEFAULT_LORA), PlanConfig(**given), None
     else:
-        parser.error("give --model CONFIG.json ... (shapes only), or a recipe: --config R.yaml or --run RUN")
+        run, models = _default_run(), args.model
+        note = defaults_note(given, recipe_plan_config(run, given), lora_given=args.lora is not None)
+    spec = LoraSpec.parse(args.lora) if args.lora else run.collect.lora
     if args.lora_experts:
         spec = replace(spec, experts=True)
+    if note is not None:  # beside the plan; with --json on stderr, so that stdout stays JSON
+        print(note, end="\n\n", file=sys.stderr if args.json else sys.stdout)
     plans = {}
     for model in models:
-        plans[model] = make_plan(model, spec, config, generator)
+        plans[model] = make_plan(model, spec, given, run)
         if not args.json:
             print(format_plan(plans[model], display_name(model)), end="\n\n")
     if args.json:

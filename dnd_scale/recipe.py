@@ -6,12 +6,17 @@ single fields of its own section (`--train.lr=3e-5`). Paths in a recipe (`model_
 working directory; paths given on the command line are relative to the working directory.
 
 A stage given `--config R.yaml` records the resolved recipe (every field, overrides applied, paths
-absolute) in its run folder as `RUN/recipe.yaml` before it starts; a stage run without `--config`
-reads that file (its overrides then hold for that run only), and with neither it stops and asks for
-`--config` — a stage never falls back to defaults silently. A stage
-never rewrites what the stages before it in the pipeline ran with: `dnd train --config R2.yaml`
-records R2's `train:` (and `eval:`) sections and keeps the `collect:`, `pack:` and `shard:` sections
-of the recipe that collect, pack and shard ran with.
+absolute) in its run folder as `RECIPE_FILE` once it has passed its checks: just before its first
+write (`io.defer_write`), or when it ends having written nothing; a stage refused by its checks (bad
+arguments, a run folder bound to another config, missing inputs) leaves the run folder as it was. A
+stage run without `--config` reads that file (its overrides then hold for that run only), and with
+neither it stops and asks for `--config` — a stage never falls back to defaults silently (`dnd
+generate` alone needs no recipe: without one it runs on its section's defaults, which are its flags'
+defaults, and the export carries everything else; `dnd plan` without one sizes RunConfig's
+defaults and lists them). A stage never rewrites what the stages before it
+in the pipeline ran with: `dnd train --config R2.yaml` records R2's `train:` (and `generate:`,
+`eval:`) sections and keeps the `collect:`, `pack:` and `shard:` sections of the recipe that
+collect, pack and shard ran with.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 from dnd_scale.collect_config import CollectConfig
 from dnd_scale.config import ConfigError, apply_overrides, from_dict, read_recipe, read_yaml, save_config, set_field, to_dict
 from dnd_scale.evaluate import EvalConfig
+from dnd_scale.generate import GenerateConfig
+from dnd_scale.io import defer_write, drop_deferred_writes
 from dnd_scale.shards import ShardConfig
 from dnd_scale.tokenizer import TokenizerConfig
 from dnd_scale.train_config import TrainConfig
@@ -52,6 +59,8 @@ class RunConfig:
     """`dnd shard`: prompts per condition and pairs per task."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """`dnd train`: the generator and its training."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """`dnd generate`: how adapters are made from prompt files (samples, seed, dtype, device, impl)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """`dnd eval`: how the base model and the adapters are scored."""
 
@@ -66,6 +75,7 @@ STAGE_FIELDS = {
     "pack": ("pack",),
     "shard": ("shard",),
     "train": ("train",),
+    "generate": ("generate",),
     "eval": ("eval",),
 }
 
@@ -152,22 +162,30 @@ def parse_stage_args(
     argv: Sequence[str] | None,
     stage: str,
     flags: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None,
+    *,
+    needs_recipe: bool = True,
 ) -> tuple[argparse.Namespace, RunConfig]:
     """(arguments, RunConfig) for `dnd <stage>`: the recipe of --config or of the run folder (--run),
     with `--<stage>.field=value` overrides and the fields `flags(args)` sets (a None value sets
-    nothing). With --config, the run folder records the resolved recipe (rank 0 only, under a
-    launcher); overrides of a run without --config hold for that run only. Any other unknown
-    argument is a usage error."""
+    nothing). A stage that does not `needs_recipe` runs on RunConfig's defaults without either.
+
+    With --config, the run folder records the resolved recipe (rank 0 only, under a launcher) once
+    the stage starts work: the recording is deferred to the process's first artifact write
+    (`io.defer_write`); `dnd` records it at the latest when the stage ends well having written
+    nothing, and drops it when the stage is refused. Overrides of a run without --config hold for
+    that run only. Any other unknown argument is a usage error."""
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         parser.error(f"unrecognized arguments: {bad}")
     check_stage_overrides(stage, overrides)
+    drop_deferred_writes()  # what an earlier stage of this process deferred and never wrote: it was refused
     values = {name: value for name, value in (flags(args) if flags else {}).items() if value is not None}
     run_dir = getattr(args, "run", None)
-    config = load_recipe(recipe_for(stage, args.config, run_dir), overrides, values)
+    wanted = needs_recipe or args.config is not None or run_dir is not None
+    config = load_recipe(recipe_for(stage, args.config, run_dir) if wanted else None, overrides, values)
     if run_dir is not None and args.config is not None and is_rank_zero():
-        record_recipe(run_dir, config, stage)
+        defer_write(lambda: record_recipe(run_dir, config, stage))
     return args, config
 
 

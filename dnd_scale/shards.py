@@ -293,7 +293,7 @@ def build_shards(
     config: ShardConfig,
     progress: bool = True,
 ) -> dict:
-    """Sample pairs for every task, write shards, prompt pools and index.json to `out_dir`.
+    """Sample pairs for every task, write shards, prompt pools and `INDEX_FILE` to `out_dir`.
 
     checkpoints: the packed targets (verified against their hashes first; their layout fingerprint
     is recorded so the loader can refuse shards made for other targets) or a mapping task -> number of checkpoints.
@@ -389,7 +389,7 @@ def is_shard_set(shards_dir: str | os.PathLike) -> bool:
 
 
 def read_shard_index(shards_dir: str | os.PathLike) -> dict:
-    """Load and check `<shards_dir>/index.json`: format, and every listed file present."""
+    """Load and check `<shards_dir>/INDEX_FILE`: format, and every listed file present."""
     shards_dir = Path(shards_dir)
     path = shards_dir / INDEX_FILE
     if not path.exists():
@@ -411,7 +411,7 @@ def read_shard_index(shards_dir: str | os.PathLike) -> dict:
 
 
 def verify_shards(shards_dir: str | os.PathLike, index: dict) -> None:
-    """Hash every shard file and compare with index.json; raise naming each shard that differs.
+    """Hash every shard file and compare with `INDEX_FILE`; raise naming each shard that differs.
 
     An edited shard can still decode (another checkpoint or prompt index in range) and would train
     silently on pairs `dnd shard` never wrote. Cost, once per process: the set's size at sha256

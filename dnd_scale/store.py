@@ -89,7 +89,7 @@ def write_checkpoint(store: Path, task: str, step: int, state: Mapping[str, torc
 
 
 def write_manifest(store: Path, records: list[dict[str, Any]]) -> None:
-    """Replace manifest.jsonl atomically; the same serialization as append_jsonl, so an unchanged
+    """Replace the manifest (`MANIFEST`) atomically; the same serialization as append_jsonl, so an unchanged
     manifest is left untouched."""
     path = store / MANIFEST
     text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
@@ -99,12 +99,12 @@ def write_manifest(store: Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_collect_meta(store: Path, what: str = "collect metadata") -> dict[str, Any]:
-    """collect.json; ArtifactError naming `what` when it is missing."""
+    """The store's `COLLECT_META`; ArtifactError naming `what` when it is missing."""
     return read_json(store / COLLECT_META, what)
 
 
 def collected_base(store: Path) -> dict[str, Any]:
-    """What collect.json records of the base model, {} when there is no collect.json."""
+    """What `COLLECT_META` records of the base model, {} when the store has none."""
     path = store / COLLECT_META
     return read_json(path, "collect metadata") if path.is_file() else {}
 

@@ -85,7 +85,7 @@ def _check_geometry(index: dict, num_tokens: int, token_shape: Sequence[int], wh
 
 
 def write_task_targets(directory: str | os.PathLike, task: str, tokens: torch.Tensor) -> str:
-    """Store the tokens of every checkpoint of `task` and register the file in index.json.
+    """Store the tokens of every checkpoint of `task` and register the file in `INDEX_FILE`.
 
     tokens: float32 (K, T, H, W), checkpoint order = the order the loader indexes by.
     Returns the file's sha256. Writing the same task again replaces it.
@@ -146,7 +146,7 @@ def write_common(
     """Store what every task shares: padding mask, per-token loss weights and the layout.
 
     mask: bool (T, H, W); weights: float32 (T,); layout_json: the LoraLayout as a JSON dict
-    (written verbatim to layout.json); extra: JSON metadata kept in index.json under "extra"
+    (written verbatim to `LAYOUT_FILE`); extra: JSON metadata kept in `INDEX_FILE` under "extra"
     (tokenizer parameters, the pack's config, checkpoint hashes); fingerprint: the layout's
     fingerprint, by default the sha256 of layout_json's canonical JSON (sorted keys, no spaces),
     which is how `LoraLayout.fingerprint()` is defined; pass it explicitly to be sure they agree.
@@ -256,12 +256,12 @@ class PackedTargets:
         return self.index.get("extra", {})
 
     def layout_json(self) -> dict:
-        """The LoRA layout as stored in layout.json."""
+        """The LoRA layout as stored in `LAYOUT_FILE`."""
         with open(self.directory / self.index["layout"]["file"], encoding="utf-8") as f:
             return json.load(f)
 
     def verify(self) -> None:
-        """Hash every file and compare with index.json; raise naming each file that differs."""
+        """Hash every file and compare with `INDEX_FILE`; raise naming each file that differs."""
         expected = {task: entry["sha256"] for task, entry in self.index["tasks"].items()}
         expected["common"] = self.index["common"]["sha256"]
         expected["layout"] = self.index["layout"]["sha256"]

@@ -372,6 +372,24 @@ def test_command_line_reads_recipe_tasks_and_overrides(base_config, tmp_path, ca
         main(["--run", str(tmp_path / "run"), "--tasks", "synthetic:uppercase", "--train.lr=1"])
 
 
+def test_a_collect_refused_by_the_runs_config_keeps_the_runs_recipe(base_config, tmp_path):
+    from dnd_scale.cli import main as dnd
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"collect:\n  base_model: {base_config}\n  steps: 2\n  save_last: 1\n  batch_size: 2\n  max_length: 128\n"
+        "  device: cpu\n  lora: {rank: 2, target_modules: [q_proj]}\ntasks: [synthetic:uppercase]\nsynthetic_records: 8\n"
+    )
+    run = tmp_path / "run"
+    assert dnd(["collect", "--run", str(run), "--config", str(recipe)]) == 0
+    before = (run / RECIPE_FILE).read_bytes()
+    # the checkpoints were collected with 2 steps: a recipe of 3 is refused, and the later stages
+    # still read the recipe the checkpoints were made with
+    assert dnd(["collect", "--run", str(run), "--config", str(recipe), "--collect.steps=3"]) == 1
+    assert (run / RECIPE_FILE).read_bytes() == before
+    assert load_recipe(run / RECIPE_FILE).collect.steps == 2
+
+
 def test_a_failed_first_collect_does_not_bind_the_run_to_its_config(config, tasks, tmp_path):
     long_prompt = Task("long", [TaskRecord("x" * 300, "y")], "long.json")
     with pytest.raises(ValueError, match="no record keeps a response token within max_length=256"):

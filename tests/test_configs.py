@@ -11,6 +11,7 @@ import yaml
 from dnd_scale.cli import main as dnd
 from dnd_scale.config import ConfigError
 from dnd_scale.generator import resolve_features
+from dnd_scale.io import flush_deferred_writes
 from dnd_scale.layout import LoraLayout
 from dnd_scale.recipe import RECIPE_FILE, RunConfig, load_recipe, parse_stage_args, record_recipe
 from dnd_scale.tokenizer import WeightTokenizer
@@ -77,7 +78,9 @@ def test_a_stage_without_config_reads_the_run_folders_recipe(tmp_path):
     recipe.write_text(yaml.safe_dump({"tasks": ["synthetic:uppercase"], "pack": {"chunk": 16}, "train": {"steps": 7}}))
     run = tmp_path / "run"
     _, config = parse_stage_args(_stage_parser(), ["--run", str(run), "--config", str(recipe), "--pack.chunk=8"], "pack")
-    assert config.pack.chunk == 8 and (run / RECIPE_FILE).is_file(), "with --config the run folder keeps the recipe"
+    assert not (run / RECIPE_FILE).exists(), "recorded once the stage starts work, not while it checks"
+    flush_deferred_writes()  # what the stage's first write (or `dnd`, when it ends well) does
+    assert (run / RECIPE_FILE).is_file(), "with --config the run folder keeps the recipe"
     _, again = parse_stage_args(_stage_parser(), ["--run", str(run)], "pack")
     assert again == config  # resolved: the override included, nothing from the defaults
     _, once = parse_stage_args(_stage_parser(), ["--run", str(run), "--pack.chunk=4"], "pack")
@@ -89,6 +92,47 @@ def test_a_stage_with_neither_config_nor_saved_recipe_is_refused(tmp_path, capsy
     err = capsys.readouterr().err
     assert "dnd pack: error: dnd pack needs a recipe" in err and "pass --config R.yaml" in err
     assert not (tmp_path / "fresh").exists()
+
+
+REFUSALS = {  # dnd <stage> arguments (after --run RUN --config NEW) that the stage refuses before it starts work
+    "collect-without-tasks": ["collect"],
+    "pack-without-checkpoints": ["pack"],
+    "shard-without-targets": ["shard"],
+    "train-without-targets": ["train"],
+    "generate-without-export": ["generate", "--prompts", "{prompts}"],
+    "eval-with-bad-adapters": ["eval", "--base", "b.json", "--tasks", "synthetic:sum_mc", "--adapters", "x.safetensors",
+                               "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("argv", REFUSALS.values(), ids=REFUSALS.keys())
+def test_a_refused_stage_leaves_the_run_folders_recipe_as_it_was(argv, tmp_path, capsys):
+    run = tmp_path / "run"
+    record_recipe(run, load_recipe(None, ["--collect.steps=7", "--collect.save_last=1", "--train.steps=5"]), "collect")
+    before = (run / RECIPE_FILE).read_bytes()
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump({"collect": {"steps": 9, "save_last": 1}, "pack": {"chunk": 4}, "shard": {"num_prompts": 3},
+                                   "train": {"steps": 6}, "eval": {"seed": 2}}))
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    stage, *rest = [a.format(prompts=tmp_path / "p.txt", out=tmp_path / "report") for a in argv]
+    try:
+        status = dnd([stage, "--run", str(run), "--config", str(new), *rest])
+    except SystemExit as exit:  # a usage error (argparse)
+        status = exit.code
+    assert status != 0, capsys.readouterr().err
+    assert (run / RECIPE_FILE).read_bytes() == before, f"a refused dnd {stage} rewrote the run folder's recipe"
+
+
+def test_a_stage_that_ends_well_without_writing_records_its_recipe(tmp_path, monkeypatch):
+    import dnd_scale.pack
+
+    run = tmp_path / "run"
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump({"pack": {"chunk": 4}}))
+    monkeypatch.setattr(dnd_scale.pack, "pack", lambda run_dir, config, tasks: run_dir)  # packs nothing
+    monkeypatch.setattr(dnd_scale.pack, "PackedTargets", lambda out: type("Packed", (), {
+        "tasks": [], "num_checkpoints": {}, "num_tokens": 0, "token_shape": (0, 0)})())
+    assert dnd(["pack", "--run", str(run), "--config", str(tmp_path / "new.yaml")]) == 0
+    assert load_recipe(run / RECIPE_FILE).pack.chunk == 4
 
 
 def test_a_later_stage_keeps_what_the_earlier_stages_ran_with(tmp_path):

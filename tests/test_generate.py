@@ -289,3 +289,40 @@ def test_several_prompt_files_load_the_generator_once(export, tmp_path, monkeypa
     assert len(loads) == 1
     hashes = {json.loads((tmp_path / "out" / n / PROVENANCE).read_text())["prompts_sha256"] for n in "abc"}
     assert len(hashes) == 3
+
+
+def test_generate_reads_its_recipe_section_and_flags_override_it(export, tmp_path):
+    import yaml
+
+    from dnd_scale.recipe import RECIPE_FILE, load_recipe
+
+    prompts = tmp_path / "task.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"train": {"output_dir": str(export.parent)}, "generate": {
+        "samples": 2, "seed": 5, "dtype": "bfloat16", "device": "cpu", "impl": "torch"}}))
+
+    def made(folder):  # (dtypes of the adapter's tensors, the seed its prompts were drawn with)
+        weights = load_file(folder / ADAPTER_WEIGHTS)
+        return {str(v.dtype) for v in weights.values()}, json.loads((folder / PROVENANCE).read_text())["seed"]
+
+    base = ["--generator", str(export), "--prompts", str(prompts)]
+    assert main([*base, "--config", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    assert [made(tmp_path / "a" / f"task-{i}") for i in range(2)] == [({"torch.bfloat16"}, 5), ({"torch.bfloat16"}, 6)]
+    # flags and --generate.field=value overrides beat the recipe
+    assert main([*base, "--config", str(recipe), "--out", str(tmp_path / "b"), "--samples", "1", "--dtype", "float32",
+                 "--generate.seed=9"]) == 0
+    assert made(tmp_path / "b" / "task") == ({"torch.float32"}, 9)
+    # a run folder: --config's recipe is recorded there; the generator is the run's export and the
+    # adapters go to the run's adapters/ folder
+    run = tmp_path / "run"
+    assert main(["--run", str(run), "--config", str(recipe), "--prompts", str(prompts)]) == 0
+    assert made(run / "adapters" / "task-1") == ({"torch.bfloat16"}, 6)
+    assert load_recipe(run / RECIPE_FILE).generate.samples == 2
+    # without --config the run folder's recipe is read
+    assert main(["--run", str(run), "--prompts", str(prompts), "--generate.seed=1", "--overwrite"]) == 0
+    assert made(run / "adapters" / "task-0") == ({"torch.bfloat16"}, 1)
+    with pytest.raises(SystemExit):  # neither --generator and --out, nor --run
+        main(["--prompts", str(prompts)])
+    with pytest.raises(ValueError, match="generate: unknown adapter dtype 'int8'"):
+        load_recipe(recipe, ["--generate.dtype=int8"])

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dnd_scale.io import _UMASK, atomic_folder, building
+from dnd_scale.io import _UMASK, append_jsonl, atomic_folder, building, defer_write, drop_deferred_writes, write_json
 
 
 def contents(folder):
@@ -76,3 +76,27 @@ def test_leftovers_of_a_killed_run_are_removed_unless_a_run_builds_there(tmp_pat
         with atomic_folder(tmp_path / "out", "dnd test"):
             pass
     assert (tmp_path / ".out-staging-running").is_dir()
+
+
+@pytest.mark.parametrize("first_write", ["file", "folder", "jsonl line"])
+def test_a_deferred_write_runs_once_before_the_first_artifact_write(tmp_path, first_write):
+    order = []
+    defer_write(lambda: order.append("deferred"))
+    if first_write == "file":
+        write_json(tmp_path / "a.json", {})
+    elif first_write == "folder":
+        with atomic_folder(tmp_path / "a", "dnd test"):
+            pass
+    else:
+        append_jsonl(tmp_path / "a.jsonl", {})
+    order.append("written")
+    write_json(tmp_path / "b.json", {})
+    assert order == ["deferred", "written"]
+
+
+def test_a_dropped_deferred_write_never_runs(tmp_path):
+    order = []
+    defer_write(lambda: order.append("deferred"))
+    drop_deferred_writes()
+    write_json(tmp_path / "a.json", {})
+    assert order == []

@@ -6,6 +6,7 @@ without allocating a byte.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ from dnd_scale.plan import PlanConfig, PlanError, check_gpu_memory, display_name
 from dnd_scale.train_config import TrainConfig
 
 MODELS = sorted((Path(__file__).resolve().parents[1] / "configs" / "models").glob("*.json"))
+# The paper's condition (128 prompts x 384 encoder tokens) at micro-batch 8, sized with the paper
+# preset that fits it: what docs/scaling.md's commands give on the command line.
+RECIPE_05B = MODELS[0].parents[1] / "qwen2.5-0.5b.yaml"  # the paper's 0.5B recipe
+PAPER = PlanConfig(num_prompts=128, max_tokens=384, micro_batch=8, preset="match")
 
 
 def meta_lora_params(config_path, spec, layout_peft_config):
@@ -64,7 +69,7 @@ def test_plan_counts_match_real_modules(path):
 
 
 def test_paper_05b_plan_uses_the_paper_preset():
-    plan = make_plan(MODELS[0].parent / "qwen2.5-0.5b.json", LoraSpec(rank=8))
+    plan = make_plan(MODELS[0].parent / "qwen2.5-0.5b.json", LoraSpec(rank=8), PAPER)
     assert plan["generator"]["preset"] == "qwen2.5-0.5b"
     assert plan["generator"]["params"] == 1_113_203_220
     assert plan["tokens"]["count"] == 4296 and plan["lora"]["params"] == 4_399_104
@@ -73,14 +78,14 @@ def test_paper_05b_plan_uses_the_paper_preset():
 def test_plan_states_the_condition_cache_size_given_the_pool_prompts(capsys):
     """The paper's 0.5B recipe: its four train sets' 17,754 prompts, L = 384, D = 384, float32."""
     model = str(MODELS[0].parent / "qwen2.5-0.5b.json")
-    cache = make_plan(model, LoraSpec(rank=8), PlanConfig(pool_prompts=17_754))["condition_cache"]
+    cache = make_plan(model, LoraSpec(rank=8), PlanConfig(pool_prompts=17_754, max_tokens=384))["condition_cache"]
     assert cache["bytes_at_most"] == 17_754 * 384 * 384 * 4 == 10_471_735_296
     assert (cache["prompts"], cache["length"], cache["dim"], cache["dtype"]) == (17_754, 384, 384, "float32")
     assert cache["time"].startswith("one encoder pass over all prompts")
-    half = make_plan(model, LoraSpec(rank=8), PlanConfig(pool_prompts=17_754, cache_dtype="float16"))
+    half = make_plan(model, LoraSpec(rank=8), PlanConfig(pool_prompts=17_754, max_tokens=384, cache_dtype="float16"))
     assert half["condition_cache"]["bytes_at_most"] == cache["bytes_at_most"] // 2
     assert "condition_cache" not in make_plan(model, LoraSpec(rank=8))  # the committed plans stay as made
-    assert main(["--model", model, "--lora", "r=8", "--pool-prompts", "17754"]) == 0
+    assert main(["--config", str(RECIPE_05B), "--pool-prompts", "17754"]) == 0  # as the README says
     assert ("condition cache <= 9.75 GiB (10.47 GB: 17,754 prompts x L 384 x D 384 x 4 B float32) in "
             "RUN/conditions/; one encoder pass over all prompts") in capsys.readouterr().out
     assert main(["--model", model, "--lora", "r=8"]) == 0
@@ -115,7 +120,7 @@ def test_model_state_offload_follows_deepspeed():
 
 
 def test_plan_explains_zero3_above_zero2_and_names_folders_whole(capsys, tmp_path):
-    plan = make_plan(MODELS[0].parent / "qwen2.5-72b.json", LoraSpec(rank=16), PlanConfig(chunk=512))
+    plan = make_plan(MODELS[0].parent / "qwen2.5-72b.json", LoraSpec(rank=16), replace(PAPER, chunk=512))
     mem = plan["memory_per_gpu_bytes"]
     assert mem["zero3"]["8"] > mem["zero2"]["8"]
     assert plan["generator"]["preset"] == "qwen2.5-72b-rule"
@@ -237,17 +242,22 @@ def test_train_counts_resident_data_in_the_memory_check(tmp_path, one_thread, mo
     assert [p.name for p in (run / "generator").iterdir()] == [".lock"]
 
 
-@pytest.mark.parametrize("name", ["plans.json", "plans_moe_experts.json"])
-def test_committed_plans_are_what_the_code_computes(name):
-    """benchmarks/results/plans*.json (docs/scaling.md's numbers) must be what `dnd plan` gives today."""
+@pytest.mark.parametrize("index", [0, 1], ids=["plans.json", "plans_moe_experts.json"])
+def test_committed_plans_are_what_the_code_computes(index, tmp_path, monkeypatch, capsys):
+    """benchmarks/results/plans*.json (docs/scaling.md's numbers) must be what its commands give today."""
+    import importlib.util
+    import shlex
+
     root = MODELS[0].parents[2]
-    committed = json.loads((root / "benchmarks" / "results" / name).read_text())
-    for model, plan in committed.items():
-        lora = plan["lora"]
-        spec = LoraSpec(rank=lora["rank"], alpha=lora["alpha"], target_modules=tuple(lora["modules"]),
-                        experts=lora["experts"])
-        fresh = make_plan(root / model, spec, PlanConfig(chunk=plan["tokens"]["chunk"]))
-        assert json.loads(json.dumps(fresh)) == plan, f"{model}: rerun the commands in docs/scaling.md"
+    spec = importlib.util.spec_from_file_location("plans_doc", root / "benchmarks" / "plans_doc.py")
+    plans_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plans_doc)
+    argv = shlex.split(plans_doc.COMMANDS[index])[2:]  # after `dnd plan`
+    committed = root / argv[argv.index("--out") + 1]
+    argv[argv.index("--out") + 1] = str(tmp_path / "fresh.json")
+    monkeypatch.chdir(root)  # the commands' paths, and the plans' keys, are relative to the repository
+    assert main(argv) == 0
+    assert (tmp_path / "fresh.json").read_text() == committed.read_text(), "rerun the commands in docs/scaling.md"
 
 
 def test_scaling_doc_tables_are_rendered_from_the_committed_plans():
@@ -258,3 +268,32 @@ def test_scaling_doc_tables_are_rendered_from_the_committed_plans():
     result = subprocess.run([sys.executable, str(root / "benchmarks" / "plans_doc.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_plan_without_a_recipe_sizes_runconfigs_defaults_and_says_so(tmp_path, capsys):
+    import yaml
+
+    from dnd_scale.recipe import RunConfig
+
+    model, defaults = str(MODELS[0].parent / "qwen2.5-0.5b.json"), RunConfig()
+    recipe = tmp_path / "defaults.yaml"
+    recipe.write_text(yaml.safe_dump({"model_config": model}))  # a recipe that sets nothing else
+    assert main(["--config", str(recipe), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "no recipe" not in out + err
+    assert main(["--model", model, "--json"]) == 0
+    bare, note = capsys.readouterr()
+    assert json.loads(bare) == json.loads(out), "no recipe: the plan of RunConfig's defaults, numbers and all"
+    plan = json.loads(bare)[model]
+    assert plan["generator"]["features"][0][0] == defaults.shard.num_prompts
+    assert plan["tokens"]["chunk"] == defaults.pack.chunk and plan["lora"]["rank"] == defaults.collect.lora.rank
+    assert note.startswith("no recipe: these are RunConfig's defaults")
+    for said in (f"shard.num_prompts = {defaults.shard.num_prompts}", f"pack.chunk = {defaults.pack.chunk}",
+                 f"train.micro_batch_size = {defaults.train.micro_batch_size}",
+                 f"train.generator = preset {defaults.train.generator.preset}", "collect.lora = r=8,alpha=16"):
+        assert said in note
+    # what a flag gives is not a default; in text the note heads the plan
+    assert main(["--model", model, "--micro-batch", "2", "--lora", "r=4", "--preset", "match"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("no recipe: these are RunConfig's defaults") and "shard.num_prompts" in text
+    assert "train.micro_batch_size" not in text and "collect.lora" not in text and "train.generator" not in text
