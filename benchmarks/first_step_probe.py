@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from dnd_scale.bench_scale import TargetSpec
+from dnd_scale.bench_scale_targets import TargetSpec
 from dnd_scale.generator import HyperConvGenerator
 
 t = TargetSpec(model="configs/models/qwen2.5-7b.json", preset="qwen2.5-7b")

@@ -31,44 +31,33 @@ layout (r = 16, c = 512: 25,280 tokens of (18, 514)) with max_channels 2048: 4.7
 Every configuration runs in its own subprocess, so the CUDA caching allocator, DeepSpeed's engine
 and pinned host buffers of one never count towards the next, and an out-of-memory error or a host
 OOM kill ends only that configuration (recorded as "oom" or "killed").
+
+This module holds the sections and the command line; what is trained (targets, synthetic run,
+predictions) is in `bench_scale_targets`, the worker processes in `bench_scale_workers`, the results
+file and table in `bench_scale_results`.
 """
 
 from __future__ import annotations
 
 import argparse
-import faulthandler
-import gc
 import json
 import os
-import resource
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_FORMAT = "dnd-bench-scale-1"
-SECTIONS = ("zero", "largest", "generate70b")
-GIB = 1024**3
-TASK = "synthetic"
-SYNTHETIC_ENCODER = "synthetic-random"
+from dnd_scale.bench_scale_results import REPO, ResultsFile, format_table, record_summary
+from dnd_scale.bench_scale_targets import CONFIGS, TargetSpec, build_synthetic_run, predicted_memory
+from dnd_scale.bench_scale_workers import WORKERS, run_isolated, tune_worker
 
-# The training configurations of the zero section: TrainConfig fields per name.
-CONFIGS: dict[str, dict[str, Any]] = {
-    "zero0": {"zero_stage": 0},
-    "zero2": {"zero_stage": 2},
-    "zero3": {"zero_stage": 3},
-    "zero3_offload_opt": {"zero_stage": 3, "offload_optimizer": True},
-    "zero3_offload_all": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
-}
+SECTIONS = ("zero", "largest", "generate70b")
 
 
 def log(message: str) -> None:
@@ -76,446 +65,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {message}", flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# What is trained: a target layout and its generator
-
-
-@dataclass
-class TargetSpec:
-    """A LoRA layout (from a model config) and the generator that writes it."""
-
-    model: str
-    """config.json of the base model (shapes only), e.g. configs/models/qwen2.5-7b.json."""
-    rank: int = 16
-    """LoRA rank r."""
-    modules: str = "all-linear"
-    """LoRA target modules ("all-linear" or names joined by '+')."""
-    chunk: int = 512
-    """Token chunk width c."""
-    condition: tuple[int, int, int] = (16, 1000, 384)
-    """(N prompts, L tokens, D dims) of the condition."""
-    preset: str = "auto"
-    """Generator preset name, or "auto" (the sizing rule `features_for`)."""
-    max_channels: int = 2048
-    """Cap on the hidden N of an auto-sized generator (GeneratorConfig.max_channels)."""
-    num_stages: int = 8
-    """Stages of an auto-sized generator (GeneratorConfig.num_stages)."""
-
-    def __post_init__(self) -> None:
-        self.condition = tuple(int(v) for v in self.condition)
-
-    def lora_spec(self):
-        from dnd_scale.layout import LoraSpec
-
-        modules = "all-linear" if self.modules == "all-linear" else tuple(self.modules.split("+"))
-        return LoraSpec(rank=self.rank, alpha=2.0 * self.rank, target_modules=modules)
-
-    def layout(self):
-        from dnd_scale.layout import LoraLayout
-
-        return LoraLayout.from_config(self.model, self.lora_spec())
-
-    def tokenizer(self):
-        from dnd_scale.tokenizer import WeightTokenizer
-
-        return WeightTokenizer(self.layout(), chunk=self.chunk)
-
-    def generator_config(self, impl: str = "auto"):
-        from dnd_scale.generator import GeneratorConfig
-
-        return GeneratorConfig(preset=self.preset, max_channels=self.max_channels, num_stages=self.num_stages,
-                               impl=impl)  # fmt: skip
-
-    def sizes(self) -> dict[str, Any]:
-        """Geometry and generator size, computed without building anything."""
-        from dnd_scale.generator import DEFAULT_KERNEL_SIZE, PRESETS, count_parameters, resolve_features
-
-        tok = self.tokenizer()
-        features = resolve_features(self.generator_config(), self.condition, tok.token_shape, tok.num_tokens)
-        kernel = PRESETS[self.preset].kernel_size if self.preset in PRESETS else DEFAULT_KERNEL_SIZE
-        return {
-            "model": Path(self.model).stem,
-            "lora_params": tok.layout.num_params,
-            "tokens": tok.num_tokens,
-            "token_shape": list(tok.token_shape),
-            "features": [list(f) for f in features],
-            "kernel_size": kernel,
-            "generator_params": count_parameters(features, kernel),
-        }
-
-
-# --------------------------------------------------------------------------------------------------
-# A synthetic run folder: real writers, random contents
-
-
-class RandomConditionEncoder:
-    """Stands in for the frozen encoder when building condition caches: every prompt's L tokens are
-    a fixed N(0, 1) draw seeded by the prompt's position in the pool. It offers what
-    `ConditionCache.build` calls, so the cache file is the real format and training reads it as any."""
-
-    def __init__(self, length: int, dim: int, seed: int = 0) -> None:
-        self.name, self.length, self.max_tokens, self.dim, self.seed = SYNTHETIC_ENCODER, length, length, dim, seed
-
-    def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
-        return list(prompts)
-
-    def token_counts(self, prompts: Sequence[str]) -> list[int]:
-        return [self.length] * len(prompts)
-
-    def encode_ragged(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        out = []
-        for i, _ in enumerate(prompts):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-            out.append(torch.randn(self.length, self.dim, generator=gen))  # (L, D)
-        return out
-
-
-def build_synthetic_run(run_dir: Path, target: TargetSpec, seed: int = 0) -> dict[str, Any]:
-    """targets/ (one task, one checkpoint of random tokens), shards/ and the condition cache of a run
-    for `target`, all through the pipeline's own writers; returns the target's sizes."""
-    from dnd_scale.encoder import ConditionCache
-    from dnd_scale.shards import ShardConfig, build_shards
-    from dnd_scale.targets import PackedTargets, write_common, write_task_targets
-    from dnd_scale.rundir import RunDir
-    from dnd_scale.train_data import condition_cache_dir
-
-    run_dir = Path(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)  # the writers add to a folder; start from an empty one
-    tok = target.tokenizer()
-    layout = tok.layout
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randn((1, tok.num_tokens, *tok.token_shape), generator=gen)  # (K=1, T, H, W)
-    write_task_targets(RunDir(run_dir).targets, TASK, tokens)
-    del tokens
-    write_common(  # one checkpoint has no spread across a trajectory: every criterion weight is 1
-        RunDir(run_dir).targets, tok.mask(), torch.ones(tok.num_tokens),
-        {**layout.to_dict(), "fingerprint": layout.fingerprint()},
-        extra={"tokenizer": tok.state_dict_config()}, fingerprint=layout.fingerprint(),
-    )  # fmt: skip
-    n, length, dim = target.condition
-    pool = [f"synthetic prompt {i}" for i in range(n)]
-    build_shards(PackedTargets(RunDir(run_dir).targets), {TASK: pool}, RunDir(run_dir).shards,
-                 ShardConfig(num_prompts=n, pairs_per_task=4, shard_size=4, seed=seed), progress=False)  # fmt: skip
-    cache_dir = condition_cache_dir(run_dir, SYNTHETIC_ENCODER, length, "float32")
-    ConditionCache.build(RandomConditionEncoder(length, dim, seed), pool, cache_dir / f"{TASK}.safetensors")
-    return target.sizes()
-
-
-class BenchStream:
-    """Every step the same full micro-batch (the run's one checkpoint, a fixed prompt set), so step
-    times measure the engine, not the data path; after `steps` optimizer steps it raises
-    `BenchmarkDone`, which ends `train()` before its final checkpoint and export."""
-
-    def __init__(self, data, config, steps: int) -> None:
-        n = data.num_prompts
-        task = data.targets.tasks[0]
-        b = config.micro_batch_size
-        self.batch = {
-            "prompt_ids": torch.arange(n).repeat(b, 1),  # (B, N)
-            "task": [task] * b,
-            "checkpoint": torch.zeros(b, dtype=torch.long),  # (B,)
-            "tokens": data.targets.gather([task] * b, [0] * b),  # (B, T, H, W)
-        }
-        self.limit = steps * config.grad_accum_steps
-        self.served = 0
-
-    def __next__(self) -> dict:
-        if self.served == self.limit:
-            raise BenchmarkDone(self.served)
-        self.served += 1
-        return self.batch
-
-    def state_dict(self) -> dict:
-        return {"served": self.served}
-
-    def load_state_dict(self, state) -> None:
-        self.served = int(state["served"])
-
-
-class BenchmarkDone(Exception):
-    """The measured steps are done (raised by BenchStream inside train())."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Predictions (dnd plan's functions)
-
-
-def predicted_memory(features: list, kernel_size: int, micro_batch: int, zero_stage: int,
-                     offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, Any]:
-    """`dnd plan`'s memory per GPU for one configuration on one GPU: model states + stage activations
-    (bf16, as plan assumes); with offload, DeepSpeed's estimators' GPU and CPU parts."""
-    from dnd_scale.generator import count_parameters, stage_parameters
-    from dnd_scale.plan import activation_bytes_per_sample, model_state_bytes, offload_model_state_bytes
-
-    features = [tuple(f) for f in features]
-    params = count_parameters(features, kernel_size)
-    largest = max(stage_parameters(a, b, kernel_size) for a, b in zip(features, features[1:]))
-    activations = activation_bytes_per_sample(features) * micro_batch
-    if offload_optimizer or offload_params:
-        gpu, cpu = offload_model_state_bytes(params, largest, zero_stage, 1, offload_params=offload_params)
-    else:
-        gpu, cpu = model_state_bytes(params, largest, zero_stage, 1), None
-    return {"gpu_bytes": gpu + activations, "model_states_gpu_bytes": gpu, "activation_bytes": activations,
-            "model_states_cpu_bytes": cpu, "generator_params": params}  # fmt: skip
-
-
 def _error(measured: int | None, predicted: int | None) -> float | None:
     """(predicted - measured) / measured, or None when either is missing."""
     if not measured or predicted is None:
         return None
     return (predicted - measured) / measured
-
-
-# --------------------------------------------------------------------------------------------------
-# Workers: one measured configuration, run in a fresh process
-
-
-def _device_memory() -> dict[str, int | None]:
-    if not torch.cuda.is_available():
-        return {"gpu_max_allocated_bytes": None, "gpu_max_reserved_bytes": None}
-    return {"gpu_max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
-            "gpu_max_reserved_bytes": int(torch.cuda.max_memory_reserved())}  # fmt: skip
-
-
-def _host_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def train_worker(job: dict) -> dict:
-    """Train `job["target"]`'s generator in `job["run_dir"]` under configuration `job["config"]` for
-    `job["steps"]` steps through `train()`; peak memory, step times and the plan's prediction."""
-    from dnd_scale.encoder import EncoderConfig
-    from dnd_scale.io import read_json, read_jsonl
-    from dnd_scale.train_config import TrainConfig
-    from dnd_scale.train_metrics import METRICS
-    from dnd_scale.trainer import TRAIN_INFO, train
-
-    target = TargetSpec(**job["target"])
-    cuda = torch.cuda.is_available()
-    steps, warmup = int(job["steps"]), int(job["warmup_steps"])
-    out_dir = Path(job["out_dir"])
-    config = TrainConfig(
-        generator=target.generator_config(job.get("impl", "auto")),
-        encoder=EncoderConfig(name=SYNTHETIC_ENCODER, max_length=target.condition[1]),
-        micro_batch_size=int(job["micro_batch"]),
-        steps=steps + 1,  # BenchStream stops the run before the last step: no final checkpoint
-        warmup_steps=1, checkpoint_every=2**30, log_every=1, num_workers=0,
-        bf16=bool(job.get("bf16", cuda)), output_dir=str(out_dir),
-        **CONFIGS[job["config"]],
-    )  # fmt: skip
-    record: dict[str, Any] = {"config": job["config"], "ds_fields": CONFIGS[job["config"]],
-                              "micro_batch": config.micro_batch_size, "bf16": config.bf16, "steps": steps}
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        train(config, job["run_dir"], make_stream=lambda data, cfg, rank, world: BenchStream(data, cfg, steps))
-        raise RuntimeError("train() returned although BenchStream should have stopped it")
-    except BenchmarkDone:
-        record["status"] = "ok"
-    except Exception as err:  # noqa: BLE001 - an OOM (or any failure) is this configuration's result
-        if not _is_oom(err):
-            raise
-        record.update(status="oom", error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-    if cuda:
-        torch.cuda.synchronize()
-    record["wall_s"] = time.perf_counter() - start
-    record.update(_device_memory())
-    record["host_peak_rss_bytes"] = _host_peak_rss()
-    info_path = out_dir / TRAIN_INFO
-    info = read_json(info_path, "train_info") if info_path.is_file() else {}
-    record["impl"] = info.get("impl")
-    if record["impl"] == "triton":  # shapes autotuned in this process (not read from the tune file)
-        from dnd_kernels.hyperconv import tiling
-
-        record["tiles_tuned_here"] = sum(1 for v in tiling.tuned_configs().values() if v["candidates_ms"])
-    record["features"] = info.get("features")
-    record["parameters"] = info.get("parameters")
-    metrics = read_jsonl(out_dir / METRICS) if (out_dir / METRICS).is_file() else []
-    times = [m["step_time_s"] for m in metrics]
-    record["step_times_s"] = times
-    record["median_step_s"] = statistics.median(times[warmup:]) if len(times) > warmup else None
-    record["losses"] = [m["loss"] for m in metrics]
-    return record
-
-
-def generate_worker(job: dict) -> dict:
-    """Random-init auto-sized generator for `job["target"]`, exported like `dnd train` exports, loaded
-    by `AdapterGenerator` and run prompts → PEFT folder: memory, latency and the peft key check."""
-    from dnd_scale.config import to_dict
-    from dnd_scale.encoder import resolve_encoder_path
-    from dnd_scale.export import ADAPTER_WEIGHTS
-    from dnd_scale.generate import AdapterGenerator
-    from dnd_scale.generator import HyperConvGenerator, resolve_impl
-    from dnd_scale.generator_export import export_folder, write_export
-
-    target = TargetSpec(**job["target"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = target.tokenizer()
-    layout = tok.layout
-    work = Path(job["work_dir"])
-    export_dir = export_folder(work)
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(device):  # random init where the generator runs (fast on a GPU)
-        module = HyperConvGenerator(target.generator_config(), target.condition, tok.token_shape, tok.num_tokens)
-    encoder_name = resolve_encoder_path(job.get("encoder"))[0]
-    write_export(export_dir, module.state_dict(), {
-        "generator": to_dict(module.config),
-        "layout": {**layout.to_dict(), "fingerprint": layout.fingerprint()},
-        "tokenizer": tok.state_dict_config(),
-        "encoder": {"name": encoder_name, "length": target.condition[1], "dim": target.condition[2]},
-        "num_prompts": target.condition[0], "base_model": None, "step": 0, "random_init": True,
-    }, writer="dnd bench scale")  # fmt: skip
-    record: dict[str, Any] = {"features": [list(f) for f in module.features], "kernel_size": module.config.kernel_size,
-                              "parameters": sum(p.numel() for p in module.parameters()), "encoder": encoder_name,
-                              "export_s": time.perf_counter() - t0}  # fmt: skip
-    del module
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    t0 = time.perf_counter()
-    generator = AdapterGenerator(export_dir, device, job.get("impl"))
-    record["load_s"] = time.perf_counter() - t0
-    record["impl"] = resolve_impl(generator.generator.stages[0].impl, device)
-    if device.type == "cuda":
-        record["gpu_after_load_bytes"] = int(torch.cuda.memory_allocated())
-    prompts = [f"Question {i}: which of the options best completes the sentence about item {i}?"
-               for i in range(generator.num_prompts)]  # fmt: skip
-    adapter = work / "adapter"
-    timings: dict[str, list[float]] = {"generate_s": [], "tokens_s": []}
-    try:
-        for i in range(int(job["warmup"]) + int(job["repeats"])):
-            sync()
-            t0 = time.perf_counter()
-            generator.tokens(prompts)  # encoder + generator forward
-            sync()
-            t1 = time.perf_counter()
-            generator.generate(prompts, adapter, dtype=job["dtype"], overwrite=True)  # prompts -> PEFT folder on disk
-            sync()
-            t2 = time.perf_counter()
-            if i >= int(job["warmup"]):
-                timings["tokens_s"].append(t1 - t0)
-                timings["generate_s"].append(t2 - t1)
-        record["status"] = "ok"
-    except Exception as err:  # noqa: BLE001
-        if not _is_oom(err):
-            raise
-        record.update(status="oom", error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-    record.update(_device_memory())
-    record["host_peak_rss_bytes"] = _host_peak_rss()
-    record.update({k: v for k, v in timings.items()})
-    record["median_generate_s"] = statistics.median(timings["generate_s"]) if timings["generate_s"] else None
-    record["median_tokens_s"] = statistics.median(timings["tokens_s"]) if timings["tokens_s"] else None
-    record["adapter_dtype"] = job["dtype"]
-    if record["status"] == "ok":
-        record["adapter_bytes"] = (adapter / ADAPTER_WEIGHTS).stat().st_size
-        record["peft_check"] = peft_key_check(adapter / ADAPTER_WEIGHTS, target.model, layout.to_peft_config())
-    return record
-
-
-def tune_worker(job: dict) -> dict:
-    """The generator's forward and backward at the training micro-batch, twice, outside DeepSpeed:
-    the first call includes the kernels' autotuning (every candidate tile compiled and timed per
-    shape, cuDNN's algorithm search), the second is a plain call. The tiles chosen are saved to
-    `job["tune_file"]` (DND_KERNELS_TUNE_FILE), so the training workers after it only compile the
-    chosen tiles; `tiles_from_file` counts the shapes an earlier call had already tuned."""
-    from dnd_scale.generator import HyperConvGenerator, resolve_impl
-
-    target = TargetSpec(**job["target"])
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if job.get("bf16", cuda) else torch.float32
-    tok = target.tokenizer()
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # as the trainer sets it (train.cudnn_benchmark's default)
-        torch.cuda.reset_peak_memory_stats()
-    with torch.device(device):
-        model = HyperConvGenerator(target.generator_config(job.get("impl", "auto")), target.condition,
-                                   tok.token_shape, tok.num_tokens).to(dtype)  # fmt: skip
-    cond = torch.randn(int(job["micro_batch"]), *target.condition, device=device, dtype=dtype)  # (B, N, L, D)
-    record: dict[str, Any] = {"impl": resolve_impl(model.stages[0].impl, device), "micro_batch": int(job["micro_batch"])}
-    calls = []
-    for _ in range(2):
-        start = time.perf_counter()
-        model(cond).float().square().mean().backward()
-        if cuda:
-            torch.cuda.synchronize()
-        calls.append(time.perf_counter() - start)
-    record.update(status="ok", first_call_s=calls[0], second_call_s=calls[1], **_device_memory())
-    if record["impl"] == "triton":
-        from dnd_kernels.hyperconv import tiling
-
-        tuned = tiling.tuned_configs()
-        record["tiles_tuned_here"] = sum(1 for v in tuned.values() if v["candidates_ms"])
-        record["tiles_from_file"] = len(tuned) - record["tiles_tuned_here"]
-        if job.get("tune_file"):
-            tiling.save_tuned(job["tune_file"])
-    return record
-
-
-WORKERS: dict[str, Callable[[dict], dict]] = {
-    "train": train_worker,
-    "tune": tune_worker,
-    "generate": generate_worker,
-    "environment": lambda job: environment(job.get("git_rev")),
-}
-
-
-def worker_command(kind: str, job_path: Path, result_path: Path, stacks_every_s: float) -> list[str]:
-    """The command line of one worker process (see main's --worker)."""
-    return [sys.executable, "-m", "dnd_scale.bench_scale", "--worker", kind, str(job_path), str(result_path),
-            f"{stacks_every_s:g}"]  # fmt: skip
-
-
-def run_isolated(kind: str, job: dict, timeout_s: float, log_path: Path) -> dict:
-    """Run worker `kind` on `job` in a fresh Python process (its own CUDA context and allocator);
-    its record, or {"status": "oom" | "killed" | "failed" | "timeout", ...} when it did not finish.
-
-    The worker prints every thread's Python stack to its log every quarter of `timeout_s`, so a
-    timed-out record's log tail says where it was. The worker runs in its own process group, killed
-    whole on timeout and also when this process ends early (SIGTERM, Ctrl-C): a worker left running
-    would hold the GPU under the next measurement."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    job_path, result_path = log_path.with_suffix(".job.json"), log_path.with_suffix(".result.json")
-    job_path.write_text(json.dumps(job))
-    result_path.unlink(missing_ok=True)
-    cmd = worker_command(kind, job_path, result_path, max(timeout_s / 4, 1.0))
-    start = time.perf_counter()
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started
-                proc.wait()
-    elapsed = time.perf_counter() - start
-    tail = log_path.read_text(errors="replace")[-2000:]
-    if rc == 0 and result_path.is_file():
-        record = json.loads(result_path.read_text())
-    elif rc is None:
-        record = {"status": "timeout", "error": f"no result within {timeout_s:.0f} s", "log_tail": tail}
-    elif rc < 0:
-        # SIGKILL without our timeout: most often the kernel's OOM killer (host memory).
-        record = {"status": "killed", "error": f"killed by signal {-rc} (host out of memory?)", "log_tail": tail}
-    else:
-        status = "oom" if "out of memory" in tail.lower() else "failed"
-        record = {"status": status, "error": f"exit code {rc}", "log_tail": tail}
-    record["process_s"] = elapsed
-    return record
 
 
 # --------------------------------------------------------------------------------------------------
@@ -605,7 +159,7 @@ def section_zero(target: TargetSpec, configs: Sequence[str], opts: BenchOptions,
         log(f"zero: {config} ...")
         record = _measure_training(target, run_dir, config, opts, f"zero-{config}")
         result["configs"][config] = record
-        log(f"zero: {config} {record['status']}: " + _summary(record))
+        log(f"zero: {config} {record['status']}: " + record_summary(record))
         save(result)
     if not opts.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -636,7 +190,7 @@ def section_largest(models: Sequence[str], base: TargetSpec, configs: Sequence[s
             log(f"largest: {sizes['model']} {config} ...")
             record = _measure_training(target, run_dir, config, opts, f"largest-{sizes['model']}-{config}")
             entry["attempts"][config] = record
-            log(f"largest: {sizes['model']} {config} {record['status']}: " + _summary(record))
+            log(f"largest: {sizes['model']} {config} {record['status']}: " + record_summary(record))
             save(result)
             if record["status"] == "ok":
                 entry["fits"], entry["config"] = True, config
@@ -677,7 +231,7 @@ def section_generate(target: TargetSpec, opts: BenchOptions, warmup: int, repeat
     # The generator's forward keeps no activations: weights + the largest stage's input and output.
     result["predicted_weights_bytes"] = 4 * sizes["generator_params"]
     result["predicted_error_after_load"] = _error(record.get("gpu_after_load_bytes"), result["predicted_weights_bytes"])
-    log(f"generate: {record['status']}: " + _summary(record))
+    log(f"generate: {record['status']}: " + record_summary(record))
     save(result)
     if not opts.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -697,168 +251,6 @@ def _plan_agrees(target: TargetSpec, sizes: dict, micro_batch: int) -> dict:
             "params": plan["generator"]["params"], "tokens": plan["tokens"]["count"],
             "memory_world1_bytes": {stage: per_world["1"] for stage, per_world in plan["memory_per_gpu_bytes"].items()}}
 
-
-# --------------------------------------------------------------------------------------------------
-# Peft key check
-
-
-def peft_key_check(adapter_file: str | os.PathLike, model_config: Any, peft_config) -> dict:
-    """Compare a saved adapter's keys and shapes with what peft builds for `model_config` under
-    `peft_config`: the base model is built on the meta device (no memory), wrapped with
-    get_peft_model, and get_peft_model_state_dict's keys and shapes are the expected ones."""
-    import transformers
-    from peft import get_peft_model, get_peft_model_state_dict
-    from safetensors import safe_open
-
-    from dnd_scale.layout import load_config_dict
-
-    raw = load_config_dict(model_config)
-    model_type = raw.pop("model_type")
-    hf_config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if not k.startswith("_")})
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        peft_model = get_peft_model(model, peft_config)
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
-    with safe_open(str(adapter_file), framework="pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
-    return {
-        "match": not (missing or unexpected or shapes),
-        "expected_keys": len(expected), "saved_keys": len(saved),
-        "missing": missing[:5], "unexpected": unexpected[:5],
-        "shape_mismatch": [(k, expected[k], saved[k]) for k in shapes[:5]],
-        "num_missing": len(missing), "num_unexpected": len(unexpected), "num_shape_mismatch": len(shapes),
-    }  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------------
-# Results file and table
-
-
-def environment(git_rev: str | None = None) -> dict:
-    """GPU, versions, git revision (`git_rev` when given: a copy of the tree may have no .git), host."""
-    dirty = None
-    if git_rev is None:
-        try:
-            git_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                     check=True).stdout.strip()  # fmt: skip
-            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                        capture_output=True, text=True).stdout.strip())  # fmt: skip
-        except (OSError, subprocess.CalledProcessError):
-            git_rev = "unknown"
-    env: dict[str, Any] = {"gpu": None, "gpu_memory_bytes": None, "torch": torch.__version__, "cuda": torch.version.cuda,
-                           "git_rev": git_rev, "git_dirty": dirty, "cpus": os.cpu_count(),
-                           "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                           "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}  # fmt: skip
-    for name in ("deepspeed", "triton", "peft", "transformers"):
-        try:
-            env[name] = __import__(name).__version__
-        except ImportError:
-            env[name] = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env["gpu"], env["gpu_memory_bytes"] = props.name, int(props.total_memory)
-    return env
-
-
-class ResultsFile:
-    """The benchmark's JSON: loaded if present (sections of an earlier call are kept), rewritten
-    atomically whenever a section reports progress."""
-
-    def __init__(self, path: Path, git_rev: str | None = None, env: dict | None = None) -> None:
-        from dnd_scale.io import read_json
-
-        self.path = path
-        self.data = read_json(path, "scale results") if path.is_file() else {"format": RESULTS_FORMAT, "sections": {}}
-        self.data.setdefault("environments", []).append(env or environment(git_rev))
-
-    def previous(self, section: str) -> dict | None:
-        """The section as an earlier call left it (None if it has none)."""
-        return self.data["sections"].get(section)
-
-    def saver(self, section: str) -> Callable[[dict], None]:
-        """A callback that stores `section`'s result and rewrites the file; records measured in this
-        call are stamped with this call's index into "environments"."""
-        index = len(self.data["environments"]) - 1
-
-        def save(result: dict) -> None:
-            from dnd_scale.io import write_json
-
-            for record in [*result.get("configs", {}).values(),
-                           *(a for t in result.get("targets", []) for a in t["attempts"].values())]:  # fmt: skip
-                record.setdefault("environment_index", index)
-            if section == "generate70b":
-                result.setdefault("environment_index", index)
-            self.data["sections"][section] = {**result, "environment": self.data["environments"][-1]}
-            write_json(self.path, self.data)
-
-        return save
-
-
-def _gib(value: int | None) -> str:
-    return "-" if value is None else f"{value / GIB:.1f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.0%}"
-
-
-def _summary(record: dict) -> str:
-    if record.get("status") != "ok":
-        return record.get("error", "")
-    parts = [
-        f"GPU peak {_gib(record.get('gpu_max_allocated_bytes'))} GiB alloc / "
-        f"{_gib(record.get('gpu_max_reserved_bytes'))} reserved",
-        f"host RSS {_gib(record.get('host_peak_rss_bytes'))} GiB",
-    ]
-    if record.get("median_step_s") is not None:
-        parts.append(f"median step {record['median_step_s']:.3f} s")
-    if record.get("median_generate_s") is not None:
-        parts.append(f"prompts->folder {record['median_generate_s'] * 1e3:.0f} ms")
-    return ", ".join(parts)
-
-
-def format_table(data: dict) -> str:
-    lines = []
-    zero = data["sections"].get("zero")
-    if zero:
-        lines += [f"zero: {zero['sizes']['model']} target, {zero['sizes']['generator_params'] / 1e9:.2f} B generator, "
-                  f"micro-batch {zero['micro_batch']}",
-                  "| config | status | GPU alloc GiB | GPU reserved GiB | plan GiB | plan error (alloc) | host RSS GiB "
-                  "| plan host GiB | median step s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        tune = zero.get("tuning")
-        if tune:
-            lines.insert(1, f"tuning pass (forward + backward at the micro-batch, no DeepSpeed): {tune['status']}"
-                         + (f", first call {tune['first_call_s']:.1f} s, second {tune['second_call_s']:.2f} s"
-                            if tune["status"] == "ok" else f": {tune.get('error', '')}"))  # fmt: skip
-        for name, r in zero["configs"].items():
-            p = r["predicted"]
-            step = "-" if r.get("median_step_s") is None else f"{r['median_step_s']:.3f}"
-            cells = [name, r["status"], _gib(r.get("gpu_max_allocated_bytes")), _gib(r.get("gpu_max_reserved_bytes")),
-                     _gib(p["gpu_bytes"]), _pct(r.get("predicted_error")), _gib(r.get("host_peak_rss_bytes")),
-                     _gib(p["model_states_cpu_bytes"]), step]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
-    largest = data["sections"].get("largest")
-    if largest:
-        lines += ["", "largest: | target | tokens | generator B params | result |", "|---|---|---|---|"]
-        for t in largest["targets"]:
-            tried = ", ".join(f"{c}: {a['status']}" for c, a in t["attempts"].items())
-            lines.append(f"| {t['model']} | {t['sizes']['tokens']} | {t['sizes']['generator_params'] / 1e9:.2f} | {tried} |")
-        lines.append(f"largest that trains: {largest['largest_fit']}")
-    gen = data["sections"].get("generate70b")
-    if gen:
-        lines += ["", f"generate70b: {gen['sizes']['model']}, {gen['sizes']['generator_params'] / 1e9:.2f} B generator: "
-                  f"{gen['status']}; " + _summary(gen)]  # fmt: skip
-        if gen.get("peft_check"):
-            c = gen["peft_check"]
-            lines.append(f"peft keys/shapes equal: {c['match']} ({c['saved_keys']} saved, {c['expected_keys']} expected)")
-        lines.append(f"weights after load {_gib(gen.get('gpu_after_load_bytes'))} GiB vs 4 B/param "
-                     f"{_gib(gen['predicted_weights_bytes'])} GiB ({_pct(gen.get('predicted_error_after_load'))})")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------------
 # Command line
 
@@ -871,14 +263,6 @@ def _condition(text: str) -> tuple[int, int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:  # a configuration measured in its own process (run_isolated)
-        kind, job_path, result_path, stacks_every_s = argv[1:5]
-        faulthandler.dump_traceback_later(float(stacks_every_s), repeat=True)  # where a slow worker is
-        record = WORKERS[kind](json.loads(Path(job_path).read_text()))
-        faulthandler.cancel_dump_traceback_later()
-        Path(result_path).write_text(json.dumps(record))
-        return 0
     models = REPO / "configs" / "models"
     parser = argparse.ArgumentParser(prog="dnd bench scale", description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))

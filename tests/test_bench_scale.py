@@ -18,8 +18,11 @@ import torch
 from tinymodels import tiny_config
 from tinyrun import make_tiny_encoder
 
-from dnd_scale import bench_scale
-from dnd_scale.bench_scale import BenchOptions, ResultsFile, TargetSpec, format_table, peft_key_check
+from dnd_scale import bench_scale, bench_scale_workers
+from dnd_scale.bench_scale import BenchOptions
+from dnd_scale.bench_scale_results import RESULTS_FORMAT, ResultsFile, format_table
+from dnd_scale.bench_scale_targets import TargetSpec
+from dnd_scale.bench_scale_workers import peft_key_check
 from dnd_scale.layout import LoraLayout, LoraSpec
 
 CUDA = torch.cuda.is_available()
@@ -63,7 +66,7 @@ def test_zero_section_trains_through_train_and_writes_results(tmp_path, tiny_tar
     results = ResultsFile(tmp_path / "scale.json", git_rev="abc123")  # a second call, same file
     section = bench_scale.section_zero(tiny_target, ["zero3"], opts, results.saver("zero"), results.previous("zero"))
     data = json.loads((tmp_path / "scale.json").read_text())
-    assert data["format"] == bench_scale.RESULTS_FORMAT
+    assert data["format"] == RESULTS_FORMAT
     first_env, env = data["environments"]
     assert env["torch"] == torch.__version__ and env["deepspeed"] and env["git_rev"] == "abc123"
     assert first_env["git_rev"] not in (None, "abc123")
@@ -89,7 +92,7 @@ def test_zero_section_trains_through_train_and_writes_results(tmp_path, tiny_tar
 
 def test_isolated_worker_timeout(tmp_path):
     # A worker past its time limit is killed (with anything it started) and reported, not waited for.
-    slow = bench_scale.run_isolated("train", {}, timeout_s=0.01, log_path=tmp_path / "logs" / "slow.log")
+    slow = bench_scale_workers.run_isolated("train", {}, timeout_s=0.01, log_path=tmp_path / "logs" / "slow.log")
     assert slow["status"] == "timeout" and slow["process_s"] < 60
 
 
@@ -100,11 +103,11 @@ def test_a_stopped_benchmark_kills_its_running_worker(tmp_path):
     child = textwrap.dedent(f"""
         import signal, sys
         from pathlib import Path
-        from dnd_scale import bench_scale
-        bench_scale.worker_command = lambda *args: [sys.executable, "-c",
+        from dnd_scale import bench_scale_workers
+        bench_scale_workers.worker_command = lambda *args: [sys.executable, "-c",
             "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # as main() does
-        bench_scale.run_isolated("train", {{}}, 120, Path({str(tmp_path / "logs" / "w.log")!r}))
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # as bench_scale.main() does
+        bench_scale_workers.run_isolated("train", {{}}, 120, Path({str(tmp_path / "logs" / "w.log")!r}))
     """)  # fmt: skip
     bench = subprocess.Popen([sys.executable, "-c", child])
     deadline = time.monotonic() + 60
@@ -131,9 +134,9 @@ def test_a_timed_out_worker_logs_where_it_was(tmp_path):
     # The worker prints its stack every quarter of the limit: a timeout's log tail names the line.
     job = tmp_path / "job.json"
     job.write_text("{}")
-    code = ("import sys, time; from dnd_scale import bench_scale; "
-            "bench_scale.WORKERS['stuck'] = lambda job: time.sleep(3) or {}; "
-            f"sys.exit(bench_scale.main(['--worker', 'stuck', {str(job)!r}, {str(tmp_path / 'r.json')!r}, '0.5']))")
+    code = ("import sys, time; from dnd_scale import bench_scale_workers; "
+            "bench_scale_workers.WORKERS['stuck'] = lambda job: time.sleep(3) or {}; "
+            f"sys.exit(bench_scale_workers.main(['stuck', {str(job)!r}, {str(tmp_path / 'r.json')!r}, '0.5']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Thread" in out.stderr and "<lambda>" in out.stderr, out.stderr
 
