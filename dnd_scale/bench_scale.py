@@ -87,13 +87,14 @@ class BenchOptions:
     timeout_s: float = 300.0
     tune_timeout_s: float = 400.0
     impl: str = "auto"
+    cudnn_benchmark: bool = True  # the trainer's default (train.cudnn_benchmark)
     bf16: bool | None = None  # None: on a GPU
     keep: bool = False  # keep run folders (else removed when a section is done with them)
     isolate: bool = True  # a subprocess per configuration (False: in this process, for tests)
 
     def job(self, **fields: Any) -> dict:
         job = {"steps": self.steps, "warmup_steps": self.warmup_steps, "micro_batch": self.micro_batch,
-               "impl": self.impl, **fields}  # fmt: skip
+               "impl": self.impl, "cudnn_benchmark": self.cudnn_benchmark, **fields}  # fmt: skip
         if self.bf16 is not None:
             job["bf16"] = self.bf16
         return job
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     parser.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto")
+    parser.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
+                        help="cuDNN's algorithm search on first use of each shape (train.cudnn_benchmark; on "
+                             "is the trainer's default, off skips the search)")
     parser.add_argument("--tune-timeout", type=float, default=400.0,
                         help="seconds for each target's tuning pass (autotuning before its configurations)")
     parser.add_argument("--tune-file", help="kernel tiles file kept across calls (DND_KERNELS_TUNE_FILE; "
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dnd-bench-scale-"))
     opts = BenchOptions(work_dir=work_dir, steps=args.steps, warmup_steps=args.warmup_steps,
                         micro_batch=args.micro_batch, timeout_s=args.timeout, tune_timeout_s=args.tune_timeout,
-                        impl=args.impl, keep=args.keep)  # fmt: skip
+                        impl=args.impl, cudnn_benchmark=args.cudnn_benchmark == "on", keep=args.keep)  # fmt: skip
     from dnd_kernels.hyperconv.tiling import TUNE_FILE_ENV
 
     # Every worker process reads (and the tuning passes write) the same tiles file.

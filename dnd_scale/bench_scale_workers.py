@@ -64,10 +64,11 @@ def train_worker(job: dict) -> dict:
         steps=steps + 1,  # BenchStream stops the run before the last step: no final checkpoint
         warmup_steps=1, checkpoint_every=2**30, log_every=1, num_workers=0,
         bf16=bool(job.get("bf16", cuda)), output_dir=str(out_dir),
-        **CONFIGS[job["config"]],
+        cudnn_benchmark=bool(job.get("cudnn_benchmark", True)), **CONFIGS[job["config"]],
     )  # fmt: skip
     record: dict[str, Any] = {"config": job["config"], "ds_fields": CONFIGS[job["config"]],
-                              "micro_batch": config.micro_batch_size, "bf16": config.bf16, "steps": steps}
+                              "micro_batch": config.micro_batch_size, "bf16": config.bf16, "steps": steps,
+                              "cudnn_benchmark": config.cudnn_benchmark}  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -197,13 +198,14 @@ def tune_worker(job: dict) -> dict:
     dtype = torch.bfloat16 if job.get("bf16", cuda) else torch.float32
     tok = target.tokenizer()
     if cuda:
-        torch.backends.cudnn.benchmark = True  # as the trainer sets it (train.cudnn_benchmark's default)
+        torch.backends.cudnn.benchmark = bool(job.get("cudnn_benchmark", True))  # as the trainer sets it
         torch.cuda.reset_peak_memory_stats()
     with torch.device(device):
         model = HyperConvGenerator(target.generator_config(job.get("impl", "auto")), target.condition,
                                    tok.token_shape, tok.num_tokens).to(dtype)  # fmt: skip
     cond = torch.randn(int(job["micro_batch"]), *target.condition, device=device, dtype=dtype)  # (B, N, L, D)
-    record: dict[str, Any] = {"impl": resolve_impl(model.stages[0].impl, device), "micro_batch": int(job["micro_batch"])}
+    record: dict[str, Any] = {"impl": resolve_impl(model.stages[0].impl, device), "micro_batch": int(job["micro_batch"]),
+                              "cudnn_benchmark": bool(job.get("cudnn_benchmark", True))}  # fmt: skip
     calls = []
     for _ in range(2):
         start = time.perf_counter()

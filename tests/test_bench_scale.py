@@ -77,6 +77,7 @@ def test_zero_section_trains_through_train_and_writes_results(tmp_path, tiny_tar
     tune = saved["tuning"]  # the second call's tuning pass, in its own process like the configurations
     assert tune["status"] == "ok" and tune["first_call_s"] > 0 and tune["second_call_s"] > 0 and "process_s" in tune
     assert tune["impl"] == ("triton" if CUDA else "torch") and tune["micro_batch"] == opts.micro_batch
+    assert tune["cudnn_benchmark"] is True and saved["configs"]["zero3"]["cudnn_benchmark"] is True  # the default
     for config, stage in (("zero0", "zero0"), ("zero3", "zero3")):  # the prediction is `dnd plan`'s own number
         assert saved["configs"][config]["predicted"]["gpu_bytes"] == saved["dnd_plan"]["memory_world1_bytes"][stage]
     for config in ("zero0", "zero3"):
@@ -186,7 +187,7 @@ def test_largest_section_records_what_fits(tmp_path, tiny_target, one_thread):
     two_layers = tmp_path / "two.json"
     tiny_config(layers=2).to_json_file(two_layers)
     results = ResultsFile(tmp_path / "scale.json")
-    opts = _options(tmp_path, isolate=False)
+    opts = _options(tmp_path, isolate=False, cudnn_benchmark=False)
     section = bench_scale.section_largest([tiny_target.model, str(two_layers)], tiny_target, ["zero3"], opts,
                                           results.saver("largest"))  # fmt: skip
     saved = json.loads((tmp_path / "scale.json").read_text())["sections"]["largest"]
@@ -194,7 +195,10 @@ def test_largest_section_records_what_fits(tmp_path, tiny_target, one_thread):
     assert [t["sizes"]["tokens"] for t in saved["targets"]] == [43, 86]  # one layer's tokens, then two layers'
     assert saved["largest_fit"]["model"] == "two" and saved["largest_fit"]["config"] == "zero3"
     assert saved["targets"][1]["attempts"]["zero3"]["status"] == "ok"
-    assert all(t["tuning"]["status"] == "ok" for t in saved["targets"])  # each target's shapes tuned before it trains
+    assert all(t["tuning"]["status"] == "ok" for t in saved["targets"])
+    # --cudnn-benchmark off reaches the tuning pass and the trainer's config (train.cudnn_benchmark).
+    assert [(t["tuning"]["cudnn_benchmark"], t["attempts"]["zero3"]["cudnn_benchmark"]) for t in saved["targets"]] \
+        == [(False, False)] * 2  # each target's shapes tuned before it trains
     # A later call for another model keeps these entries; the largest fit is the largest of all.
     previous = {**section, "targets": section["targets"][:1]}
     bench_scale._update_largest_fit(previous)
