@@ -86,7 +86,8 @@ class TrainConfig:
     caches are copied to the GPU once (`dnd_scale.resident`) and each step gathers its pairs there,
     the loader's workers passing indices only; "host": the workers gather them from the memory maps
     and each batch is copied to the GPU; "auto": device on a GPU when they take at most a quarter
-    of its free memory and the conditions are cached, else host. The values are the same either way."""
+    of its free memory, the conditions are cached and the generator still fits beside them (`dnd
+    plan`'s estimate), else host. The values are the same either way."""
     cudnn_benchmark: bool = True
     """On a GPU, let cuDNN time its algorithms on the first use of each convolution shape (training
     shapes are fixed) instead of taking its heuristic pick. `impl: torch` runs every convolution

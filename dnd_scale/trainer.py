@@ -52,7 +52,7 @@ from dnd_scale.encoder import resolve_encoder_path
 from dnd_scale.generator import generator_loss, resolve_features, resolve_impl
 from dnd_scale.generator_export import export_folder, write_export
 from dnd_scale.io import FolderBusyError, exclusive_folder, read_json, write_json
-from dnd_scale.plan import check_gpu_memory
+from dnd_scale.plan import PlanError, check_gpu_memory
 from dnd_scale.resident import ResidentData, resident_bytes, resolve_resident
 from dnd_scale.rundir import RunDir
 from dnd_scale.store import collected_base, store_dir
@@ -146,6 +146,16 @@ def _train(
         on_device = resolve_resident(config.resident, device, resident_size, conditions.caches is not None)
     except ValueError as exn:
         raise TrainError(str(exn)) from None
+    if on_device and config.resident == "auto":
+        # The generator's room comes first: data that would not leave it room is streamed instead.
+        try:
+            check_gpu_memory(config, features, world, device, resident_bytes=resident_size)
+        except PlanError:
+            on_device = False
+            if rank == 0:
+                print(f"dnd train: train.resident=auto: the generator would not fit beside the "
+                      f"{resident_size / 2**30:.1f} GiB of targets and condition caches on the GPU; they are "
+                      "streamed from the host", file=sys.stderr)  # fmt: skip
     # Fail before, not during: dnd plan's estimate, plus the data train.resident puts on the GPU.
     check_gpu_memory(config, features, world, device, resident_bytes=resident_size if on_device else 0)
     if on_device:

@@ -235,11 +235,35 @@ def test_train_counts_resident_data_in_the_memory_check(tmp_path, one_thread, mo
     run, config = _tiny_train(tmp_path, 80.0)
     estimate = check_gpu_memory(config, config.generator.features, world=1, device="cpu")
     targets = resident_bytes(TrainingData.open(run).targets, None)  # the condition caches come on top
-    config = replace(config, gpu_memory_gib=(estimate + targets / 2) / USABLE_FRACTION / GIB)
+    config = replace(config, gpu_memory_gib=(estimate + targets / 2) / USABLE_FRACTION / GIB, resident="device")
     monkeypatch.setattr(trainer, "resolve_resident", lambda *args: True)  # as on a GPU with room for the data
     with pytest.raises(PlanError, match=r"needs ~.* GiB per GPU .* GiB of resident data.*train.resident=host"):
         trainer.train(config, run)
     assert [p.name for p in (run / "generator").iterdir()] == [".lock"]
+
+
+def test_resident_auto_streams_the_data_when_the_generator_would_not_fit_beside_it(tmp_path, one_thread,
+                                                                                  monkeypatch, capsys):
+    """train.resident=auto on a GPU with room for the data but not for the data and the generator:
+    the run streams from the host instead of being refused (train.resident=device is, above)."""
+    from dataclasses import replace
+
+    from dnd_scale import trainer
+    from dnd_scale.io import read_json
+    from dnd_scale.plan import GIB, USABLE_FRACTION
+    from dnd_scale.resident import resident_bytes
+    from dnd_scale.train_data import TrainingData
+
+    run, config = _tiny_train(tmp_path, 80.0)
+    estimate = check_gpu_memory(config, config.generator.features, world=1, device="cpu")
+    targets = resident_bytes(TrainingData.open(run).targets, None)
+    config = replace(config, gpu_memory_gib=(estimate + targets / 2) / USABLE_FRACTION / GIB, resident="auto",
+                     output_dir=str(tmp_path / "gen"))  # fmt: skip
+    monkeypatch.setattr(trainer, "resolve_resident", lambda *args: True)
+    trainer.train(config, run)
+    info = read_json(tmp_path / "gen" / trainer.TRAIN_INFO, "train info")
+    assert info["resident"]["on_device"] is False and info["resident"]["bytes"] > targets / 2
+    assert "streamed from the host" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["plans.json", "plans_moe_experts.json"])
