@@ -46,7 +46,7 @@ def test_bench_cli_rejects_unknown_bench(capsys):
 
 def test_convergence_criterion_compares_against_the_exact_run(monkeypatch):
     # The criterion: the Triton run may stray from the fp32 run at most as far as PyTorch's bf16 run.
-    from dnd_scale import bench_kernels as bench
+    from dnd_scale import bench_convergence as bench
 
     def curves(triton_offset):
         exact = [1.0 / (1 + s) for s in range(40)]
@@ -65,7 +65,7 @@ def test_convergence_criterion_compares_against_the_exact_run(monkeypatch):
 
 
 def test_convergence_plot_is_a_png(tmp_path):
-    from dnd_scale.bench_kernels import plot_convergence
+    from dnd_scale.bench_convergence import plot_convergence
 
     curves = {impl: {"losses": [1.0 / (1 + s + k) for s in range(30)], "seconds": 1.0} for k, impl in enumerate(("triton", "eager", "fp32"))}
     result = {"preset": "p", "batch": 1, "lr": 1e-4, "curves": curves, "distance_to_fp32": {"triton": 0.1, "torch": 0.2}, "passed": True}
