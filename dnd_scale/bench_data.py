@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from dnd_scale.bench import git_revision
 from dnd_scale.io import atomic_path, write_json
 from dnd_scale.loader import LoaderConfig, PairLoader
 from dnd_scale.rundir import RunDir
@@ -47,12 +48,7 @@ RESULTS_DIR = Path("benchmarks") / "results"  # relative to the working director
 
 def machine_info() -> dict:
     """What the numbers were measured on (the load average matters: the machine may be shared)."""
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        revision = None
+    revision = git_revision(short=True)
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,9 @@ from typing import Callable
 
 import torch
 import triton
+
+from dnd_scale.bench import git_revision
+from dnd_scale.io import write_json
 
 _COMPILED: dict = {}
 SECTIONS = ("ceilings", "stages", "detokenize", "train_step", "generate", "convergence")
@@ -83,21 +85,13 @@ def no_autotune():
 
 
 def _write(out: Path | None, result: dict) -> None:
-    if out is None:
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    if out is not None:
+        write_json(out, result)
 
 
 def environment(git_rev: str | None) -> dict:
     if git_rev is None:
-        try:
-            git_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                     check=True).stdout.strip()  # fmt: skip
-        except (OSError, subprocess.CalledProcessError):
-            git_rev = "unknown"
+        git_rev = git_revision() or "unknown"
     props = torch.cuda.get_device_properties(0)
     return {
         "gpu": props.name,

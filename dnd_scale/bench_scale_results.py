@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from dnd_scale.bench import git_revision
+
 # The repository root: its git revision is recorded, workers run in it, the CLI defaults live in it.
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_FORMAT = "dnd-bench-scale-1"
@@ -21,13 +23,12 @@ def environment(git_rev: str | None = None) -> dict:
     """GPU, versions, git revision (`git_rev` when given: a copy of the tree may have no .git), host."""
     dirty = None
     if git_rev is None:
-        try:
-            git_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                     check=True).stdout.strip()  # fmt: skip
+        git_rev = git_revision()
+        if git_rev is None:
+            git_rev = "unknown"
+        else:
             dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                         capture_output=True, text=True).stdout.strip())  # fmt: skip
-        except (OSError, subprocess.CalledProcessError):
-            git_rev = "unknown"
     env: dict[str, Any] = {"gpu": None, "gpu_memory_bytes": None, "torch": torch.__version__, "cuda": torch.version.cuda,
                            "git_rev": git_rev, "git_dirty": dirty, "cpus": os.cpu_count(),
                            "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),

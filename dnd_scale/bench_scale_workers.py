@@ -44,6 +44,15 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def tile_counts() -> tuple[int, int]:
+    """(shapes this process autotuned, shapes whose tile it read from the tune file) so far."""
+    from dnd_kernels.hyperconv import tiling
+
+    tuned = tiling.tuned_configs()
+    here = sum(1 for v in tuned.values() if v["candidates_ms"])
+    return here, len(tuned) - here
+
+
 def train_worker(job: dict) -> dict:
     """Train `job["target"]`'s generator in `job["run_dir"]` under configuration `job["config"]` for
     `job["steps"]` steps through `train()`; peak memory, step times and the plan's prediction."""
@@ -90,9 +99,7 @@ def train_worker(job: dict) -> dict:
     info = read_json(info_path, "train_info") if info_path.is_file() else {}
     record["impl"] = info.get("impl")
     if record["impl"] == "triton":  # shapes autotuned in this process (not read from the tune file)
-        from dnd_kernels.hyperconv import tiling
-
-        record["tiles_tuned_here"] = sum(1 for v in tiling.tuned_configs().values() if v["candidates_ms"])
+        record["tiles_tuned_here"] = tile_counts()[0]
     record["features"] = info.get("features")
     record["parameters"] = info.get("parameters")
     metrics = read_jsonl(out_dir / METRICS) if (out_dir / METRICS).is_file() else []
@@ -217,9 +224,7 @@ def tune_worker(job: dict) -> dict:
     if record["impl"] == "triton":
         from dnd_kernels.hyperconv import tiling
 
-        tuned = tiling.tuned_configs()
-        record["tiles_tuned_here"] = sum(1 for v in tuned.values() if v["candidates_ms"])
-        record["tiles_from_file"] = len(tuned) - record["tiles_tuned_here"]
+        record["tiles_tuned_here"], record["tiles_from_file"] = tile_counts()
         if job.get("tune_file"):
             tiling.save_tuned(job["tune_file"])
     return record
