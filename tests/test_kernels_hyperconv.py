@@ -13,6 +13,7 @@ import torch
 
 import dnd_kernels.hyperconv.function as F
 import dnd_kernels.hyperconv.kernel as K
+from dnd_kernels.hyperconv.buffers import EPILOGUE_TANH_AVG, PLANE_AXES, empty_channels_last
 from dnd_kernels.hyperconv.layernorm import layer_norm_channels_last
 from dnd_kernels.hyperconv.reference import hyperconv_stage_reference
 from dnd_kernels.testing import DEVICE, HAS_CUDA, PARAM_NAMES, assert_close, error_report, stage_inputs, stage_outputs
@@ -62,14 +63,14 @@ def test_stage_fp16_interpreter(batch, in_shape, out_shape, k):
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter test")
 def test_channels_last_padding_is_zero_and_views_are_logical():
-    t = K.empty_channels_last((2, 3, 5, 7), axis=2, dtype=torch.float32, device=torch.device("cpu"))
+    t = empty_channels_last((2, 3, 5, 7), axis=2, dtype=torch.float32, device=torch.device("cpu"))
     assert t.view.shape == (2, 3, 5, 7) and t.view.stride(2) == 1 and t.padded == 16
     storage = t.view.as_strided((2, 3, 7, 16), (3 * 7 * 16, 7 * 16, 16, 1))
     assert torch.all(storage[..., 5:] == 0)
 
 
 def test_launchers_reject_bad_inputs():
-    x = K.empty_channels_last((1, 2, 3, 4), axis=3, dtype=torch.float32, device=DEVICE)
+    x = empty_channels_last((1, 2, 3, 4), axis=3, dtype=torch.float32, device=DEVICE)
     w = K.conv_weight(torch.randn(5, 4, 3, 3, device=DEVICE), x.padded, torch.float32)
     with pytest.raises(ValueError, match="output must be"):
         K.channel_conv(x, w, torch.empty(1, 2, 3, 6, device=DEVICE))  # 6 output channels, weight makes 5
@@ -78,7 +79,7 @@ def test_launchers_reject_bad_inputs():
     with pytest.raises(ValueError, match="share one of"):
         K.channel_conv(x, w.half(), torch.empty(1, 2, 3, 5, device=DEVICE))
     with pytest.raises(ValueError, match="tanh-average epilogue needs"):
-        K.channel_conv(x, w, torch.empty(1, 2, 3, 5, device=DEVICE), epilogue=K.EPILOGUE_TANH_AVG)
+        K.channel_conv(x, w, torch.empty(1, 2, 3, 5, device=DEVICE), epilogue=EPILOGUE_TANH_AVG)
     with pytest.raises(ValueError, match="contiguous"):
         layer_norm_channels_last(torch.randn(1, 2, 4, 3, device=DEVICE).transpose(2, 3), torch.ones(3, 4, device=DEVICE),
                                    torch.ones(3, 4, device=DEVICE), 1e-5, torch.float32)  # fmt: skip
@@ -142,11 +143,11 @@ def test_wgrad_backends_match_reference_gpu(axis, monkeypatch):
 
     shape, k, c_out = (2, 40, 23, 57), 5, 37
     gen = torch.Generator("cuda").manual_seed(axis)
-    x = K.empty_channels_last(shape, axis, torch.bfloat16, torch.device("cuda"))
+    x = empty_channels_last(shape, axis, torch.bfloat16, torch.device("cuda"))
     x.view.copy_(torch.randn(shape, device="cuda", generator=gen))
     out_shape = list(shape)
     out_shape[axis] = c_out
-    dy = K.empty_channels_last(tuple(out_shape), axis, torch.bfloat16, torch.device("cuda"))
+    dy = empty_channels_last(tuple(out_shape), axis, torch.bfloat16, torch.device("cuda"))
     dy.view.copy_(torch.randn(out_shape, device="cuda", generator=gen))
     w = torch.zeros(c_out, shape[axis], k, k, device="cuda", requires_grad=True)
     tf32 = torch.backends.cudnn.allow_tf32
@@ -157,11 +158,11 @@ def test_wgrad_backends_match_reference_gpu(axis, monkeypatch):
         torch.backends.cudnn.allow_tf32 = tf32
     monkeypatch.setenv("DND_KERNELS_AUTOTUNE", "0")  # the first candidate: a Triton tile
     assert_close("triton wgrad", K.conv_wgrad(dy, x, k), w.grad, rms_tol=2e-3, max_tol=1e-2)
-    cudnn = K._wgrad_cudnn(dy, x, k, K.PLANE_AXES[axis])
+    cudnn = K._wgrad_cudnn(dy, x, k, PLANE_AXES[axis])
     assert_close("cudnn wgrad", cudnn, w.grad, rms_tol=5e-3, max_tol=1e-2)  # rounded to bf16 once
     for benchmark in (False, True):
         with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark):
-            nchw = K._wgrad_cudnn(dy, x, k, K.PLANE_AXES[axis], nchw=True)
+            nchw = K._wgrad_cudnn(dy, x, k, PLANE_AXES[axis], nchw=True)
         assert_close(f"cudnn wgrad on NCHW copies (benchmark {benchmark})", nchw, w.grad, rms_tol=5e-3, max_tol=1e-2)
 
 

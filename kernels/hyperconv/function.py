@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import kernel as K
+from .buffers import EPILOGUE_GATE, EPILOGUE_TANH_AVG, ChannelsLast, channels_last_copy, empty_channels_last
 from .layernorm import layer_norm_backward, layer_norm_channels_last
 from .kernel import pack_forward_weights  # noqa: F401 - part of this module's API (generation)
 
@@ -87,19 +88,19 @@ class HyperConvStageFunction(torch.autograd.Function):
 
         y_w, y_h, mean, rstd = layer_norm_channels_last(x, ln_weight, ln_bias, eps, cdt)
         # Branch A: W -> W' over (H, N), then H -> H' over (N, W').
-        a1 = K.empty_channels_last((B, N, H, W2), 2, cdt, dev)
+        a1 = empty_channels_last((B, N, H, W2), 2, cdt, dev)
         K.channel_conv(y_w, p_w1, a1.view)
-        a2 = K.empty_channels_last((B, N, H2, W2), 1, cdt, dev, zero_pad=False)  # z's layout
+        a2 = empty_channels_last((B, N, H2, W2), 1, cdt, dev, zero_pad=False)  # z's layout
         K.channel_conv(a1, p_h1, a2.view)
         # Branch B: H -> H' over (N, W), then W -> W' over (H', N) with the tanh-average epilogue.
-        b1 = K.empty_channels_last((B, N, H2, W), 3, cdt, dev)
+        b1 = empty_channels_last((B, N, H2, W), 3, cdt, dev)
         K.channel_conv(y_h, p_h2, b1.view)
-        z = K.empty_channels_last((B, N, H2, W2), 1, cdt, dev)
-        t = K.empty_channels_last((B, N, H2, W2), 1, cdt, dev, zero_pad=False)
+        z = empty_channels_last((B, N, H2, W2), 1, cdt, dev)
+        t = empty_channels_last((B, N, H2, W2), 1, cdt, dev, zero_pad=False)
         bias_b = bias.float().contiguous()[None, None].expand(B, N, H2, W2)
         K.channel_conv(
             b1, p_w2, z.view,
-            epilogue=K.EPILOGUE_TANH_AVG, aux=a2.view, vec=bias_b, out2=t.view, scale=1.0 / 3.0,
+            epilogue=EPILOGUE_TANH_AVG, aux=a2.view, vec=bias_b, out2=t.view, scale=1.0 / 3.0,
         )  # fmt: skip
         # Mixing: N -> N' over (H', W'), + mix_bias (+ x).
         out_dtype = torch.promote_types(cdt, x.dtype) if residual else cdt
@@ -121,34 +122,34 @@ class HyperConvStageFunction(torch.autograd.Function):
         (x, ln_weight, w_w1, w_h1, w_h2, w_w2, mix_weight, mean, rstd,
          y_w, y_h, a1, b1, t, z) = ctx.saved_tensors  # fmt: skip
         p_yw, p_yh, p_a1, p_b1, p_z = ctx.pads
-        y_w, y_h = K.ChannelsLast(y_w, 3, p_yw), K.ChannelsLast(y_h, 2, p_yh)
-        a1, b1, z = K.ChannelsLast(a1, 2, p_a1), K.ChannelsLast(b1, 3, p_b1), K.ChannelsLast(z, 1, p_z)
+        y_w, y_h = ChannelsLast(y_w, 3, p_yw), ChannelsLast(y_h, 2, p_yh)
+        a1, b1, z = ChannelsLast(a1, 2, p_a1), ChannelsLast(b1, 3, p_b1), ChannelsLast(z, 1, p_z)
         cdt, k = ctx.cdt, ctx.k
         B, N, H, W = x.shape
         _, N2, H2, W2 = dout.shape
         dev = x.device
 
         # Mixing conv: the upstream gradient is copied once into the N'-innermost layout.
-        g_out = K.channels_last_copy(dout, 1, cdt)
+        g_out = channels_last_copy(dout, 1, cdt)
         d_mix_bias = dout.sum(dim=(0, 2, 3), dtype=torch.float32)
-        ga = K.empty_channels_last((B, N, H2, W2), 2, cdt, dev)  # branch A's dL/da2, H' inner
-        gb = K.empty_channels_last((B, N, H2, W2), 3, cdt, dev)  # branch B's dL/d(pre-tanh), W' inner
+        ga = empty_channels_last((B, N, H2, W2), 2, cdt, dev)  # branch A's dL/da2, H' inner
+        gb = empty_channels_last((B, N, H2, W2), 3, cdt, dev)  # branch B's dL/d(pre-tanh), W' inner
         K.channel_conv(
             g_out, K.conv_weight(mix_weight, g_out.padded, cdt, data_grad=True), ga.view,
-            epilogue=K.EPILOGUE_GATE, aux=t, out2=gb.view, scale=1.0 / 3.0,
+            epilogue=EPILOGUE_GATE, aux=t, out2=gb.view, scale=1.0 / 3.0,
         )  # fmt: skip
         d_mix_weight = K.conv_wgrad(g_out, z, k)
         d_bias = ga.view.sum(dim=(0, 1), dtype=torch.float32)  # dL/dbias = sum over (B, N) of dL/dz / 3
 
         # Branch A backward.
-        da1 = K.empty_channels_last((B, N, H, W2), 3, cdt, dev)
+        da1 = empty_channels_last((B, N, H, W2), 3, cdt, dev)
         K.channel_conv(ga, K.conv_weight(w_h1, ga.padded, cdt, data_grad=True), da1.view)
         d_w_h1 = K.conv_wgrad(ga, a1, k)
         dy_a = torch.empty(B, N, H, W, dtype=cdt, device=dev)
         K.channel_conv(da1, K.conv_weight(w_w1, da1.padded, cdt, data_grad=True), dy_a)
         d_w_w1 = K.conv_wgrad(da1, y_w, k)
         # Branch B backward; its last data gradient adds branch A's: dy = dy_a + dy_b (fp32).
-        db1 = K.empty_channels_last((B, N, H2, W), 2, cdt, dev)
+        db1 = empty_channels_last((B, N, H2, W), 2, cdt, dev)
         K.channel_conv(gb, K.conv_weight(w_w2, gb.padded, cdt, data_grad=True), db1.view)
         d_w_w2 = K.conv_wgrad(gb, b1, k)
         dy = torch.empty(B, N, H, W, dtype=torch.float32, device=dev)

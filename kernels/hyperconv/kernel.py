@@ -41,16 +41,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .buffers import (  # noqa: F401 - PLANE_AXES, EPILOGUE_* and the buffer helpers are this module's API
+from .buffers import (
     EPILOGUE_GATE,
     EPILOGUE_STORE,
     EPILOGUE_TANH_AVG,
     PLANE_AXES,
     ChannelsLast,
     channel_pad,
-    channels_last_copy,
     check_int32,
-    empty_channels_last,
     interpreted,
 )
 from .tiling import CUDNN, CUDNN_NCHW, TileConfig, largest_block, pick, tile_candidates
