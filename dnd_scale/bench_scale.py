@@ -56,6 +56,7 @@ import torch
 from dnd_scale.bench_scale_results import REPO, ResultsFile, format_table, record_summary
 from dnd_scale.bench_scale_targets import CONFIGS, TargetSpec, build_synthetic_run, predicted_memory
 from dnd_scale.bench_scale_workers import WORKERS, run_isolated, tune_worker
+from dnd_scale.train_config import TrainConfig
 
 SECTIONS = ("zero", "largest", "generate70b")
 
@@ -87,7 +88,7 @@ class BenchOptions:
     timeout_s: float = 300.0
     tune_timeout_s: float = 400.0
     impl: str = "auto"
-    cudnn_benchmark: bool = True  # the trainer's default (train.cudnn_benchmark)
+    cudnn_benchmark: bool = TrainConfig.cudnn_benchmark  # the trainer's default
     bf16: bool | None = None  # None: on a GPU
     keep: bool = False  # keep run folders (else removed when a section is done with them)
     isolate: bool = True  # a subprocess per configuration (False: in this process, for tests)
@@ -239,6 +240,33 @@ def section_generate(target: TargetSpec, opts: BenchOptions, warmup: int, repeat
     return result
 
 
+def repredict(data: dict, git_rev: str | None) -> int:
+    """Add `dnd plan`'s prediction as the code now makes it (`predicted_now`: revision, bytes, error
+    against the measured peak) beside the one recorded at measurement time, to every training record
+    of a results file (`data`, as ResultsFile holds it); returns how many records it updated."""
+    from dnd_scale.bench import git_revision
+
+    sections = data["sections"]
+    groups = []  # (sizes, records)
+    if "zero" in sections:
+        groups.append((sections["zero"]["sizes"], sections["zero"]["configs"].values()))
+    for target in sections.get("largest", {}).get("targets", []):
+        groups.append((target["sizes"], target["attempts"].values()))
+    rev = git_rev or git_revision() or "unknown"
+    count = 0
+    for sizes, records in groups:
+        for record in records:
+            if "micro_batch" not in record:  # a record of a worker that did not start
+                continue
+            fields = CONFIGS[record["config"]]
+            now = predicted_memory(sizes["features"], sizes["kernel_size"], record["micro_batch"], fields["zero_stage"],
+                                   fields.get("offload_optimizer", False), fields.get("offload_params", False))  # fmt: skip
+            record["predicted_now"] = {"git_rev": rev, **now,
+                                       "error": _error(record.get("gpu_max_allocated_bytes"), now["gpu_bytes"])}  # fmt: skip
+            count += 1
+    return count
+
+
 def _plan_agrees(target: TargetSpec, sizes: dict, micro_batch: int) -> dict:
     """What `dnd plan` (make_plan) says for this target: whether it sizes the same generator as the
     one trained here, and its memory per GPU at world size 1 (no offload) per ZeRO stage."""
@@ -292,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     parser.add_argument("--impl", choices=["auto", "torch", "triton"], default="auto")
-    parser.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
-                        help="cuDNN's algorithm search on first use of each shape (train.cudnn_benchmark; on "
-                             "is the trainer's default, off skips the search)")
+    parser.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on" if TrainConfig.cudnn_benchmark else "off",
+                        help="cuDNN's algorithm search on first use of each shape (train.cudnn_benchmark; the "
+                             "default is the trainer's)")
     parser.add_argument("--tune-timeout", type=float, default=400.0,
                         help="seconds for each target's tuning pass (autotuning before its configurations)")
     parser.add_argument("--tune-file", help="kernel tiles file kept across calls (DND_KERNELS_TUNE_FILE; "
@@ -302,7 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate-timeout", type=float, default=540.0,
                         help="seconds for the generation worker (export, load, warm-up autotuning, repeats)")
     parser.add_argument("--git-rev", help="revision to record when the tree has no .git")
+    parser.add_argument("--repredict", metavar="RESULTS",
+                        help="measure nothing: add the plan's prediction as this revision makes it (predicted_now) "
+                             "to every training record of RESULTS, a results file of this benchmark")
     args = parser.parse_args(argv)
+    if args.repredict:
+        from dnd_scale.io import read_json, write_json
+
+        data = read_json(Path(args.repredict), "scale results")
+        log(f"{repredict(data, args.git_rev)} records of {args.repredict} re-predicted")
+        write_json(Path(args.repredict), data)
+        return 0
 
     # SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C: the running worker is killed and
     # the results saved so far stay.

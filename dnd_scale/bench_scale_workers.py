@@ -24,6 +24,7 @@ import torch
 
 from dnd_scale.bench_scale_results import REPO, environment
 from dnd_scale.bench_scale_targets import CONFIGS, SYNTHETIC_ENCODER, BenchmarkDone, BenchStream, TargetSpec
+from dnd_scale.train_config import TrainConfig
 
 # --------------------------------------------------------------------------------------------------
 # Workers: one measured configuration each, run in a fresh process
@@ -58,7 +59,6 @@ def train_worker(job: dict) -> dict:
     `job["steps"]` steps through `train()`; peak memory, step times and the plan's prediction."""
     from dnd_scale.encoder import EncoderConfig
     from dnd_scale.io import read_json, read_jsonl
-    from dnd_scale.train_config import TrainConfig
     from dnd_scale.train_metrics import METRICS
     from dnd_scale.trainer import TRAIN_INFO, train
 
@@ -73,7 +73,7 @@ def train_worker(job: dict) -> dict:
         steps=steps + 1,  # BenchStream stops the run before the last step: no final checkpoint
         warmup_steps=1, checkpoint_every=2**30, log_every=1, num_workers=0,
         bf16=bool(job.get("bf16", cuda)), output_dir=str(out_dir),
-        cudnn_benchmark=bool(job.get("cudnn_benchmark", True)), **CONFIGS[job["config"]],
+        cudnn_benchmark=bool(job.get("cudnn_benchmark", TrainConfig.cudnn_benchmark)), **CONFIGS[job["config"]],
     )  # fmt: skip
     record: dict[str, Any] = {"config": job["config"], "ds_fields": CONFIGS[job["config"]],
                               "micro_batch": config.micro_batch_size, "bf16": config.bf16, "steps": steps,
@@ -204,15 +204,16 @@ def tune_worker(job: dict) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if job.get("bf16", cuda) else torch.float32
     tok = target.tokenizer()
+    benchmark = bool(job.get("cudnn_benchmark", TrainConfig.cudnn_benchmark))
     if cuda:
-        torch.backends.cudnn.benchmark = bool(job.get("cudnn_benchmark", True))  # as the trainer sets it
+        torch.backends.cudnn.benchmark = benchmark  # as the trainer sets it
         torch.cuda.reset_peak_memory_stats()
     with torch.device(device):
         model = HyperConvGenerator(target.generator_config(job.get("impl", "auto")), target.condition,
                                    tok.token_shape, tok.num_tokens).to(dtype)  # fmt: skip
     cond = torch.randn(int(job["micro_batch"]), *target.condition, device=device, dtype=dtype)  # (B, N, L, D)
     record: dict[str, Any] = {"impl": resolve_impl(model.stages[0].impl, device), "micro_batch": int(job["micro_batch"]),
-                              "cudnn_benchmark": bool(job.get("cudnn_benchmark", True))}  # fmt: skip
+                              "cudnn_benchmark": benchmark}  # fmt: skip
     calls = []
     for _ in range(2):
         start = time.perf_counter()

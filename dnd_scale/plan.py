@@ -4,7 +4,8 @@ Memory per GPU is the model states DeepSpeed's own estimators give (bf16 weights
 fp32 master weights, fp32 gradient copy and Adam moments: 2 + 2 + 16 bytes per parameter, of which
 ZeRO-1 partitions the 16 optimizer bytes, ZeRO-2 also the gradients, ZeRO-3 everything; ZeRO-3 with
 CPU offload keeps only the gathered largest stage on the GPU), plus an activation estimate: the
-tensors every hyper-convolution stage keeps for its backward pass, in bf16, times the micro-batch.
+tensors every hyper-convolution stage keeps for its backward pass, in bf16, and the loss's fp32
+working set on the generator's output, times the micro-batch.
 These are estimates: the CUDA context, communication buckets and allocator fragmentation are not in
 them, so a configuration "fits" a GPU when the estimate stays under USABLE_FRACTION of its memory.
 `check_gpu_memory` applies the same numbers to a training config before `dnd train` builds anything.
@@ -135,13 +136,27 @@ def _preset_for(config: PlanConfig, condition: tuple[int, int, int], token_shape
     return GeneratorConfig(preset="auto", kernel_size=config.kernel_size)
 
 
-def activation_bytes_per_sample(features: list[tuple[int, int, int]], bytes_per_value: int = 2) -> int:
+# fp32 bytes per output value that the training loss (generator_loss) holds at its backward: the
+# target batch, the masked difference it keeps for backward, and two fp32 gradients of the output's
+# size while that backward runs. On an H200 the estimate without them fell 7-10% short of the
+# measured peak (benchmarks/results/scale_h200.json).
+LOSS_BYTES_PER_OUTPUT_VALUE = 16
+
+
+def stage_activation_bytes_per_sample(features: list[tuple[int, int, int]], bytes_per_value: int = 2) -> int:
     """Tensors kept for backward by each stage (input, normalized input, both branches' intermediates
     and outputs, the average and the stage output), summed over stages."""
     total = 0
     for (n, h, w), (n2, h2, w2) in zip(features, features[1:]):
         total += 2 * n * h * w + n * h * w2 + n * h2 * w + 3 * n * h2 * w2 + n2 * h2 * w2
     return total * bytes_per_value
+
+
+def activation_bytes_per_sample(features: list[tuple[int, int, int]], bytes_per_value: int = 2) -> int:
+    """Activation bytes of one sample: the stages' (`stage_activation_bytes_per_sample`, in
+    `bytes_per_value`) and the loss's fp32 working set on the generator's output (always fp32)."""
+    n, h, w = features[-1]
+    return stage_activation_bytes_per_sample(features, bytes_per_value) + LOSS_BYTES_PER_OUTPUT_VALUE * n * h * w
 
 
 def model_state_bytes(params: int, largest_stage: int, stage: int, world: int, offload_optimizer: bool = False,
@@ -311,8 +326,8 @@ def make_plan(
         for size, limit in usable.items()
     }
     notes = [
-        f"model states per DeepSpeed's estimators (bf16 + fp32 Adam) plus ~{activations / GIB:.1f} GiB of stage "
-        f"activations at micro-batch {config.micro_batch}; estimates, not measurements",
+        f"model states per DeepSpeed's estimators (bf16 + fp32 Adam) plus ~{activations / GIB:.1f} GiB of "
+        f"activations (the stages' and the loss's) at micro-batch {config.micro_batch}; estimates, not measurements",
         f"zero3+offload: optimizer and parameters in CPU memory, which then needs "
         f"~{offload_cpu_bytes(params, largest, 8) / GIB:.0f} GiB per 8-GPU node",
         f"fits = the first configuration whose estimate is under {USABLE_FRACTION:.0%} of the GPU's memory",

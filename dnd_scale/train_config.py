@@ -88,10 +88,14 @@ class TrainConfig:
     and each batch is copied to the GPU; "auto": device on a GPU when they take at most a quarter
     of its free memory, the conditions are cached and the generator still fits beside them (`dnd
     plan`'s estimate), else host. The values are the same either way."""
-    cudnn_benchmark: bool = True
+    cudnn_benchmark: bool = False
     """On a GPU, let cuDNN time its algorithms on the first use of each convolution shape (training
     shapes are fixed) instead of taking its heuristic pick. `impl: torch` runs every convolution
-    through cuDNN; the Triton path some weight gradients, where its autotuner timed cuDNN faster."""
+    through cuDNN; the Triton path some weight gradients, where its autotuner timed cuDNN faster.
+    Off by default: at the 7B-target generator (k = 11, 1.94 B parameters) the search made the first
+    forward outlast 200 s on an H200, where the heuristic pick trains at 7.5 s a step
+    (benchmarks/results/cudnn_benchmark_on_probe_h200.txt, scale_h200.json). Small generators
+    (k <= 5) pay seconds for it and may gain."""
     gpu_memory_gib: float | None = None
     """Memory of one GPU in GiB (80 for an 80 GB A100/H100, 141 for an H200): `dnd train` refuses, before
     building anything, a configuration whose `dnd plan` estimate, plus the data `resident` puts on the

@@ -206,6 +206,7 @@ def test_shipped_recipe_resolves_to_the_settings_the_results_were_made_with():
     base = "/models/qwen2.5-coder-0.5b-instruct.gguf"
     config = load_experiment(REAL, [f"--run.collect.base_model={base}"])
     old = yaml.safe_load(COMMONSENSE_SECTIONS)
+    old["train"]["cudnn_benchmark"] = True  # the default then (off since); the recipe now says it
     sections = {"collect": CollectConfig, "pack": TokenizerConfig, "shard": ShardConfig, "train": TrainConfig,
                 "eval": EvalConfig}
     # The base model was a top-level field that collect took over; every other field is the old section's.

@@ -16,7 +16,10 @@ from peft import get_peft_model
 
 from dnd_scale.generator import GeneratorConfig, HyperConvGenerator
 from dnd_scale.layout import LoraSpec, load_config_dict
-from dnd_scale.plan import PlanConfig, PlanError, check_gpu_memory, display_name, main, make_plan, model_state_bytes
+from dnd_scale.plan import (
+    PlanConfig, PlanError, activation_bytes_per_sample, check_gpu_memory, display_name, main, make_plan, model_state_bytes,
+    stage_activation_bytes_per_sample,
+)
 from dnd_scale.train_config import TrainConfig
 
 MODELS = sorted((Path(__file__).resolve().parents[1] / "configs" / "models").glob("*.json"))
@@ -170,8 +173,8 @@ def test_check_gpu_memory_refuses_with_the_plans_numbers():
     config, features = _declared(80.0, bf16=True)
     fits = check_gpu_memory(config, features, world=1, device="cpu")
     assert fits == gpu_memory_estimate(features, 3, 2, 1, config.micro_batch_size)["total"]
-    fp32 = check_gpu_memory(_declared(80.0)[0], features, world=1, device="cpu")  # fp32 activations: twice the bytes
-    assert fp32 - fits == gpu_memory_estimate(features, 3, 2, 1, config.micro_batch_size)["activations"]
+    fp32 = check_gpu_memory(_declared(80.0)[0], features, world=1, device="cpu")  # fp32 stage activations: twice the bytes
+    assert fp32 - fits == stage_activation_bytes_per_sample(features) * config.micro_batch_size  # the loss is fp32 in both
     config, features = _declared(None)
     assert check_gpu_memory(config, features, world=1, device="cpu") is None  # CPU, undeclared: no check
 

@@ -460,7 +460,7 @@ def _wgrad_cudnn(dy: ChannelsLast, x: ChannelsLast, k: int, plane: tuple[int, in
     # On the channels-last buffers cuDNN's heuristic algorithm: there its benchmark mode took the
     # same algorithm at every weight-gradient shape timed on an H100, only later
     # (benchmarks/results/kernels_h100_run7_wgrad_cudnn_benchmark_*.json). On the NCHW copies its
-    # benchmark mode when torch.backends.cudnn.benchmark is on (the trainer turns it on).
+    # benchmark mode when torch.backends.cudnn.benchmark is on (train.cudnn_benchmark).
     benchmark = nchw and torch.backends.cudnn.benchmark
     with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark, deterministic=torch.backends.cudnn.deterministic,
                                     allow_tf32=torch.backends.cudnn.allow_tf32):  # fmt: skip
