@@ -60,7 +60,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient 2-norm to this value; 0 disables clipping."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 0 (replicated), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters)."""
+    """DeepSpeed ZeRO stage: 0 (replicated), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters).
+    With bf16 prefer 1-3 even on one GPU: DeepSpeed runs bf16 at stage 0 through its fp16-style
+    optimizer, whose loss curve departs from fp32's (`dnd train` warns)."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (ZeRO 1-3)."""
     offload_params: bool = False

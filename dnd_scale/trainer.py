@@ -106,6 +106,17 @@ def train(
         drop_standalone_env()
 
 
+# DeepSpeed trains bf16 without ZeRO through its fp16-style optimizer (FP16_UnfusedOptimizer with a
+# loss scale), with ZeRO 1-3 through optimizers that keep fp32 gradients; the first departs from the
+# fp32 loss curve, the others track it (tests/test_trainer.py; on an H200 the 7B-target generator's
+# fifth-step loss was 0.773 under ZeRO-0 against 0.742 under ZeRO-2/3, benchmarks/results/scale_h200.json).
+BF16_ZERO0_WARNING = (
+    "train.bf16 with train.zero_stage=0 trains through DeepSpeed's fp16-style optimizer, whose loss curve "
+    "departs from fp32's; ZeRO 1-3 keep fp32 gradients and track it. On one GPU train.zero_stage=1 costs "
+    "no communication: prefer it (or 2) for bf16"
+)
+
+
 def _train(
     config: TrainConfig,
     run_dir: str | os.PathLike,
@@ -124,6 +135,8 @@ def _train(
     checkpoint_dir = out_dir / CHECKPOINTS_DIR
     rank, _, world = init_distributed()
     ds_config = deepspeed_config(config, world)  # first: a world size the global batch refuses stops here
+    if config.bf16 and config.zero_stage == 0 and rank == 0:
+        print(f"dnd train: warning: {BF16_ZERO0_WARNING}", file=sys.stderr)
     device = torch.device(get_accelerator().current_device_name())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark

@@ -686,3 +686,22 @@ def test_a_run_on_resident_data_trains_like_the_streamed_one(tiny_run, tmp_path,
     assert len(losses[0]) >= 2 and losses[0] == losses[1]
     final, reference = (load_file(out / "export" / "model.safetensors") for out in (resident, streamed))
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_bf16_without_zero_departs_from_fp32_and_train_warns(tiny_run, tmp_path, one_thread, capsys):
+    """DeepSpeed's bf16 at ZeRO-0 (its fp16-style optimizer) follows another loss curve than fp32, while
+    bf16 under ZeRO-1 (fp32 gradients) stays on it; `dnd train` says so when it is asked for ZeRO-0 bf16."""
+    from dnd_scale.trainer import BF16_ZERO0_WARNING
+
+    run, encoder_dir = tiny_run
+    curves, warned = {}, {}
+    for name, stage, bf16 in (("fp32", 0, False), ("bf16-zero0", 0, True), ("bf16-zero1", 1, True)):
+        config = _tiny_train_config(encoder_dir, tmp_path / name, zero_stage=stage, bf16=bf16, steps=5,
+                                    checkpoint_every=100)
+        capsys.readouterr()
+        train(config, run)
+        warned[name] = BF16_ZERO0_WARNING in capsys.readouterr().err
+        curves[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+    assert warned == {"fp32": False, "bf16-zero0": True, "bf16-zero1": False}
+    gap = {name: abs(curves[name][-1] - curves["fp32"][-1]) / curves["fp32"][-1] for name in ("bf16-zero0", "bf16-zero1")}
+    assert gap["bf16-zero1"] < 0.01 < gap["bf16-zero0"], (gap, curves)
