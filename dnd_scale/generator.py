@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -426,7 +427,13 @@ class HyperConvStage(nn.Module):
                 self.bias, self.mix_weight, self.mix_bias)  # fmt: skip
         if resolve_impl(self.impl, x.device) == "triton":
             module, _ = _load_triton_stage()
-            return module.hyperconv_stage(x, *args, eps=self.eps, packed=self._packed_weights(module, x))
+            if module.index_fits(x.shape[0], self.in_shape, self.out_shape, self.kernel_size):
+                return module.hyperconv_stage(x, *args, eps=self.eps, packed=self._packed_weights(module, x))
+            warnings.warn(
+                f"hyper-conv stage {self.in_shape} -> {self.out_shape} at batch {x.shape[0]}: a Triton buffer would "
+                "pass 2**31 elements (the kernels' 32-bit offsets), so this stage runs on the PyTorch path, which "
+                "splits its convolutions", stacklevel=2,
+            )  # fmt: skip
         self._packed = None
         return hyperconv_stage_reference(x, *args, eps=self.eps)
 

@@ -308,9 +308,11 @@ def test_kernel_size_resolution():
 @pytest.fixture
 def fake_triton(monkeypatch):
     """Replace the lazy import of the fused stage with a recording stand-in that runs the reference:
-    `calls` gets the argument count of each stage call, `packs` one entry per weight packing."""
+    `calls` gets the argument count of each stage call, `packs` one entry per weight packing;
+    `calls.too_large` names the stage input shapes whose buffers the stand-in says pass 2**31."""
     calls = type("Calls", (list,), {})()
     packs = calls.packs = []
+    calls.too_large = set()
 
     def stage(*args, eps, packed):
         calls.append(len(args))
@@ -320,7 +322,8 @@ def fake_triton(monkeypatch):
         packs.append(weights_and_dtype[-1])
         return tuple(w.detach().clone() for w in weights_and_dtype[:-1])
 
-    module = types.SimpleNamespace(hyperconv_stage=stage, pack_forward_weights=pack, compute_dtype=lambda x: x.dtype)
+    module = types.SimpleNamespace(hyperconv_stage=stage, pack_forward_weights=pack, compute_dtype=lambda x: x.dtype,
+                                   index_fits=lambda batch, in_shape, out_shape, k: in_shape not in calls.too_large)
     monkeypatch.setattr(gen, "_load_triton_stage", lambda: (module, ""))
     return calls
 
@@ -337,6 +340,29 @@ def test_triton_impl_dispatches_to_the_fused_stage(fake_triton):
     out = _seeded_generator(features, impl="triton")(x)
     assert fake_triton == [10, 10]  # one call per stage with x and the 9 parameters
     torch.testing.assert_close(out, expected)
+
+
+def test_a_stage_past_the_kernels_32_bit_offsets_runs_on_the_pytorch_path(fake_triton):
+    features = TINY["odd"]
+    x = torch.randn(2, *features[0])
+    expected = _seeded_generator(features, impl="torch")(x)
+    fake_triton.too_large.add(tuple(features[1]))  # the second stage's buffers would pass 2**31
+    with pytest.warns(UserWarning, match=r"would pass 2\*\*31 elements .* runs on the PyTorch path"):
+        out = _seeded_generator(features, impl="triton")(x)
+    assert fake_triton == [10]  # the first stage on the fused kernels, the second on the reference
+    torch.testing.assert_close(out, expected)
+
+
+def test_index_fits_counts_the_packed_weights_and_padded_activations():
+    """The fused path's 32-bit check at the shapes that need it: the Llama-3.1-70B generator's last
+    stage (its mixing weight, 81 x 2048 x 25,280 = 4.19 G elements packed) does not fit at any batch;
+    the 7B preset's last stage fits at the training micro-batch 4 and not at 64 (activations)."""
+    pytest.importorskip("triton")
+    from dnd_kernels.hyperconv.function import index_fits
+
+    assert not index_fits(1, (2048, 18, 496), (25280, 18, 514), 9)
+    assert index_fits(4, (2048, 32, 400), (4928, 18, 514), 11)
+    assert not index_fits(64, (2048, 32, 400), (4928, 18, 514), 11)  # 64 x 4928 x 18 x 544 = 3.09 G
 
 
 def test_generation_packs_the_weights_once_until_they_change(fake_triton):

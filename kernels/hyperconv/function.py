@@ -21,9 +21,24 @@ import torch
 from torch import Tensor
 
 from . import kernel as K
-from .buffers import EPILOGUE_GATE, EPILOGUE_TANH_AVG, ChannelsLast, channels_last_copy, empty_channels_last
+from .buffers import (
+    _MAX_INT32, EPILOGUE_GATE, EPILOGUE_TANH_AVG, ChannelsLast, channel_pad, channels_last_copy, empty_channels_last,
+)
 from .layernorm import layer_norm_backward, layer_norm_channels_last
 from .kernel import pack_forward_weights  # noqa: F401 - part of this module's API (generation)
+
+
+def index_fits(batch: int, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int], kernel_size: int) -> bool:
+    """Whether one stage at this batch keeps every buffer within the kernels' 32-bit offsets (2**31 - 1
+    elements): the packed convolution weights, (k², padded C_in, padded C_out) for the forward and the
+    data gradients alike, and the activations, each counted with its largest padded axis (an upper
+    bound). A stage past it must run elsewhere: the PyTorch reference splits its convolutions."""
+    (n, h, w), (n2, h2, w2) = in_shape, out_shape
+    taps = kernel_size * kernel_size
+    weights = [taps * channel_pad(a) * channel_pad(b) for a, b in ((w, w2), (h, h2), (n, n2))]
+    activations = [batch * max(channel_pad(a) * b * c, a * channel_pad(b) * c, a * b * channel_pad(c))
+                   for a, b, c in ((n, h, w), (n, h, w2), (n, h2, w), (n, h2, w2), (n2, h2, w2))]  # fmt: skip
+    return max(weights + activations) <= _MAX_INT32
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
