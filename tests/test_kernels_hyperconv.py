@@ -196,3 +196,59 @@ def test_a_convolution_past_the_32_bit_index_limit_is_split_into_the_same_result
     calls.clear()
     torch.testing.assert_close(reference.conv2d_same(x, weight, bias), whole)
     assert len(calls) == 11
+
+
+class _FakeEvent:
+    """A CUDA event stand-in for timing the candidates on a machine without a GPU: 1 ms a launch."""
+
+    def __init__(self, enable_timing: bool) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        self.at = float(len(_FakeEvent.launches))
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return end.at - self.at
+
+
+_FakeEvent.launches = []
+
+
+@pytest.mark.parametrize("autotune", [True, False], ids=["autotune", "first-fit"])
+def test_a_tile_that_does_not_fit_the_gpu_is_skipped(monkeypatch, autotune):
+    """An fp32 tile can need more shared memory than the GPU has (Triton raises OutOfResources when it
+    loads the kernel): the pick skips it, with or without autotuning, and says what to do when none fits."""
+    from triton.runtime.errors import OutOfResources
+
+    from dnd_kernels.hyperconv import tiling
+
+    monkeypatch.setattr(tiling, "interpreted", lambda: False)
+    monkeypatch.setattr(tiling, "autotune_enabled", lambda: autotune)
+    monkeypatch.setattr(tiling, "_tuned_from_file", lambda: {})
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(_FakeEvent, "launches", [])
+    for cache in ("_TUNED", "_TUNE_LOG", "_FIRST_FIT"):  # this test's choices stay out of the process's
+        monkeypatch.setattr(tiling, cache, {})
+    big, huge = tiling.TileConfig(256, 128, 64, 8, 3), tiling.TileConfig(256, 256, 64, 8, 3)
+    small = tiling.TileConfig(128, 64, 64, 4, 4)
+
+    def launch(cfg):
+        if cfg.block_m == 256:
+            raise OutOfResources(294912, 232448, "shared memory")
+        _FakeEvent.launches.append(cfg)
+
+    key = ("conv", "test", autotune)
+    assert tiling.pick(key, [big, small], launch) == small
+    assert tiling.pick(key, [big, small], launch) == small  # cached: no more launches
+    assert set(_FakeEvent.launches) == {small}
+    count = len(_FakeEvent.launches)
+    tiling.pick(key, [big, small], launch)
+    assert len(_FakeEvent.launches) == count
+    with pytest.raises(RuntimeError, match=r"no tile candidate .* fits this GPU's resources .*bf16, or with impl torch"):
+        tiling.pick(("conv", "none fits", autotune), [big, huge], launch)
+    assert (key in tiling._TUNE_LOG) == autotune  # timed: the fitting candidate only
+    if autotune:
+        assert list(tiling._TUNE_LOG[key]) == ["128x64x64/w4/s4"]

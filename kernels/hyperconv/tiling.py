@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from .buffers import interpreted
 
@@ -40,6 +41,7 @@ class TileConfig:
 _GPU_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4))
 _TUNED: dict[tuple, TileConfig | str] = {}
 _TUNE_LOG: dict[tuple, dict[str, float]] = {}
+_FIRST_FIT: dict[tuple, TileConfig | str] = {}  # without autotuning: the first candidate that fits
 TUNE_FILE_ENV = "DND_KERNELS_TUNE_FILE"
 
 
@@ -108,18 +110,44 @@ def tile_candidates(m_extent: int, n_extent: int, block_k: int) -> list[TileConf
     return out
 
 
+def _launches(cfg: TileConfig | str, launch: Callable[[TileConfig | str], None]) -> bool:
+    """Launch `cfg` once (compiling it): False when its tile does not fit the GPU (an fp32 tile
+    needs twice the shared memory of a bf16 one: 288 KiB for 256x128x64 in 3 stages, against the
+    H200's 227 KiB), True when it ran."""
+    try:
+        launch(cfg)
+    except OutOfResources:
+        return False
+    return True
+
+
+def _none_fits(key: tuple, candidates: list) -> RuntimeError:
+    return RuntimeError(f"no tile candidate of {key} fits this GPU's resources (tried "
+                        f"{', '.join(map(_candidate_name, candidates))}); run the stage in bf16, or with impl torch")
+
+
 def pick(key: tuple, candidates: list, launch: Callable[[TileConfig | str], None]) -> TileConfig | str:
-    """The fastest candidate for `key` (timed once with CUDA events, then cached), else the first."""
-    if len(candidates) == 1 or not autotune_enabled():
+    """The fastest candidate for `key` (timed once with CUDA events, then cached), else the first
+    that fits the GPU; candidates whose tile needs more shared memory than the GPU has are skipped."""
+    if interpreted():  # one small tile, no hardware limits
         return candidates[0]
+    if len(candidates) == 1 or not autotune_enabled():
+        if key not in _FIRST_FIT:
+            first = next((c for c in candidates if _launches(c, launch)), None)
+            if first is None:
+                raise _none_fits(key, candidates)
+            _FIRST_FIT[key] = first
+        return _FIRST_FIT[key]
     if key not in _TUNED:
         saved = _tuned_from_file().get(repr(key))
         if saved in candidates:
             _TUNED[key] = saved
     if key not in _TUNED:
-        timings = []
+        timings, fitting = [], []
         for cfg in candidates:
-            launch(cfg)  # compile and warm up
+            if not _launches(cfg, launch):  # compile and warm up
+                continue
+            fitting.append(cfg)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             launch(cfg)
@@ -133,9 +161,12 @@ def pick(key: tuple, candidates: list, launch: Callable[[TileConfig | str], None
             end.record()
             end.synchronize()
             timings.append(start.elapsed_time(end) / reps)
-        _TUNED[key] = candidates[min(range(len(candidates)), key=timings.__getitem__)]
-        _TUNE_LOG[key] = {_candidate_name(c): ms for c, ms in zip(candidates, timings)}
+        if not fitting:
+            raise _none_fits(key, candidates)
+        _TUNED[key] = fitting[min(range(len(fitting)), key=timings.__getitem__)]
+        _TUNE_LOG[key] = {_candidate_name(c): ms for c, ms in zip(fitting, timings)}
     return _TUNED[key]
+
 
 
 def tuned_configs() -> dict[str, dict]:
