@@ -97,11 +97,16 @@ def _with_error(prediction: dict | None, error: float | None) -> str:
     return "-" if prediction is None else f"{prediction['gpu_bytes'] / GIB:.1f} ({error:+.0%})"
 
 
-def _training_row(name: str, impl: str, r: dict) -> str:
+def _memory_cells(r: dict) -> str:
+    """A training record's peak GPU memory (allocated, reserved) and the plan then and now, with errors."""
     now = r.get("predicted_now")
-    return (f"| {name} | {impl} | {_g(r['gpu_max_allocated_bytes'])} | {_g(r['gpu_max_reserved_bytes'])} "
-            f"| {_with_error(r['predicted'], r['predicted_error'])} | {_with_error(now, now and now['error'])} "
-            f"| {_g(r['host_peak_rss_bytes'])} | {_g(r['predicted']['model_states_cpu_bytes'])} | {r['median_step_s']:.2f} |")
+    return (f"{_g(r['gpu_max_allocated_bytes'])} | {_g(r['gpu_max_reserved_bytes'])} "
+            f"| {_with_error(r['predicted'], r['predicted_error'])} | {_with_error(now, now and now['error'])}")
+
+
+def _training_row(name: str, impl: str, r: dict) -> str:
+    return (f"| {name} | {impl} | {_memory_cells(r)} | {_g(r['host_peak_rss_bytes'])} "
+            f"| {_g(r['predicted']['model_states_cpu_bytes'])} | {r['median_step_s']:.2f} |")
 
 
 def _tuning(t: dict, impl: str) -> str:
@@ -141,11 +146,8 @@ def render_measured() -> str:
               "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for t in largest["targets"]:
         for config, r in t["attempts"].items():
-            now = r.get("predicted_now")
             lines.append(f"| {t['model']} | {t['sizes']['tokens']:,} | {t['sizes']['generator_params'] / 1e9:.2f} B | {config} "
-                         f"| {r['impl']} | {_g(r['gpu_max_allocated_bytes'])} | {_g(r['gpu_max_reserved_bytes'])} "
-                         f"| {_with_error(r['predicted'], r['predicted_error'])} | {_with_error(now, now and now['error'])} "
-                         f"| {_g(r['host_peak_rss_bytes'])} | {r['median_step_s']:.2f} |")
+                         f"| {r['impl']} | {_memory_cells(r)} | {_g(r['host_peak_rss_bytes'])} | {r['median_step_s']:.2f} |")
     fit = largest["largest_fit"]
     lines += ["", f"Largest that trains: {fit['model']} under {fit['config']} ({fit['generator_params'] / 1e9:.2f} B "
               f"generator parameters, {fit['tokens']:,} tokens), micro-batch {largest['targets'][-1]['attempts'][fit['config']]['micro_batch']}, "

@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dnd_scale.bench_scale_results import REPO, ResultsFile, format_table, record_summary
-from dnd_scale.bench_scale_targets import CONFIGS, TargetSpec, build_synthetic_run, predicted_memory
+from dnd_scale.bench_scale_targets import CONFIGS, TargetSpec, build_synthetic_run, config_prediction
 from dnd_scale.bench_scale_workers import WORKERS, run_isolated, tune_worker
 from dnd_scale.train_config import TrainConfig
 
@@ -122,12 +122,10 @@ def _tune(target: TargetSpec, opts: BenchOptions, name: str) -> dict:
 def _measure_training(target: TargetSpec, run_dir: Path, config: str, opts: BenchOptions, name: str) -> dict:
     """One configuration trained, with the plan's prediction and its error beside the measurement."""
     sizes = target.sizes()
-    fields = CONFIGS[config]
     job = opts.job(target=asdict(target), run_dir=str(run_dir), config=config, out_dir=str(run_dir / f"gen-{config}"))
     record = opts.run("train", job, name)
     record.setdefault("config", config)
-    prediction = predicted_memory(sizes["features"], sizes["kernel_size"], opts.micro_batch, fields["zero_stage"],
-                                  fields.get("offload_optimizer", False), fields.get("offload_params", False))
+    prediction = config_prediction(sizes, config, opts.micro_batch)
     record["predicted"] = prediction
     record["predicted_error"] = _error(record.get("gpu_max_allocated_bytes"), prediction["gpu_bytes"])
     record["predicted_error_reserved"] = _error(record.get("gpu_max_reserved_bytes"), prediction["gpu_bytes"])
@@ -258,9 +256,7 @@ def repredict(data: dict, git_rev: str | None) -> int:
         for record in records:
             if "micro_batch" not in record:  # a record of a worker that did not start
                 continue
-            fields = CONFIGS[record["config"]]
-            now = predicted_memory(sizes["features"], sizes["kernel_size"], record["micro_batch"], fields["zero_stage"],
-                                   fields.get("offload_optimizer", False), fields.get("offload_params", False))  # fmt: skip
+            now = config_prediction(sizes, record["config"], record["micro_batch"])
             record["predicted_now"] = {"git_rev": rev, **now,
                                        "error": _error(record.get("gpu_max_allocated_bytes"), now["gpu_bytes"])}  # fmt: skip
             count += 1

@@ -207,3 +207,11 @@ def predicted_memory(features: list, kernel_size: int, micro_batch: int, zero_st
         gpu, cpu = model_state_bytes(params, largest, zero_stage, 1), None
     return {"gpu_bytes": gpu + activations, "model_states_gpu_bytes": gpu, "activation_bytes": activations,
             "model_states_cpu_bytes": cpu, "generator_params": params}  # fmt: skip
+
+
+def config_prediction(sizes: dict, config: str, micro_batch: int) -> dict[str, Any]:
+    """`predicted_memory` for the generator of `sizes` (TargetSpec.sizes) trained under `config` (a
+    CONFIGS name) at `micro_batch`."""
+    fields = CONFIGS[config]
+    return predicted_memory(sizes["features"], sizes["kernel_size"], micro_batch, fields["zero_stage"],
+                            fields.get("offload_optimizer", False), fields.get("offload_params", False))
